@@ -1,0 +1,44 @@
+"""Duet: private remote data science in Jupyter.
+
+An owner publishes tensors; a scientist works on them through pointers; no
+value derived from private data leaves the owner without approval.
+"""
+from .api import local_pair
+from .errors import (
+    ConnectionLost,
+    DuetError,
+    LimitExceeded,
+    NotAllowed,
+    PairingError,
+    ProtocolError,
+    RemoteError,
+    RequestDenied,
+    RequestTimeout,
+    SignalingError,
+    UnknownObject,
+)
+from .owner.host import Owner
+from .owner.objects import Limits
+from .scientist.client import Scientist
+from .scientist.pointer import Pointer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "local_pair",
+    "Owner",
+    "Scientist",
+    "Pointer",
+    "Limits",
+    "DuetError",
+    "ConnectionLost",
+    "LimitExceeded",
+    "NotAllowed",
+    "PairingError",
+    "ProtocolError",
+    "RemoteError",
+    "RequestDenied",
+    "RequestTimeout",
+    "SignalingError",
+    "UnknownObject",
+]

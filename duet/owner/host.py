@@ -1,0 +1,579 @@
+"""The owner: published assets, connected scientists, and the permission queue.
+
+Each scientist gets an object table and a worker thread that runs their
+actions strictly in order, so a long training step never blocks the network
+loop, and an approval never needs a notebook cell to be running.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional
+
+import numpy as np
+import torch
+
+from .. import identity as identity_mod
+from .. import wire
+from ..errors import ConnectionLost, DuetError, LimitExceeded, NotAllowed, PairingError, RequestDenied
+from ..session import Session, error_to_wire
+from ..tables import html_table, text_table
+from .audit import AuditLog
+from .executor import Executor, type_name
+from .objects import Limits, ObjectTable, RemoteObject
+from .requests import ACCEPTED, Request, RequestQueue, Requester
+from .store import AssetStore
+
+log = logging.getLogger("duet.owner")
+
+APPROVE_MODES = ("auto", "everything")
+MAX_FAILURES_KEPT = 10_000
+_STOP = object()
+
+
+@dataclass(frozen=True)
+class HandshakeContext:
+    """What both sides bind their signatures to: this room, this session, these DTLS keys, these names."""
+
+    room_id: str
+    session_id: bytes
+    owner_dtls: str
+    scientist_dtls: str
+    owner_name: str
+    scientist_name: str
+
+    def transcript(self, signer_role: str, signer_public_key: bytes) -> bytes:
+        return identity_mod.transcript(
+            self.room_id,
+            self.session_id,
+            self.owner_dtls,
+            self.scientist_dtls,
+            signer_role,
+            signer_public_key,
+            self.owner_name,
+            self.scientist_name,
+        )
+
+
+def snapshot(value: Any, depth: int = 0) -> Any:
+    """A detached copy of what would be released, fixed at request time."""
+    if depth > 8:
+        raise NotAllowed("the value is nested too deeply to release")
+    if isinstance(value, torch.Tensor):
+        copy = value.detach().clone()
+        return copy
+    if isinstance(value, np.ndarray):
+        return value.copy()
+    if isinstance(value, torch.nn.Module):
+        return {"$module": type(value).__name__, "state": {k: v.detach().clone() for k, v in value.state_dict().items()}}
+    if isinstance(value, torch.optim.Optimizer):
+        raise NotAllowed("an optimizer cannot be released; release the model it trains")
+    if isinstance(value, (list, tuple)):
+        items = [snapshot(v, depth + 1) for v in value]
+        return tuple(items) if isinstance(value, tuple) else items
+    if isinstance(value, dict):
+        return {k: snapshot(v, depth + 1) for k, v in value.items()}
+    return value
+
+
+def size_of(value: Any) -> tuple:
+    """(numel, nbytes) of a snapshot, for the queue and size rules."""
+    if isinstance(value, (torch.Tensor, np.ndarray)):
+        numel = int(value.numel() if isinstance(value, torch.Tensor) else value.size)
+        nbytes = int(value.element_size() * numel if isinstance(value, torch.Tensor) else value.nbytes)
+        return numel, nbytes
+    if isinstance(value, (list, tuple)):
+        parts = [size_of(v) for v in value]
+        return sum(p[0] for p in parts), sum(p[1] for p in parts)
+    if isinstance(value, dict):
+        parts = [size_of(v) for v in value.values()]
+        return sum(p[0] for p in parts), sum(p[1] for p in parts)
+    return 1, 8
+
+
+class _EarlierFailure(Exception):
+    """The object asked about was never created; carries the original error, as sent then."""
+
+    def __init__(self, error: Dict[str, Any]) -> None:
+        super().__init__("earlier failure")
+        self.error = error
+
+
+class ScientistConnection:
+    """One connected scientist: identity, objects, and an ordered action worker."""
+
+    def __init__(self, owner: "Owner", session: Session, ctx: HandshakeContext) -> None:
+        self.owner = owner
+        self.session = session
+        self.ctx = ctx
+        self.requester: Optional[Requester] = None
+        self.state = "handshake"
+        self.objects = ObjectTable(owner.limits)
+        self.executor = Executor(self.objects)
+        self.failures: Dict[int, Dict[str, Any]] = {}
+        self.connected_at = time.time()
+        self._inbox: "queue.SimpleQueue[Any]" = queue.SimpleQueue()
+        self._queued = 0
+        self._queued_lock = threading.Lock()
+        self._worker = threading.Thread(target=self._work, name=f"duet-owner-worker", daemon=True)
+        self._worker.start()
+        session.set_handler(self._on_message)
+        session.on_close(self._on_close)
+
+    # -- inbound (runtime loop thread) -------------------------------------------
+    def _on_message(self, msg: Dict[str, Any]) -> None:
+        kind = msg.get("t")
+        if self.state == "handshake":
+            if kind == "hello":
+                self._on_hello(msg)
+            else:
+                log.warning("scientist sent %r before the handshake; closing", kind)
+                self._drop("protocol violation during the handshake")
+            return
+        if self.state != "active":
+            return
+        if kind == "$invalid":
+            return
+        with self._queued_lock:
+            if self._queued >= self.owner.limits.max_queued_actions and kind == "call":
+                rid = msg.get("rid")
+                if isinstance(rid, int):
+                    self._fail(rid, LimitExceeded(
+                        f"too many queued actions ({self.owner.limits.max_queued_actions}); wait for earlier ones"
+                    ), "queue")
+                return
+            self._queued += 1
+        self._inbox.put(msg)
+
+    def _on_hello(self, msg: Dict[str, Any]) -> None:
+        pub, sig = msg.get("pub"), msg.get("sig")
+        try:
+            if not isinstance(pub, bytes) or not isinstance(sig, bytes) or len(pub) != 32:
+                raise PairingError("malformed hello")
+            identity_mod.verify(pub, self.ctx.transcript("scientist", pub), sig)
+        except PairingError as exc:
+            log.warning("scientist identity did not verify: %s", exc)
+            self._drop(f"identity verification failed: {exc}")
+            return
+        self.requester = Requester(name=self.ctx.scientist_name, fingerprint=identity_mod.fingerprint(pub))
+        if self.owner.approve_joins:
+            self.state = "joining"
+            self.owner.requests.submit(
+                {"kind": "join", "requester": self.requester, "reason": str(msg.get("reason") or "")[:2000]},
+                self._on_join_decided,
+            )
+        else:
+            self._welcome()
+
+    def _on_join_decided(self, req: Request) -> None:
+        if req.status == ACCEPTED:
+            self._welcome()
+        else:
+            try:
+                self.session.send({"t": "rejected", "reason": req.deny_reason or "the owner declined the join"})
+            except ConnectionLost:
+                pass
+            self.state = "rejected"
+            self.owner._forget(self)
+
+    def _welcome(self) -> None:
+        ident = self.owner.identity
+        self.state = "active"
+        self.owner.audit.append("join", scientist=self.requester.name, fingerprint=self.requester.fingerprint)
+        self.session.send(
+            {
+                "t": "welcome",
+                "pub": ident.public_key,
+                "sig": ident.sign(self.ctx.transcript("owner", ident.public_key)),
+                "approve": self.owner.approve,
+            }
+        )
+        self.owner._changed()
+
+    def _drop(self, reason: str) -> None:
+        self.state = "closed"
+        try:
+            self.session.send({"t": "bye", "reason": reason})
+        except ConnectionLost:
+            pass
+        from .. import runtime
+
+        runtime.submit(self.session.close())
+
+    def _on_close(self, reason: Optional[BaseException]) -> None:
+        self._inbox.put(_STOP)
+        if self.requester is not None:
+            self.owner.requests.cancel_for(self.requester.fingerprint, "the scientist disconnected")
+        self.owner._forget(self)
+
+    # -- the worker (one thread per scientist) -------------------------------------
+    def _work(self) -> None:
+        while True:
+            msg = self._inbox.get()
+            if msg is _STOP:
+                self.objects.clear()
+                return
+            with self._queued_lock:
+                self._queued -= 1
+            try:
+                self._handle(msg)
+            except Exception:  # the worker must survive anything a scientist sends
+                log.exception("unexpected error while handling a %r message", msg.get("t"))
+
+    def _handle(self, msg: Dict[str, Any]) -> None:
+        kind = msg.get("t")
+        if kind == "call":
+            self._run_call(msg)
+        elif kind == "put":
+            rid = msg.get("rid")
+            if isinstance(rid, int):
+                try:
+                    self.objects.put(rid, msg.get("value"), lineage=(), ops=["upload"], shape_public=True)
+                except DuetError as exc:
+                    self._fail(rid, exc, "upload")
+        elif kind == "free":
+            ids = msg.get("ids")
+            if isinstance(ids, list):
+                for rid in ids:
+                    if isinstance(rid, int):
+                        self.objects.free(rid)
+                        self.failures.pop(rid, None)
+        elif kind == "req":
+            self._handle_request(msg)
+        else:
+            log.warning("unknown message type %r from scientist", kind)
+
+    def _fail(self, rid: Optional[int], exc: BaseException, op: str) -> None:
+        err = error_to_wire(exc, op)
+        if rid is not None:
+            self.failures[rid] = err
+            if len(self.failures) > MAX_FAILURES_KEPT:
+                self.failures.pop(next(iter(self.failures)))
+        try:
+            self.session.send({"t": "failed", "rid": rid, "error": err})
+        except ConnectionLost:
+            pass
+
+    def _run_call(self, msg: Dict[str, Any]) -> None:
+        rid = msg.get("rid")
+        rid = rid if isinstance(rid, int) else None
+        kind, name = msg.get("kind"), msg.get("name")
+        args, kwargs = msg.get("args", []), msg.get("kwargs", {})
+        if not isinstance(kind, str) or not isinstance(name, str):
+            self._fail(rid, NotAllowed("malformed action"), "action")
+            return
+        label = name
+        try:
+            label = self.executor.describe(kind, name, args if isinstance(args, list) else [])
+            inputs = self.executor.inputs_of(args, kwargs)
+            for ref in inputs:
+                if ref in self.failures:
+                    if rid is not None:
+                        self.failures[rid] = self.failures[ref]
+                    self.session.send({"t": "failed", "rid": rid, "error": self.failures[ref]})
+                    return
+            if self.owner.approve == "everything":
+                self._await_compute_approval(label, inputs, msg)
+            self.executor.run(rid, kind, name, args, kwargs)
+        except DuetError as exc:
+            self._fail(rid, exc, label)
+        except Exception as exc:
+            log.warning("%s failed for %s", label, self.requester.name if self.requester else "?", exc_info=True)
+            self._fail(rid, exc, label)
+
+    def _await_compute_approval(self, label: str, inputs: List[int], msg: Dict[str, Any]) -> None:
+        lineage, ops, _ = self.executor.lineage_of(inputs)
+        decided = threading.Event()
+        req = self.owner.requests.submit(
+            {
+                "kind": "compute",
+                "requester": self.requester,
+                "lineage": tuple(sorted(lineage)),
+                "ops": tuple(ops + [label]),
+                "type_name": label,
+            },
+            lambda _r: decided.set(),
+        )
+        while not decided.wait(0.5):
+            if self.session.closed:
+                raise NotAllowed("the session closed before the owner decided")
+        if req.status != ACCEPTED:
+            raise RequestDenied(req.deny_reason or "the owner did not approve this computation", req.id)
+
+    # -- requests (round trips) --------------------------------------------------
+    def _handle_request(self, msg: Dict[str, Any]) -> None:
+        req_id = msg.get("id")
+        if not isinstance(req_id, int):
+            return
+        what = msg.get("kind")
+        try:
+            if what == "store":
+                self.session.reply(req_id, self.owner.store.listing())
+            elif what == "asset":
+                self._point_at_asset(req_id, msg)
+            elif what == "meta":
+                self.session.reply(req_id, self._meta(self._object(msg.get("obj"))))
+            elif what == "release":
+                self._release(req_id, msg)
+            elif what == "ping":
+                self.session.reply(req_id, "pong")
+            else:
+                raise NotAllowed(f"unknown request kind {what!r}")
+        except _EarlierFailure as exc:
+            self.session.reply_error(req_id, exc.error)
+        except DuetError as exc:
+            self.session.reply(req_id, error=exc, op=str(what))
+        except Exception as exc:
+            log.warning("request %r failed", what, exc_info=True)
+            self.session.reply(req_id, error=exc, op=str(what))
+
+    def _object(self, rid: Any) -> RemoteObject:
+        if not isinstance(rid, int):
+            raise NotAllowed("malformed object id")
+        if rid in self.failures:
+            raise _EarlierFailure(self.failures[rid])
+        return self.objects.get(rid)
+
+    def _point_at_asset(self, req_id: int, msg: Dict[str, Any]) -> None:
+        name, rid = msg.get("name"), msg.get("rid")
+        if not isinstance(name, str) or not isinstance(rid, int):
+            raise NotAllowed("malformed asset request")
+        if name not in self.owner.store:
+            raise NotAllowed(f"no asset named {name!r} is published")
+        asset = self.owner.store.get(name)
+        value = asset.value
+        if isinstance(value, torch.Tensor):
+            value = value.detach().clone()
+        elif isinstance(value, np.ndarray):
+            value = value.copy()
+        else:
+            raise NotAllowed(f"asset {name!r} is a dataset; iterate it with scientist.loader({name!r})")
+        self.objects.put(rid, value, lineage={name}, ops=[name], shape_public=True)
+        self.session.reply(req_id, asset.public_info())
+
+    def _meta(self, obj: RemoteObject) -> Dict[str, Any]:
+        value = obj.value
+        shape = getattr(value, "shape", None) if obj.shape_public else None
+        dtype = getattr(value, "dtype", None)
+        return {
+            "type": type_name(value),
+            "shape": [int(s) for s in shape] if shape is not None else None,
+            "dtype": str(dtype).replace("torch.", "") if dtype is not None else None,
+            "private": bool(obj.group.lineage),
+            "assets": sorted(obj.group.lineage),
+            "ops": list(obj.group.ops),
+            "requires_grad": bool(getattr(value, "requires_grad", False)),
+        }
+
+    def _release(self, req_id: int, msg: Dict[str, Any]) -> None:
+        obj = self._object(msg.get("obj"))
+        reason = str(msg.get("reason") or "")[:2000]
+        value = snapshot(obj.value)
+        numel, nbytes = size_of(value)
+        if not obj.group.lineage:
+            self._send_release(req_id, value, request=None, private=False)
+            return
+        shape = getattr(obj.value, "shape", None)
+        dtype = getattr(obj.value, "dtype", None)
+        fields = {
+            "kind": "release",
+            "requester": self.requester,
+            "lineage": tuple(sorted(obj.group.lineage)),
+            "ops": tuple(obj.group.ops),
+            "type_name": type_name(obj.value),
+            "shape": tuple(int(s) for s in shape) if shape is not None else None,
+            "dtype": str(dtype).replace("torch.", "") if dtype is not None else None,
+            "numel": numel,
+            "nbytes": nbytes,
+            "reason": reason,
+            "value": value,
+        }
+
+        def decided(req: Request) -> None:
+            if req.status == ACCEPTED:
+                self._send_release(req_id, req.value, request=req, private=True)
+            else:
+                self.session.reply(req_id, error=RequestDenied(req.deny_reason, req.id))
+
+        req = self.owner.requests.submit(fields, decided)
+        if req.pending:
+            try:
+                self.session.send({"t": "queued", "id": req_id, "request": req.id})
+            except ConnectionLost:
+                pass
+
+    def _send_release(self, req_id: int, value: Any, request: Optional[Request], private: bool) -> None:
+        payload = wire.encode(value)
+        digest = hashlib.sha256(payload).hexdigest()
+        self.owner.audit.append(
+            "release",
+            request=request.id if request else None,
+            private=private,
+            scientist=self.requester.name if self.requester else "",
+            fingerprint=self.requester.fingerprint if self.requester else "",
+            assets=list(request.lineage) if request else [],
+            sha256=digest,
+            bytes=len(payload),
+        )
+        self.session.reply(req_id, {"encoded": payload, "sha256": digest})
+
+    def summary(self) -> List[Any]:
+        r = self.requester
+        return [r.name if r else self.ctx.scientist_name, r.fingerprint if r else "", self.state, len(self.objects)]
+
+
+class Owner:
+    """A data owner's Duet: publish assets, watch requests, decide."""
+
+    def __init__(
+        self,
+        name: str = "owner",
+        approve: str = "auto",
+        approve_joins: bool = False,
+        audit_log: Optional[Path | str] = None,
+        limits: Optional[Limits] = None,
+        identity: Optional[identity_mod.Identity] = None,
+        request_expiry: Optional[float] = 24 * 3600,
+    ) -> None:
+        if approve not in APPROVE_MODES:
+            raise ValueError(f"approve must be one of {APPROVE_MODES}, not {approve!r}")
+        self.name = name
+        self.approve = approve
+        self.approve_joins = approve_joins
+        self.limits = limits or Limits()
+        self.identity = identity or identity_mod.Identity.load_or_create()
+        path = Path(audit_log) if audit_log is not None else identity_mod.config_dir() / "audit.jsonl"
+        self.audit = AuditLog(path)
+        self.store = AssetStore()
+        self.requests = RequestQueue(self.audit, default_expiry=request_expiry)
+        self.code: Optional[str] = None
+        self._connections: List[ScientistConnection] = []
+        self._lock = threading.Lock()
+        self._listeners: List[Callable[[], None]] = []
+        self._closers: List[Callable[[], None]] = []
+        self.closed = False
+        self._expiry_timer: Any = None
+        if request_expiry is not None:
+            from .. import runtime
+
+            self._expiry_interval = max(0.05, min(1.0, request_expiry / 4))
+            runtime.call_soon(self._expire_tick)
+
+    def _expire_tick(self) -> None:
+        """Runs on the loop: deny requests past their expiry, then reschedule."""
+        if self.closed:
+            return
+        try:
+            self.requests.expire_due()
+        except Exception:
+            log.exception("expiring requests failed")
+        from .. import runtime
+
+        self._expiry_timer = runtime.loop().call_later(self._expiry_interval, self._expire_tick)
+
+    @property
+    def fingerprint(self) -> str:
+        return self.identity.fingerprint
+
+    @property
+    def scientists(self) -> List[ScientistConnection]:
+        with self._lock:
+            return [c for c in self._connections if c.state == "active"]
+
+    def attach(self, session: Session, ctx: HandshakeContext) -> ScientistConnection:
+        """Serve a scientist over an open session; the handshake then runs on messages."""
+        if self.closed:
+            raise ConnectionLost("this owner is closed")
+        conn = ScientistConnection(self, session, ctx)
+        with self._lock:
+            self._connections.append(conn)
+        return conn
+
+    def wait_for_scientist(self, timeout: float = 60.0) -> ScientistConnection:
+        """Block until at least one scientist has joined; for scripts and tests."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            active = self.scientists
+            if active:
+                return active[0]
+            self.requests.wait_changed(min(0.25, max(deadline - time.monotonic(), 0)))
+        raise TimeoutError(f"no scientist joined within {timeout} s")
+
+    def _forget(self, conn: ScientistConnection) -> None:
+        with self._lock:
+            if conn in self._connections:
+                self._connections.remove(conn)
+        self._changed()
+
+    def subscribe(self, callback: Callable[[], None]) -> None:
+        """Call back whenever scientists join or leave."""
+        self._listeners.append(callback)
+
+    def _changed(self) -> None:
+        self.requests._notify()
+        for cb in list(self._listeners):
+            try:
+                cb()
+            except Exception:
+                pass
+
+    def close(self, reason: str = "the owner closed the session") -> None:
+        """Tell every scientist why, close their links, and stop serving."""
+        if self.closed:
+            return
+        self.closed = True
+        from .. import runtime
+
+        if self._expiry_timer is not None:
+            runtime.call_soon(self._expiry_timer.cancel)
+        with self._lock:
+            conns = list(self._connections)
+        for conn in conns:
+            try:
+                conn.session.send({"t": "bye", "reason": reason})
+            except ConnectionLost:
+                pass
+            try:
+                runtime.run(conn.session.close(), timeout=5, what="closing a scientist link")
+            except Exception:
+                pass
+        for req in self.requests.pending:
+            try:
+                self.requests.decide(req, "cancelled", by="system", reason=reason)
+            except ValueError:
+                pass
+        for closer in self._closers:
+            try:
+                closer()
+            except Exception:
+                log.exception("error while closing")
+
+    def _rows(self) -> List[List[Any]]:
+        return [c.summary() for c in self.scientists]
+
+    def __repr__(self) -> str:
+        head = f"Duet owner {self.name!r} ({self.fingerprint})"
+        if self.code:
+            head += f"\njoin code: {self.code}\nscientists run: duet.join({self.code!r})"
+        return "\n".join(
+            [head, text_table(["scientist", "fingerprint", "state", "objects"], self._rows(), title="Scientists"),
+             repr(self.store), repr(self.requests)]
+        )
+
+    def _repr_html_(self) -> str:
+        import html
+
+        head = f"<p><b>Duet owner</b> {html.escape(self.name)} <code>{html.escape(self.fingerprint)}</code></p>"
+        if self.code:
+            head += f"<p>Scientists run: <code>duet.join({html.escape(repr(self.code))})</code></p>"
+        return (
+            head
+            + html_table(["scientist", "fingerprint", "state", "objects"], self._rows(), title="Scientists")
+            + self.store._repr_html_()
+            + self.requests._repr_html_()
+        )

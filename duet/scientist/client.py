@@ -1,0 +1,378 @@
+"""The scientist's side of a Duet: pointers, remote namespaces, requests.
+
+Result ids are allocated here and actions are sent without waiting, so work
+pipelines; only `.get()`, listings and metadata make a round trip.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+import itertools
+import logging
+import threading
+import weakref
+from typing import Any, Dict, Iterator, List, Optional
+
+import numpy as np
+import torch
+
+from .. import allowlist, identity as identity_mod, runtime, wire
+from ..errors import ConnectionLost, NotAllowed, PairingError, ProtocolError, RequestDenied
+from ..session import Session, error_from_wire
+from ..tables import STORE_HEADERS, html_table, store_rows, text_table
+from .pointer import Pointer
+from .requests import RequestHandle, RequestList
+
+log = logging.getLogger("duet.scientist")
+
+DEFAULT_TIMEOUT = 30.0
+MAX_LABEL = 80
+MAX_FAILURES_KEPT = 10_000
+
+
+def _label(name: str, args: List[Any]) -> str:
+    short = name.rsplit(".", 1)[-1]
+    inner = next((a._label for a in args if isinstance(a, Pointer)), "")
+    text = f"{short}({inner})"
+    return text if len(text) <= MAX_LABEL else "…" + text[-(MAX_LABEL - 1):]
+
+
+class _TorchNames:
+    """Maps torch/numpy callables to their allowlisted names, for __torch_function__."""
+
+    def __init__(self) -> None:
+        self._by_id: Optional[Dict[int, tuple]] = None
+        self._lock = threading.Lock()
+
+    def lookup(self, func: Any) -> Optional[tuple]:
+        with self._lock:
+            if self._by_id is None:
+                self._by_id = self._build()
+        return self._by_id.get(id(func))
+
+    @staticmethod
+    def _build() -> Dict[int, tuple]:
+        import importlib
+
+        table: Dict[int, tuple] = {}
+        for name in allowlist.FUNCTIONS:
+            if not name.startswith("torch."):
+                continue
+            parts = name.split(".")
+            for i in range(len(parts) - 1, 0, -1):
+                try:
+                    obj: Any = importlib.import_module(".".join(parts[:i]))
+                    for attr in parts[i:]:
+                        obj = getattr(obj, attr)
+                except (ImportError, AttributeError):
+                    continue
+                table.setdefault(id(obj), ("func", name))
+                break
+        for name in allowlist.TENSOR_METHODS:
+            obj = getattr(torch.Tensor, name, None)
+            if obj is not None:
+                table.setdefault(id(obj), ("method", name))
+        for name in allowlist.TENSOR_ATTRIBUTES:
+            prop = getattr(torch.Tensor, name, None)
+            getter = getattr(prop, "__get__", None)
+            if getter is not None:
+                table.setdefault(id(getter), ("attr", name))
+        return table
+
+
+_TORCH_NAMES = _TorchNames()
+_PREFIXES = {".".join(n.split(".")[:i]) for n in allowlist.FUNCTIONS for i in range(1, n.count(".") + 1)}
+
+
+class RemoteNamespace:
+    """`scientist.torch.nn.Linear(3, 4)` builds a Linear on the owner and returns a Pointer."""
+
+    def __init__(self, client: "Scientist", path: str) -> None:
+        self._client = client
+        self._path = path
+
+    def __getattr__(self, name: str) -> "RemoteNamespace":
+        if name.startswith("_"):
+            raise AttributeError(name)
+        path = f"{self._path}.{name}"
+        if path in allowlist.FUNCTIONS or path in _PREFIXES:
+            return RemoteNamespace(self._client, path)
+        raise AttributeError(f"{path} is not on the owner's allowlist")
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Pointer:
+        if self._path not in allowlist.FUNCTIONS:
+            raise NotAllowed(f"{self._path} is not callable remotely")
+        return self._client._call("func", self._path, list(args), kwargs)
+
+    def __dir__(self) -> List[str]:
+        depth = self._path.count(".") + 1
+        names = {n.split(".")[depth] for n in allowlist.FUNCTIONS if n.startswith(self._path + ".")}
+        return sorted(names)
+
+    def __repr__(self) -> str:
+        return f"<remote namespace {self._path}>"
+
+
+class StoreView:
+    """The owner's published assets, as the scientist sees them: descriptions, never values."""
+
+    def __init__(self, client: "Scientist") -> None:
+        self._client = client
+
+    def listing(self, timeout: float = DEFAULT_TIMEOUT) -> List[Dict[str, Any]]:
+        return self._client.session.call({"kind": "store"}, timeout, "listing the owner's store")
+
+    def __getitem__(self, name: str) -> Pointer:
+        if not isinstance(name, str):
+            raise TypeError("assets are looked up by name")
+        client = self._client
+        rid = client._new_rid()
+        try:
+            client.session.call({"kind": "asset", "name": name, "rid": rid}, DEFAULT_TIMEOUT, f"pointing at {name!r}")
+        except NotAllowed as exc:
+            raise KeyError(str(exc)) from None
+        return Pointer(client, rid, name)
+
+    def keys(self) -> List[str]:
+        return [a["name"] for a in self.listing()]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.keys())
+
+    def __len__(self) -> int:
+        return len(self.listing())
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.keys()
+
+    def __repr__(self) -> str:
+        return text_table(STORE_HEADERS, store_rows(self.listing()), title="Owner's published assets")
+
+    def _repr_html_(self) -> str:
+        return html_table(STORE_HEADERS, store_rows(self.listing()), title="Owner's published assets")
+
+
+class Scientist:
+    """A scientist's link to one owner."""
+
+    def __init__(self, session: Session, name: str = "scientist", identity: Optional[identity_mod.Identity] = None) -> None:
+        self.session = session
+        self.name = name
+        self.identity = identity or identity_mod.Identity.load_or_create()
+        self.owner_fingerprint: Optional[str] = None
+        self.owner_name: Optional[str] = None
+        self.approve_mode: Optional[str] = None
+        self.requests = RequestList()
+        self.failures: Dict[int, BaseException] = {}
+        self.store = StoreView(self)
+        self.torch = RemoteNamespace(self, "torch")
+        self.numpy = RemoteNamespace(self, "numpy")
+        self._rids = itertools.count(1)
+        self._to_free: List[int] = []
+        self._free_lock = threading.Lock()
+        self._handles: "weakref.WeakValueDictionary[int, RequestHandle]" = weakref.WeakValueDictionary()
+        self._welcome: "concurrent.futures.Future[Dict[str, Any]]" = concurrent.futures.Future()
+        self._bye_reason: Optional[str] = None
+        self._closers: List[Any] = []
+        session.set_handler(self._on_message)
+        session.on_close(self._on_close)
+
+    # -- handshake -------------------------------------------------------------------
+    def handshake(self, ctx: Any, timeout: float, reason: str = "") -> None:
+        """Prove our identity, and verify the owner's, bound to this session."""
+        pub = self.identity.public_key
+        self.owner_name = ctx.owner_name
+        self.session.send({"t": "hello", "pub": pub, "sig": self.identity.sign(ctx.transcript("scientist", pub)), "reason": reason})
+        try:
+            welcome = self._welcome.result(timeout)
+        except concurrent.futures.TimeoutError:
+            raise TimeoutError(
+                f"the owner did not let us in within {timeout} s (they may need to approve the join)"
+            ) from None
+        owner_pub, sig = welcome.get("pub"), welcome.get("sig")
+        if not isinstance(owner_pub, bytes) or not isinstance(sig, bytes):
+            raise PairingError("the owner's welcome is malformed")
+        identity_mod.verify(owner_pub, ctx.transcript("owner", owner_pub), sig)
+        self.owner_fingerprint = identity_mod.fingerprint(owner_pub)
+        self.approve_mode = welcome.get("approve") if isinstance(welcome.get("approve"), str) else None
+
+    # -- inbound (runtime loop thread) ------------------------------------------------
+    def _on_message(self, msg: Dict[str, Any]) -> None:
+        kind = msg.get("t")
+        if kind == "failed":
+            rid = msg.get("rid")
+            exc = error_from_wire(msg.get("error"))
+            if isinstance(rid, int):
+                self.failures[rid] = exc
+                if len(self.failures) > MAX_FAILURES_KEPT:
+                    self.failures.pop(next(iter(self.failures)))
+            log.warning("a remote operation failed: %s", exc)
+        elif kind == "queued":
+            handle = self._handles.get(msg.get("id"))  # type: ignore[arg-type]
+            if handle is not None and isinstance(msg.get("request"), int):
+                handle.owner_request_id = msg["request"]
+                if handle.on_change is not None:
+                    handle.on_change(handle)
+        elif kind == "welcome":
+            if not self._welcome.done():
+                self._welcome.set_result(msg)
+        elif kind == "rejected":
+            if not self._welcome.done():
+                self._welcome.set_exception(RequestDenied(str(msg.get("reason") or "the owner declined the join")))
+        elif kind == "bye":
+            self._bye_reason = str(msg.get("reason") or "the owner left")
+            if self.session.close_reason is None:
+                self.session.close_reason = ConnectionLost(self._bye_reason)
+            if not self._welcome.done():
+                self._welcome.set_exception(ConnectionLost(self._bye_reason))
+        elif kind == "$invalid":
+            log.warning("the owner sent a malformed message")
+
+    def _on_close(self, reason: Optional[BaseException]) -> None:
+        if not self._welcome.done():
+            self._welcome.set_exception(ConnectionLost(f"the link closed during the handshake: {reason or 'closed'}"))
+
+    # -- actions ----------------------------------------------------------------------
+    def _new_rid(self) -> int:
+        return next(self._rids)
+
+    def _encode_args(self, obj: Any, depth: int = 0) -> Any:
+        if isinstance(obj, Pointer):
+            if obj._client is not self:
+                raise ValueError("this pointer belongs to another Duet session")
+            return wire.Ref(obj._rid)
+        if depth > 16:
+            raise ProtocolError("arguments nested too deeply")
+        if isinstance(obj, list):
+            return [self._encode_args(v, depth + 1) for v in obj]
+        if isinstance(obj, tuple):
+            return tuple(self._encode_args(v, depth + 1) for v in obj)
+        if isinstance(obj, dict):
+            return {k: self._encode_args(v, depth + 1) for k, v in obj.items()}
+        if isinstance(obj, torch.nn.Module):
+            raise TypeError("send a module with scientist.send(module) first, then pass its pointer")
+        return obj
+
+    def _call(self, kind: str, name: str, args: List[Any], kwargs: Dict[str, Any], want_result: bool = True) -> Any:
+        if kind == "func" and name not in allowlist.FUNCTIONS:
+            raise NotAllowed(f"{name} is not on the owner's allowlist")
+        bad = allowlist.FORBIDDEN_KWARGS.intersection(kwargs)
+        if bad:
+            raise NotAllowed(f"keyword argument {sorted(bad)[0]!r} is not allowed remotely")
+        rid = self._new_rid() if want_result else None
+        msg = {
+            "t": "call",
+            "rid": rid,
+            "kind": kind,
+            "name": name,
+            "args": self._encode_args(list(args)),
+            "kwargs": self._encode_args(dict(kwargs)),
+        }
+        self.session.send(msg)
+        if rid is None:
+            return None
+        return Pointer(self, rid, _label(name if kind == "func" else name, list(args)))
+
+    def _torch_function(self, func: Any, args: Any, kwargs: Dict[str, Any]) -> Any:
+        found = _TORCH_NAMES.lookup(func)
+        if found is None:
+            fname = getattr(func, "__qualname__", None) or getattr(func, "__name__", repr(func))
+            raise NotAllowed(f"torch function {fname} is not on the owner's allowlist")
+        kind, name = found
+        return self._call(kind, name, list(args), kwargs)
+
+    def send(self, value: Any) -> Pointer:
+        """Upload your own tensor, array or numbers; its pointer needs no approval to read back."""
+        if isinstance(value, Pointer):
+            raise TypeError("this is already a remote object")
+        if isinstance(value, torch.nn.Module):
+            raise TypeError("sending modules needs duet's model support; send tensors, arrays or numbers")
+        rid = self._new_rid()
+        self.session.send({"t": "put", "rid": rid, "value": value})
+        return Pointer(self, rid, f"sent {type(value).__name__}")
+
+    def _free(self, rid: int) -> None:
+        with self._free_lock:
+            first = not self._to_free
+            self._to_free.append(rid)
+        if first and not self.session.closed:
+            runtime.call_soon(self._flush_frees)
+
+    def _flush_frees(self) -> None:
+        with self._free_lock:
+            ids, self._to_free = self._to_free, []
+        self.failures_drop(ids)
+        if ids and not self.session.closed:
+            try:
+                self.session.send({"t": "free", "ids": ids})
+            except ConnectionLost:
+                pass
+
+    def failures_drop(self, ids: List[int]) -> None:
+        for rid in ids:
+            self.failures.pop(rid, None)
+
+    # -- round trips --------------------------------------------------------------------
+    def _check_failed(self, ptr: Pointer) -> None:
+        exc = self.failures.get(ptr._rid)
+        if exc is not None:
+            raise exc
+
+    def _meta(self, ptr: Pointer, timeout: Optional[float]) -> Dict[str, Any]:
+        self._check_failed(ptr)
+        return self.session.call({"kind": "meta", "obj": ptr._rid}, timeout or DEFAULT_TIMEOUT, f"metadata of {ptr!r}")
+
+    def _request_release(self, ptr: Pointer, reason: str) -> RequestHandle:
+        self._check_failed(ptr)
+        if not isinstance(reason, str):
+            raise TypeError("reason must be a string")
+        fut = self.session.request({"kind": "release", "obj": ptr._rid, "reason": reason})
+        handle = RequestHandle(ptr._label, reason, fut, self._decode_release)
+        self._handles[fut.request_id] = handle  # type: ignore[attr-defined]
+        self.requests.append(handle)
+        return handle
+
+    @staticmethod
+    def _decode_release(raw: Any) -> Any:
+        if not isinstance(raw, dict) or not isinstance(raw.get("encoded"), bytes):
+            raise ProtocolError("malformed release from the owner")
+        payload = raw["encoded"]
+        if hashlib.sha256(payload).hexdigest() != raw.get("sha256"):
+            raise ProtocolError("the released value does not match its checksum")
+        return wire.decode(payload)
+
+    def ping(self, timeout: float = DEFAULT_TIMEOUT) -> float:
+        """Round-trip time to the owner in seconds; also a barrier after pipelined actions."""
+        import time
+
+        start = time.perf_counter()
+        self.session.call({"kind": "ping"}, timeout, "ping")
+        return time.perf_counter() - start
+
+    # -- lifecycle ----------------------------------------------------------------------
+    @property
+    def connected(self) -> bool:
+        return not self.session.closed
+
+    def close(self) -> None:
+        """Leave the session; the owner frees everything of ours."""
+        if not self.session.closed:
+            try:
+                runtime.run(self.session.close(), timeout=10, what="closing the link")
+            except Exception:
+                pass
+        for closer in self._closers:
+            try:
+                closer()
+            except Exception:
+                log.exception("error while closing")
+
+    def __repr__(self) -> str:
+        state = "connected" if self.connected else f"closed ({self._bye_reason or 'link closed'})"
+        return f"<Duet scientist {self.name!r} → owner {self.owner_name!r} ({self.owner_fingerprint}), {state}>"
+
+    def __enter__(self) -> "Scientist":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()

@@ -1,0 +1,228 @@
+"""Pointers: stand-ins for objects on the owner that never reveal values.
+
+Every operation on a Pointer is sent to the owner at once (pipelined) and
+returns a new Pointer. `bool`, `len`, `iter`, `float`, `int`, `index`,
+`format` and `repr` refuse or describe, never read a value. The only way to
+a value is `.get()`, which the owner must approve when the value derives from
+private data.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Dict, Optional
+
+from .. import allowlist
+from ..errors import NotAllowed
+
+if TYPE_CHECKING:
+    from .client import Scientist
+    from .requests import RequestHandle
+
+_METHODS = allowlist.all_method_names()
+_ATTRIBUTES = allowlist.all_attribute_names()
+# Metadata served by a round trip (and withheld by the owner when data dependent).
+_META = {"shape", "dtype", "ndim", "requires_grad", "is_leaf"}
+
+
+def _refuse(what: str) -> TypeError:
+    return TypeError(
+        f"{what} of a Pointer would reveal a value of the owner's data; "
+        "use .get(reason=...) to ask the owner for it"
+    )
+
+
+class Pointer:
+    """A reference to an object on the owner."""
+
+    __slots__ = ("_client", "_rid", "_label", "_handle", "__weakref__")
+
+    def __init__(self, client: "Scientist", rid: int, label: str) -> None:
+        self._client = client
+        self._rid = rid
+        self._label = label
+        self._handle: Optional["RequestHandle"] = None
+
+    # -- identity -----------------------------------------------------------------
+    @property
+    def id(self) -> int:
+        """The id this pointer's object has on the owner."""
+        return self._rid
+
+    def __repr__(self) -> str:
+        return f"<Pointer #{self._rid}: {self._label}>"
+
+    def __del__(self) -> None:
+        try:
+            self._client._free(self._rid)
+        except Exception:
+            pass
+
+    __hash__ = object.__hash__
+
+    # -- values leave only through requests ----------------------------------------
+    def request(self, reason: str = "") -> "RequestHandle":
+        """Ask the owner to release this value; returns at once with a handle."""
+        if self._handle is not None and not self._handle.delivered:
+            return self._handle  # e.g. a get() that timed out: wait for the same request
+        self._handle = self._client._request_release(self, reason)
+        return self._handle
+
+    def get(self, reason: str = "", timeout: Optional[float] = None) -> Any:
+        """The value, once the owner approves (at once for values of your own)."""
+        return self.request(reason).wait(timeout)
+
+    def meta(self, timeout: Optional[float] = None) -> Dict[str, Any]:
+        """Type, shape (when not data dependent), dtype, and lineage, from the owner."""
+        return self._client._meta(self, timeout)
+
+    @property
+    def shape(self) -> Any:
+        import torch
+
+        meta = self.meta()
+        if meta["shape"] is None:
+            if meta["type"] not in ("Tensor", "ndarray"):
+                raise AttributeError(f"a remote {meta['type']} has no shape")
+            raise NotAllowed(
+                "this shape depends on private values (for example a masked selection); "
+                "request it with .size() and .get()"
+            )
+        return torch.Size(meta["shape"]) if meta["type"] == "Tensor" else tuple(meta["shape"])
+
+    @property
+    def dtype(self) -> Any:
+        import numpy as np
+        import torch
+
+        meta = self.meta()
+        if meta["dtype"] is None:
+            raise AttributeError(f"a remote {meta['type']} has no dtype")
+        return getattr(torch, meta["dtype"]) if meta["type"] == "Tensor" else np.dtype(meta["dtype"])
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def private(self) -> bool:
+        """Whether the value derives from the owner's assets (and so needs approval)."""
+        return bool(self.meta()["private"])
+
+    # -- forwarding ------------------------------------------------------------------
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        if name in _ATTRIBUTES and name not in _META:
+            return self._client._call("attr", name, [self], {})
+        if name in _METHODS:
+            return _RemoteMethod(self, name)
+        raise AttributeError(f"{name!r} is not on the owner's allowlist for remote objects")
+
+    def __call__(self, *args: Any, **kwargs: Any) -> "Pointer":
+        return self._client._call("call", "forward", [self, *args], kwargs)
+
+    @classmethod
+    def __torch_function__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        client = next((a._client for a in _walk(args) if isinstance(a, Pointer)), None)
+        if client is None:
+            client = next((a._client for a in _walk(list((kwargs or {}).values())) if isinstance(a, Pointer)))
+        return client._torch_function(func, args, kwargs or {})
+
+    # -- what would read a value: refused ------------------------------------------
+    def __bool__(self) -> bool:
+        raise _refuse("the truth value")
+
+    def __len__(self) -> int:
+        raise _refuse("len()")
+
+    def __iter__(self) -> Any:
+        raise _refuse("iterating")
+
+    def __float__(self) -> float:
+        raise _refuse("float()")
+
+    def __int__(self) -> int:
+        raise _refuse("int()")
+
+    def __index__(self) -> int:
+        raise _refuse("using as an index")
+
+    def __complex__(self) -> complex:
+        raise _refuse("complex()")
+
+    def __format__(self, spec: str) -> str:
+        if spec:
+            raise _refuse("formatting")
+        return repr(self)
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        raise TypeError("a Pointer cannot be pickled; it is only meaningful in its session")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in Pointer.__slots__:
+            object.__setattr__(self, name, value)
+        else:
+            raise AttributeError(
+                f"cannot set {name!r} on a remote object; use an in-place method (e.g. requires_grad_())"
+            )
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self._client._call("func", "operator.setitem", [self, key, value], {}, want_result=False)
+
+
+class _RemoteMethod:
+    """A method of a remote object, bound to its pointer."""
+
+    __slots__ = ("_ptr", "_name")
+
+    def __init__(self, ptr: Pointer, name: str) -> None:
+        self._ptr = ptr
+        self._name = name
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Pointer:
+        return self._ptr._client._call("method", self._name, [self._ptr, *args], kwargs)
+
+    def __repr__(self) -> str:
+        return f"<remote method {self._name} of {self._ptr!r}>"
+
+
+def _walk(obj: Any) -> Any:
+    if isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _walk(v)
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _walk(v)
+    else:
+        yield obj
+
+
+def _binary(op: str, reflected: bool = False) -> Any:
+    name = f"operator.{op}"
+
+    def forward(self: Pointer, other: Any) -> Pointer:
+        args = [other, self] if reflected else [self, other]
+        return self._client._call("func", name, args, {})
+
+    forward.__name__ = f"__{'r' if reflected else ''}{op.rstrip('_')}__"
+    return forward
+
+
+def _unary(op: str) -> Any:
+    name = f"operator.{op}"
+
+    def forward(self: Pointer) -> Pointer:
+        return self._client._call("func", name, [self], {})
+
+    return forward
+
+
+for _op in ("add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "matmul", "and_", "or_", "xor", "lshift", "rshift"):
+    _py = _op.rstrip("_")
+    setattr(Pointer, f"__{_py}__", _binary(_op))
+    setattr(Pointer, f"__r{_py}__", _binary(_op, reflected=True))
+    setattr(Pointer, f"__i{_py}__", _binary(f"i{_py}" if _op not in ("lshift", "rshift") else _op))
+for _op in ("lt", "le", "eq", "ne", "gt", "ge"):
+    setattr(Pointer, f"__{_op}__", _binary(_op))
+for _op in ("neg", "pos", "abs", "invert"):
+    setattr(Pointer, f"__{_op}__", _unary(_op))
+Pointer.__getitem__ = _binary("getitem")  # type: ignore[attr-defined]

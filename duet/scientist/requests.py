@@ -1,0 +1,89 @@
+"""Handles for release requests: non-blocking, waitable again after a timeout."""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import time
+from typing import Any, Callable, Optional
+
+from ..errors import RequestDenied, RequestTimeout
+from ..tables import html_table, text_table
+
+DEFAULT_GET_TIMEOUT = 300.0
+
+HEADERS = ["pointer", "reason", "status", "owner request"]
+
+
+class RequestHandle:
+    """A request to release a value. `.status`, `.wait(timeout)`, or `await handle`."""
+
+    def __init__(self, label: str, reason: str, future: "concurrent.futures.Future[Any]", decode: Callable[[Any], Any]) -> None:
+        self.label = label
+        self.reason = reason
+        self.created = time.time()
+        self.owner_request_id: Optional[int] = None
+        self._future = future
+        self._decode = decode
+        self._value: Any = None
+        self._decoded = False
+        self.delivered = False  # the outcome reached the caller of wait(); a new get() asks anew
+        self.on_change: Optional[Callable[["RequestHandle"], None]] = None
+
+    @property
+    def status(self) -> str:
+        """pending, accepted, denied, or failed."""
+        if not self._future.done():
+            return "pending"
+        exc = self._future.exception()
+        if exc is None:
+            return "accepted"
+        return "denied" if isinstance(exc, RequestDenied) else "failed"
+
+    def done(self) -> bool:
+        return self._future.done()
+
+    def wait(self, timeout: Optional[float] = None) -> Any:
+        """The released value. On timeout the request stays pending: wait again later."""
+        timeout = DEFAULT_GET_TIMEOUT if timeout is None else timeout
+        try:
+            raw = self._future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            where = f" (owner's request #{self.owner_request_id})" if self.owner_request_id else ""
+            raise RequestTimeout(
+                f"no decision within {timeout} s for {self.label}{where}; the request is still pending, "
+                "call .wait() or .get() again"
+            ) from None
+        except BaseException:
+            self.delivered = True
+            raise
+        if not self._decoded:
+            self._value = self._decode(raw)
+            self._decoded = True
+        self.delivered = True
+        return self._value
+
+    def __await__(self) -> Any:
+        async def waiter() -> Any:
+            await asyncio.wrap_future(self._future)
+            return self.wait(0)
+
+        return waiter().__await__()
+
+    def _row(self) -> list:
+        return [self.label, self.reason, self.status, self.owner_request_id or ""]
+
+    def __repr__(self) -> str:
+        return f"<Request for {self.label}: {self.status}>"
+
+    def _repr_html_(self) -> str:
+        return html_table(HEADERS, [self._row()])
+
+
+class RequestList(list):
+    """The scientist's requests, shown as a table."""
+
+    def __repr__(self) -> str:
+        return text_table(HEADERS, [h._row() for h in self], title="Your requests")
+
+    def _repr_html_(self) -> str:
+        return html_table(HEADERS, [h._row() for h in self], title="Your requests")

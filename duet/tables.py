@@ -1,0 +1,80 @@
+"""Plain-text and HTML tables for reprs, so listings read well in notebooks and terminals.
+
+Every cell is escaped in HTML: names, descriptions and reasons can come from
+the other party and are shown as text, never markup.
+"""
+from __future__ import annotations
+
+import html
+from typing import Any, Optional, Sequence
+
+
+def _cell(value: Any, width: int = 60) -> str:
+    text = "" if value is None else str(value)
+    text = text.replace("\n", " ").replace("\r", " ")
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def text_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], title: Optional[str] = None) -> str:
+    """A fixed-width table for plain Python consoles."""
+    cells = [[_cell(c) for c in row] for row in rows]
+    widths = [len(h) for h in headers]
+    for row in cells:
+        for i, c in enumerate(row):
+            widths[i] = max(widths[i], len(c))
+    lines = []
+    if title:
+        lines.append(title)
+    lines.append("  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip())
+    lines.append("  ".join("-" * w for w in widths))
+    for row in cells:
+        lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+    if not rows:
+        lines.append("(none)")
+    return "\n".join(lines)
+
+
+def html_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], title: Optional[str] = None) -> str:
+    """An escaped HTML table for Jupyter's rich display."""
+    esc = html.escape
+    parts = []
+    if title:
+        parts.append(f"<b>{esc(title)}</b>")
+    parts.append('<table class="duet-table">')
+    parts.append("<thead><tr>" + "".join(f"<th>{esc(h)}</th>" for h in headers) + "</tr></thead><tbody>")
+    for row in rows:
+        parts.append("<tr>" + "".join(f"<td>{esc(_cell(c, 200))}</td>" for c in row) + "</tr>")
+    if not rows:
+        parts.append(f'<tr><td colspan="{len(headers)}"><i>none</i></td></tr>')
+    parts.append("</tbody></table>")
+    return "".join(parts)
+
+
+def human_bytes(n: Optional[int]) -> str:
+    """1536 -> '1.5 KiB'."""
+    if n is None:
+        return ""
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{n} B"
+
+
+STORE_HEADERS = ["name", "description", "tags", "type", "shape", "dtype"]
+
+
+def store_rows(listing: Sequence[dict]) -> list:
+    """Rows of the store table, shared by the owner's and the scientist's view."""
+    return [
+        [
+            a["name"],
+            a["description"],
+            ", ".join(a["tags"]),
+            a["type"],
+            "×".join(str(s) for s in a["shape"]) if a["shape"] is not None else "",
+            a["dtype"] or "",
+        ]
+        for a in listing
+    ]

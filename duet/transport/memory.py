@@ -45,8 +45,10 @@ class MemoryTransport(Transport):
         """Queue one message for the peer. Thread safe and non-blocking."""
         if self._closed:
             raise ConnectionLost(f"memory transport {self.name} is closed")
-        if not isinstance(data, (bytes, bytearray, memoryview)):
-            raise TypeError(f"send() takes bytes, not {type(data).__name__}")
+        if not isinstance(data, bytes):
+            if not isinstance(data, (bytearray, memoryview)):
+                raise TypeError(f"send() takes bytes, not {type(data).__name__}")
+            data = bytes(data)  # the peer gets its own copy, as over a real link
         self._outbox.append(data)
         if not self._flush_scheduled:
             self._flush_scheduled = True

@@ -1,0 +1,869 @@
+"""The real link: one aiortc data channel between the owner and the scientist.
+
+What this adds on top of a bare `RTCDataChannel`, and why:
+
+- Coalescing and chunking (`framing`): one aiortc `send()` per small message
+  tops out near 2,300 msg/s, and aiortc refuses messages above 256 KiB.
+- A writer task with backpressure on `bufferedAmount`, so a 500 MB tensor does
+  not sit in aiortc's queues at once and `send()` can stay non-blocking and
+  thread safe (aiortc's own `send` must only be called on the loop thread).
+- Bigger UDP socket buffers: aioice asks for 256 KiB; a dropped datagram costs
+  an SCTP retransmission timeout (at least 1 s) and collapses the window.
+- A keepalive record and a dead-peer timeout: aiortc notices a vanished peer
+  only through ICE consent freshness (about 30 s, measured); we want ~10 s.
+- An orderly close (a goodbye record) so the peer's `on_close` gets `None`
+  for a deliberate close and `ConnectionLost` for a failure.
+- A loopback-only ICE mode: aioice never offers 127.0.0.1 as a candidate, yet
+  tests must keep every packet on loopback, and two peers on one machine have
+  no need for any other interface.
+
+Everything here runs on the runtime loop (`duet.runtime`); only
+`WebRtcTransport.send` may be called from other threads.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextvars
+import logging
+import re
+import socket
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Deque, List, Optional, Union
+
+import aioice.ice
+from aiortc import (
+    RTCConfiguration,
+    RTCDataChannel,
+    RTCIceServer,
+    RTCPeerConnection,
+    RTCSessionDescription,
+)
+
+from ..errors import ConnectionLost, ProtocolError
+from .base import CloseHandler, MessageHandler, Transport
+from .framing import CTRL_BYE, CTRL_PING, DEFAULT_MAX_MESSAGE, MAX_FRAME, Deframer, Framer
+
+log = logging.getLogger(__name__)
+
+CHANNEL_LABEL = "duet"
+CHANNEL_ID = 0  # negotiated out of band: both sides create it, no open handshake
+LOOPBACK = "127.0.0.1"
+
+# Writer backpressure on aiortc's bufferedAmount (bytes SCTP has not taken
+# yet). SCTP takes one data channel message at a time (when its previous one
+# is fully transmitted), so a few frames queued keep it busy; more only costs
+# memory. Measured here: 256 KiB, 1 MiB and 4 MiB high watermarks give the
+# same throughput within this shared machine's noise; CPU per byte is lowest
+# at 1 MiB (benchmarks/transport_throughput.py --high-water/--low-water).
+HIGH_WATER = 1 << 20
+LOW_WATER = 1 << 18
+# UDP socket buffers asked of the OS (capped by net.core.rmem_max/wmem_max).
+SOCKET_BUFFER = 8 << 20
+KEEPALIVE_INTERVAL = 1.0
+DEAD_PEER_TIMEOUT = 10.0
+CLOSE_LINGER = 3.0
+
+
+# --------------------------------------------------------------------------
+# ICE configuration and loopback-only gathering
+
+
+@dataclass
+class IceConfig:
+    """Which ICE servers to use, and whether to stay on loopback.
+
+    servers: STUN/TURN servers, as URL strings or dicts
+        {"urls": ..., "username": ..., "credential": ...}. None by default:
+        nothing outside the two peers is contacted (aiortc would otherwise
+        use a public STUN server and block up to 5 s when offline).
+    local_only: every local candidate is 127.0.0.1 and every remote
+        candidate that is not 127.0.0.1 is dropped. For tests and for two
+        peers on one machine; no packet leaves the loopback interface.
+    """
+
+    servers: list = field(default_factory=list)
+    local_only: bool = False
+
+    def rtc_configuration(self) -> RTCConfiguration:
+        """An explicit RTCConfiguration (never aiortc's default STUN server)."""
+        servers: List[RTCIceServer] = []
+        for s in self.servers:
+            if isinstance(s, str):
+                servers.append(RTCIceServer(urls=s))
+            elif isinstance(s, dict):
+                servers.append(RTCIceServer(
+                    urls=s["urls"], username=s.get("username"),
+                    credential=s.get("credential")))
+            elif isinstance(s, RTCIceServer):
+                servers.append(s)
+            else:
+                raise TypeError(f"an ICE server is a URL string or a dict, not {type(s).__name__}")
+        return RTCConfiguration(iceServers=servers)
+
+
+# True while a coroutine that asked for loopback-only gathering runs
+# setLocalDescription. A ContextVar (not a global flag) so that other peer
+# connections gathering concurrently on the same loop are not affected: the
+# tasks aiortc spawns for gathering copy the context of the caller.
+_LOOPBACK_GATHERING: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "duet_loopback_gathering", default=False)
+_patch_lock = threading.Lock()
+_patched = False
+
+
+def _install_loopback_patch() -> None:
+    """Wrap aioice's host address lookup once, so it can answer 127.0.0.1 alone.
+
+    aioice deliberately skips 127.0.0.1 in `get_host_addresses`; there is no
+    option to ask for it. The wrapper defers to the original unless the
+    current context asked for loopback-only gathering.
+    """
+    global _patched
+    with _patch_lock:
+        if _patched:
+            return
+        original = aioice.ice.get_host_addresses
+
+        def get_host_addresses(use_ipv4: bool, use_ipv6: bool) -> List[str]:
+            if _LOOPBACK_GATHERING.get():
+                return [LOOPBACK] if use_ipv4 else []
+            return original(use_ipv4, use_ipv6)
+
+        get_host_addresses.__wrapped__ = original  # type: ignore[attr-defined]
+        aioice.ice.get_host_addresses = get_host_addresses
+        _patched = True
+
+
+async def set_local_description(
+    pc: RTCPeerConnection, desc: RTCSessionDescription, local_only: bool
+) -> None:
+    """setLocalDescription (which gathers candidates), loopback-only if asked."""
+    if not local_only:
+        await pc.setLocalDescription(desc)
+        return
+    _install_loopback_patch()
+    token = _LOOPBACK_GATHERING.set(True)
+    try:
+        await pc.setLocalDescription(desc)
+    finally:
+        _LOOPBACK_GATHERING.reset(token)
+
+
+_CANDIDATE_RE = re.compile(r"^a=candidate:\S+ \d+ \S+ \d+ (\S+) \d+ typ ", re.IGNORECASE)
+
+
+def candidate_addresses(sdp: str) -> List[str]:
+    """The connection address of every `a=candidate` line of an SDP."""
+    out = []
+    for line in sdp.splitlines():
+        if line.startswith("a=candidate:"):
+            m = _CANDIDATE_RE.match(line)
+            out.append(m.group(1) if m else "?")
+    return out
+
+
+def keep_loopback_candidates(sdp: str) -> str:
+    """Drop every remote candidate that is not 127.0.0.1 (loopback-only mode).
+
+    Without this aioice would also probe the peer's other addresses (and
+    resolve mDNS names with multicast), sending packets off loopback.
+    Raises ConnectionLost if no loopback candidate is left.
+    """
+    lines = sdp.splitlines()
+    kept = []
+    n_loop = 0
+    for line in lines:
+        if line.startswith("a=candidate:"):
+            m = _CANDIDATE_RE.match(line)
+            if not m or m.group(1) != LOOPBACK:
+                continue
+            n_loop += 1
+        kept.append(line)
+    if n_loop == 0:
+        raise ConnectionLost(
+            "loopback-only ICE: the remote description offers no 127.0.0.1 candidate "
+            "(is the peer also in local_only mode, on this machine?)")
+    return "\r\n".join(kept) + "\r\n"
+
+
+def fingerprint_of(sdp: str, algorithm: str = "sha-256") -> str:
+    """The DTLS certificate fingerprint an SDP announces (upper-case hex with colons)."""
+    for line in sdp.splitlines():
+        if line.startswith("a=fingerprint:"):
+            alg, _, value = line[len("a=fingerprint:"):].strip().partition(" ")
+            if alg.lower() == algorithm:
+                return value.strip().upper()
+    raise ProtocolError(f"the session description has no {algorithm} DTLS fingerprint")
+
+
+def ice_sockets(pc: RTCPeerConnection) -> List[socket.socket]:
+    """The UDP sockets aioice opened for this peer connection (aiortc internals)."""
+    socks = []
+    try:
+        conn = pc.sctp.transport.transport.iceGatherer._connection  # type: ignore[union-attr]
+        for proto in list(conn._protocols):
+            tr = getattr(proto, "transport", None)
+            sock = tr.get_extra_info("socket") if tr is not None else None
+            if sock is not None:
+                socks.append(sock)
+    except AttributeError:  # a different aiortc/aioice layout: skip the tuning
+        pass
+    return socks
+
+
+def enlarge_socket_buffers(pc: RTCPeerConnection, size: int = SOCKET_BUFFER) -> List[int]:
+    """Ask for larger UDP buffers on the ICE sockets; returns the receive sizes granted.
+
+    Why: aioice sets a 256 KiB receive buffer. A burst that overflows it drops
+    datagrams, and aiortc's SCTP then waits for its retransmission timer
+    (1 s minimum) with the congestion window collapsed. Failure is ignored.
+    """
+    granted = []
+    for sock in ice_sockets(pc):
+        for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, opt, size)
+            except OSError:
+                pass
+        try:
+            granted.append(sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF))
+        except OSError:
+            pass
+    return granted
+
+
+# --------------------------------------------------------------------------
+# SCTP tuning (aiortc internals, applied per connection)
+
+# Measured here (benchmarks/transport_throughput.py): aiortc's SCTP sender is
+# CPU bound, and each SACK it handles walks its whole queue of unacknowledged
+# chunks. Its congestion window grows without bound on a lossless path and it
+# ignores the receiver's advertised window, so with large socket buffers the
+# flight grows to megabytes and every SACK costs more. Capping the window and
+# acknowledging every second packet (RFC 9260 section 6.2 allows up to 200 ms
+# of delay; we use a few ms) cuts the sender's work per byte.
+CWND_MAX = 4 << 20
+SACK_DELAY = 0.005
+SACK_EVERY = 2
+
+try:
+    from aiortc.rtcsctptransport import RTCSctpTransport as _RTCSctpTransport
+except ImportError:  # pragma: no cover - layout changed
+    _RTCSctpTransport = None  # type: ignore[assignment,misc]
+
+
+if _RTCSctpTransport is not None:
+
+    class _TunedSctpTransport(_RTCSctpTransport):  # type: ignore[misc,valid-type]
+        """aiortc's SCTP association with a capped window and delayed SACKs.
+
+        Installed by swapping the class of an existing instance, so nothing
+        changes for other connections in the process.
+        """
+
+        _duet_cwnd_max: int = CWND_MAX
+        _duet_sack_every: int = SACK_EVERY
+        _duet_sack_delay: float = SACK_DELAY
+
+        @property  # type: ignore[override]
+        def _cwnd(self) -> int:
+            return self.__dict__["_duet_cwnd"]
+
+        @_cwnd.setter
+        def _cwnd(self, value: int) -> None:
+            self.__dict__["_duet_cwnd"] = min(value, self._duet_cwnd_max)
+
+        async def _send_sack(self) -> None:
+            if (
+                self._duet_sack_every > 1
+                and self._association_state == self.State.ESTABLISHED
+                and not self._sack_misordered
+                and not self._sack_duplicates
+            ):
+                count = self.__dict__.get("_duet_sack_count", 0) + 1
+                if count < self._duet_sack_every:
+                    self.__dict__["_duet_sack_count"] = count
+                    if self.__dict__.get("_duet_sack_timer") is None:
+                        self.__dict__["_duet_sack_timer"] = self._loop.call_later(
+                            self._duet_sack_delay, self._duet_sack_due)
+                    return
+            self._duet_sack_now()
+            await super()._send_sack()
+
+        def _t3_expired(self) -> None:
+            # Counted for diagnostics: each expiry is a stall of at least 1 s.
+            self.__dict__["_duet_t3_expired"] = self.__dict__.get("_duet_t3_expired", 0) + 1
+            super()._t3_expired()
+
+        def _duet_sack_now(self) -> None:
+            self.__dict__["_duet_sack_count"] = 0
+            timer = self.__dict__.pop("_duet_sack_timer", None)
+            if timer is not None:
+                timer.cancel()
+
+        def _duet_sack_due(self) -> None:
+            self.__dict__["_duet_sack_timer"] = None
+            if self._sack_needed and self._association_state == self.State.ESTABLISHED:
+                self._duet_sack_now()
+                asyncio.ensure_future(_RTCSctpTransport._send_sack(self))
+
+
+def tune_sctp(pc: RTCPeerConnection, cwnd_max: Optional[int] = CWND_MAX,
+              sack_every: int = SACK_EVERY) -> bool:
+    """Apply the SCTP tuning above to this peer connection; False if not possible."""
+    sctp = pc.sctp
+    if _RTCSctpTransport is None or sctp is None or type(sctp) is not _RTCSctpTransport:
+        return False
+    if not hasattr(sctp, "_cwnd") or not hasattr(sctp, "_sack_needed"):
+        return False
+    cwnd = sctp.__dict__.pop("_cwnd")
+    sctp.__class__ = _TunedSctpTransport
+    sctp._duet_cwnd_max = cwnd_max or (1 << 62)
+    sctp._duet_sack_every = max(1, sack_every)
+    sctp._cwnd = cwnd
+    return True
+
+
+# --------------------------------------------------------------------------
+# The transport
+
+
+class WebRtcTransport(Transport):
+    """A Transport over one aiortc data channel. Create it through `RtcPeer`."""
+
+    def __init__(
+        self,
+        pc: RTCPeerConnection,
+        channel: RTCDataChannel,
+        *,
+        high_water: int = HIGH_WATER,
+        low_water: int = LOW_WATER,
+        keepalive_interval: float = KEEPALIVE_INTERVAL,
+        dead_peer_timeout: Optional[float] = DEAD_PEER_TIMEOUT,
+        max_message_size: int = DEFAULT_MAX_MESSAGE,
+    ) -> None:
+        super().__init__()
+        self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
+        self._pc = pc
+        self._channel = channel
+        self._high = high_water
+        self._low = min(low_water, high_water)
+        self._keepalive_interval = keepalive_interval
+        self._dead_peer_timeout = dead_peer_timeout
+
+        # Sending: any thread appends here; the writer task frames and sends.
+        self._outq: Deque[bytes] = collections.deque()
+        self._wake_pending = False
+        self._wake = asyncio.Event()
+        self._low_event = asyncio.Event()
+        self._framer = Framer(MAX_FRAME)
+        self._drain_waiters: List[tuple[int, asyncio.Future]] = []
+        self._writer_task: Optional[asyncio.Task] = None
+        self._monitor_task: Optional[asyncio.Task] = None
+        self._last_sent = 0.0
+        self._silence = 0.0
+        self._frames_sent = 0
+        self._frames_received = 0
+
+        # Receiving.
+        self._deframer = Deframer(
+            max_message_size=max_message_size,
+            on_progress=self._progress,
+            on_control=self._control,
+        )
+        self._inbox: List[Union[bytes, bytearray]] = []
+        self._bye_received = False
+
+        # State.
+        self._opened: asyncio.Future = self._loop.create_future()
+        self._closing = False
+        self._closed = False
+        self._close_reason: Optional[BaseException] = None
+        self._close_fired = False
+        self._peer_gone = asyncio.Event()
+        self._pc_close_task: Optional[asyncio.Task] = None
+        self._close_task: Optional[asyncio.Task] = None
+
+        channel.bufferedAmountLowThreshold = self._low
+        channel.on("message", self._on_frame)
+        channel.on("open", self._on_open)
+        channel.on("close", self._on_channel_close)
+        channel.on("bufferedamountlow", self._low_event.set)
+        pc.on("connectionstatechange", self._on_pc_state)
+        if channel.readyState == "open":
+            self._on_open()
+
+    # -- public API ----------------------------------------------------------
+
+    def send(self, data: bytes) -> None:
+        """Queue one message. Thread safe, non-blocking. ConnectionLost once closed."""
+        if self._closing or self._closed:
+            raise ConnectionLost(self._closed_message())
+        if not isinstance(data, (bytes, bytearray)):
+            if not isinstance(data, memoryview):
+                raise TypeError(f"send() takes bytes, not {type(data).__name__}")
+            if not data.contiguous:
+                raise ValueError("send() needs a contiguous buffer")
+            data = data.cast("B") if data.format != "B" or data.ndim != 1 else data
+        self._outq.append(data)
+        if not self._wake_pending:
+            self._wake_pending = True
+            if threading.get_ident() == self._loop_thread:
+                self._loop.call_soon(self._wakeup)
+            else:
+                self._loop.call_soon_threadsafe(self._wakeup)
+
+    async def drain(self) -> None:
+        """Wait until every message queued so far was handed to the data channel.
+
+        Raises ConnectionLost if the link closes first.
+        """
+        target = self._framer.messages_added + len(self._outq)
+        if self._framer.messages_framed >= target:
+            if self._closed and self._close_reason is not None:
+                raise ConnectionLost(self._closed_message())
+            return
+        if self._closed:
+            raise ConnectionLost(self._closed_message())
+        fut = self._loop.create_future()
+        self._drain_waiters.append((target, fut))
+        await fut
+
+    async def close(self, linger: float = CLOSE_LINGER) -> None:
+        """Close both directions; the peer's on_close(None) fires. Idempotent.
+
+        Messages queued before close are still sent, and the peer acknowledges
+        the goodbye by closing its side; after `linger` seconds we close anyway.
+        Our own on_close fires too, with None.
+        """
+        if self._close_task is None:
+            self._close_task = self._loop.create_task(self._close(linger))
+        await asyncio.shield(self._close_task)
+
+    async def _close(self, linger: float) -> None:
+        if not self._closed:
+            self._closing = True
+            if self._opened.done() and self._channel.readyState == "open":
+                self._framer.add_control(CTRL_BYE)
+                self._wakeup()
+                try:
+                    await asyncio.wait_for(self._peer_gone.wait(), linger)
+                except asyncio.TimeoutError:
+                    log.info("the peer did not acknowledge close within %s s", linger)
+            self._shutdown(None)
+        if self._pc_close_task is not None:
+            await asyncio.shield(self._pc_close_task)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def close_reason(self) -> Optional[BaseException]:
+        """None after an orderly close; the error after a failure."""
+        return self._close_reason
+
+    @property
+    def peer_connection(self) -> RTCPeerConnection:
+        return self._pc
+
+    @property
+    def max_frame(self) -> int:
+        return self._framer.max_frame
+
+    def set_handlers(self, on_message: MessageHandler, on_close: CloseHandler) -> None:
+        """Attach the receiver; earlier messages (and an earlier close) are delivered on the loop."""
+        super().set_handlers(on_message, on_close)
+        if threading.get_ident() == self._loop_thread:
+            self._loop.call_soon(self._deliver_backlog)
+        else:
+            self._loop.call_soon_threadsafe(self._deliver_backlog)
+
+    def stats(self) -> dict:
+        """Counters for diagnostics and benchmarks."""
+        sctp = self._pc.sctp
+        return {
+            "sctp_t3_expired": getattr(sctp, "__dict__", {}).get("_duet_t3_expired", 0),
+            "sctp_cwnd": getattr(sctp, "_cwnd", None),
+            "frames_sent": self._frames_sent,
+            "frames_received": self._frames_received,
+            "messages_framed": self._framer.messages_framed,
+            "pending_bytes": self._framer.pending_bytes + sum(len(m) for m in list(self._outq)),
+            "buffered_amount": self._channel.bufferedAmount,
+        }
+
+    # -- opening -------------------------------------------------------------
+
+    def _on_open(self) -> None:
+        if self._opened.done():
+            return
+        sctp = self._pc.sctp
+        remote_max = getattr(sctp, "_remote_max_message_size", MAX_FRAME) if sctp else MAX_FRAME
+        # 0 means "no limit" in SDP's max-message-size.
+        self._framer.max_frame = min(MAX_FRAME, remote_max) if remote_max else MAX_FRAME
+        self._opened.set_result(None)
+        self._last_sent = self._loop.time()
+        self._writer_task = self._loop.create_task(self._writer())
+        if self._keepalive_interval > 0:
+            self._monitor_task = self._loop.create_task(self._monitor())
+
+    async def wait_open(self, timeout: float) -> None:
+        """Wait for the channel to open; ConnectionLost or TimeoutError otherwise."""
+        done, _ = await asyncio.wait({self._opened}, timeout=timeout)
+        if not done:
+            raise TimeoutError(
+                f"the WebRTC data channel did not open within {timeout} s "
+                f"(ICE {self._pc.iceConnectionState}, connection {self._pc.connectionState})")
+        self._opened.result()
+
+    # -- writing -------------------------------------------------------------
+
+    def _wakeup(self) -> None:
+        # Clear first: a send() that appends after this sees False and wakes us again.
+        self._wake_pending = False
+        self._wake.set()
+
+    async def _writer(self) -> None:
+        framer = self._framer
+        outq = self._outq
+        ch = self._channel
+        try:
+            while True:
+                while outq:
+                    framer.add(outq.popleft())
+                if not framer:
+                    self._wake.clear()
+                    if outq:
+                        continue
+                    await self._wake.wait()
+                    continue
+                if ch.bufferedAmount > self._high:
+                    self._low_event.clear()
+                    # bufferedamountlow fires when aiortc hands data to SCTP and
+                    # crosses the threshold; the timeout is only a safety net.
+                    try:
+                        await asyncio.wait_for(self._low_event.wait(), 1.0)
+                    except asyncio.TimeoutError:
+                        pass
+                    continue
+                frame = framer.next_frame()
+                if frame is None:
+                    continue
+                if ch.readyState != "open":
+                    raise ConnectionLost("the data channel closed")
+                ch.send(frame)
+                self._frames_sent += 1
+                self._last_sent = self._loop.time()
+                if self._drain_waiters:
+                    self._release_drain_waiters()
+        except asyncio.CancelledError:
+            raise
+        except ConnectionLost as exc:
+            self._shutdown(exc)
+        except Exception as exc:  # aiortc refused a frame: the link is unusable
+            log.exception("WebRTC writer failed")
+            self._shutdown(ConnectionLost(f"sending on the data channel failed: {exc!r}"))
+
+    def _release_drain_waiters(self) -> None:
+        handed = self._framer.messages_framed
+        keep = []
+        for target, fut in self._drain_waiters:
+            if handed >= target:
+                if not fut.done():
+                    fut.set_result(None)
+            else:
+                keep.append((target, fut))
+        self._drain_waiters = keep
+
+    async def _monitor(self) -> None:
+        """Send keepalives when idle; declare the peer dead after a silence.
+
+        Silence is accumulated per tick and each tick counts at most twice
+        the interval, so a loop that was blocked (a long callback, a paused
+        process) does not mistake its own stall for the peer's death.
+        """
+        interval = self._keepalive_interval
+        timeout = self._dead_peer_timeout
+        last_tick = self._loop.time()
+        while not self._closed:
+            await asyncio.sleep(interval)
+            now = self._loop.time()
+            self._silence += min(now - last_tick, 2 * interval)
+            last_tick = now
+            if timeout is not None and self._silence >= timeout:
+                self._shutdown(ConnectionLost(
+                    f"no data from the peer for {timeout:g} s: it has gone away "
+                    f"or the network between us failed"))
+                return
+            if not self._closing and not self._framer and not self._outq \
+                    and now - self._last_sent >= interval * 0.9:
+                self._framer.add_control(CTRL_PING)
+                self._wakeup()
+
+    # -- reading -------------------------------------------------------------
+
+    def _on_frame(self, frame: Union[bytes, str]) -> None:
+        self._silence = 0.0
+        if self._closed:
+            return
+        self._frames_received += 1
+        if isinstance(frame, str):
+            self._shutdown(ProtocolError("text message on the Duet data channel"))
+            return
+        try:
+            messages = self._deframer.feed(frame)
+        except ProtocolError as exc:
+            log.warning("closing the link: %s", exc)
+            self._shutdown(exc)
+            return
+        if messages:
+            self._deliver(messages)
+        if self._bye_received:
+            # The peer said goodbye after its last message: close our side.
+            self._shutdown(None)
+
+    def _progress(self, received: int, total: int) -> None:
+        cb = self.on_progress
+        if cb is not None:
+            try:
+                cb(received, total)
+            except Exception:
+                log.exception("on_progress handler raised")
+
+    def _control(self, code: int) -> None:
+        if code == CTRL_BYE:
+            self._bye_received = True
+        # CTRL_PING: arrival alone resets the silence counter; unknown codes
+        # are ignored so later versions can add some.
+
+    def _deliver(self, messages: List[Union[bytes, bytearray]]) -> None:
+        handler = self._on_message
+        if handler is None or self._inbox:
+            self._inbox.extend(messages)
+            if handler is None:
+                return
+            messages, self._inbox = self._inbox, []
+        for msg in messages:
+            try:
+                handler(msg)  # type: ignore[arg-type]
+            except Exception:  # a buggy handler must not break the link
+                log.exception("on_message handler raised")
+
+    def _deliver_backlog(self) -> None:
+        if self._inbox and self._on_message is not None:
+            self._deliver([])
+        if self._closed:
+            self._fire_close()
+
+    # -- closing -------------------------------------------------------------
+
+    def _closed_message(self) -> str:
+        if self._close_reason is not None:
+            return f"the WebRTC link is closed: {self._close_reason}"
+        return "the WebRTC link is closed"
+
+    def _on_channel_close(self) -> None:
+        self._peer_gone.set()
+        self._shutdown(None if self._bye_received or self._closing else ConnectionLost(
+            "the data channel closed without a goodbye from the peer "
+            "(the peer went away, or ICE consent expired)"))
+
+    def _on_pc_state(self) -> None:
+        state = self._pc.connectionState
+        if state not in ("failed", "closed"):
+            return
+        self._peer_gone.set()
+        reason: Optional[BaseException]
+        if not self._opened.done():
+            reason = ConnectionLost(
+                f"the WebRTC connection {state} before the data channel opened "
+                f"(ICE {self._pc.iceConnectionState}); is the peer reachable?")
+        elif self._bye_received or self._closing:
+            reason = None
+        elif state == "failed":
+            reason = ConnectionLost(
+                "the WebRTC connection failed (ICE consent expired or DTLS error)")
+        else:
+            reason = ConnectionLost("the WebRTC connection closed")
+        self._shutdown(reason)
+
+    def _shutdown(self, reason: Optional[BaseException]) -> None:
+        """Loop thread. Idempotent: mark closed, fail waiters, close the peer connection."""
+        if self._closed:
+            return
+        self._closed = True
+        self._closing = True
+        self._close_reason = reason
+        self._peer_gone.set()
+        if not self._opened.done():
+            self._opened.set_exception(
+                reason or ConnectionLost("the link was closed before the data channel opened"))
+            self._opened.exception()  # mark retrieved: nobody may be waiting
+        err = ConnectionLost(self._closed_message())
+        for target, fut in self._drain_waiters:
+            if not fut.done():
+                if self._framer.messages_framed >= target:
+                    fut.set_result(None)
+                else:
+                    fut.set_exception(err)
+        self._drain_waiters = []
+        self._outq.clear()
+        self._low_event.set()
+        current = asyncio.current_task(self._loop) if self._loop.is_running() else None
+        for task in (self._writer_task, self._monitor_task):
+            if task is not None and task is not current and not task.done():
+                task.cancel()
+        if self._pc_close_task is None:
+            self._pc_close_task = self._loop.create_task(self._close_pc())
+        self._loop.call_soon(self._fire_close)
+
+    async def _close_pc(self) -> None:
+        try:
+            if self._channel.readyState not in ("closing", "closed"):
+                self._channel.close()
+            await self._pc.close()
+        except Exception:
+            log.debug("closing the peer connection raised", exc_info=True)
+
+    def _fire_close(self) -> None:
+        if self._close_fired or self._on_close is None or self._inbox:
+            return
+        self._close_fired = True
+        try:
+            self._on_close(self._close_reason)
+        except Exception:
+            log.exception("on_close handler raised")
+
+
+# --------------------------------------------------------------------------
+# The peer connection
+
+
+class RtcPeer:
+    """One RTCPeerConnection with one negotiated data channel ("duet"), ordered, reliable.
+
+    Signaling is the caller's business: move the offer and answer SDP
+    strings between the peers (sealed, through the pairing layer). There is no
+    trickle ICE: each description carries all candidates.
+    """
+
+    def __init__(self, ice: IceConfig, pc: RTCPeerConnection, transport_options: dict,
+                 socket_buffer: Optional[int] = SOCKET_BUFFER,
+                 cwnd_max: Optional[int] = CWND_MAX, sack_every: int = SACK_EVERY) -> None:
+        self.ice = ice
+        self._socket_buffer = socket_buffer
+        self._cwnd_max = cwnd_max
+        self._sack_every = sack_every
+        self.sctp_tuned = False
+        self.pc = pc
+        self._options = transport_options
+        self._transport: Optional[WebRtcTransport] = None
+        self._local_sdp: Optional[str] = None
+        self._remote_sdp: Optional[str] = None
+        self.socket_buffers: List[int] = []
+
+    @classmethod
+    async def create(cls, ice: Optional[IceConfig] = None, *,
+                     socket_buffer: Optional[int] = SOCKET_BUFFER,
+                     cwnd_max: Optional[int] = CWND_MAX,
+                     sack_every: int = SACK_EVERY,
+                     **transport_options: Any) -> "RtcPeer":
+        """A new peer on the running loop.
+
+        socket_buffer: UDP buffer size to ask for (None: leave aioice's 256 KiB).
+        cwnd_max, sack_every: SCTP tuning (see `tune_sctp`); None and 1 turn it off.
+        transport_options: keyword arguments of WebRtcTransport (high_water,
+        low_water, keepalive_interval, dead_peer_timeout, max_message_size).
+        """
+        ice = ice or IceConfig()
+        if ice.local_only and ice.servers:
+            raise ValueError("IceConfig(local_only=True) cannot use STUN/TURN servers")
+        if ice.local_only:
+            _install_loopback_patch()
+        pc = RTCPeerConnection(configuration=ice.rtc_configuration())
+        return cls(ice, pc, transport_options, socket_buffer, cwnd_max, sack_every)
+
+    def _make_channel(self) -> WebRtcTransport:
+        if self._transport is not None:
+            raise RuntimeError("this RtcPeer already negotiated its data channel")
+        channel = self.pc.createDataChannel(
+            CHANNEL_LABEL, ordered=True, negotiated=True, id=CHANNEL_ID)
+        if self._cwnd_max or self._sack_every > 1:
+            self.sctp_tuned = tune_sctp(self.pc, self._cwnd_max, self._sack_every)
+        # The transport attaches its handlers now, before anything can arrive.
+        self._transport = WebRtcTransport(self.pc, channel, **self._options)
+        return self._transport
+
+    async def _set_local(self, desc: RTCSessionDescription) -> str:
+        await set_local_description(self.pc, desc, self.ice.local_only)
+        if self._socket_buffer:
+            self.socket_buffers = enlarge_socket_buffers(self.pc, self._socket_buffer)
+        sdp = self.pc.localDescription.sdp
+        self._local_sdp = sdp
+        return sdp
+
+    def _remote(self, sdp: str, kind: str) -> RTCSessionDescription:
+        if not isinstance(sdp, str) or not sdp.startswith("v=0"):
+            raise ProtocolError(f"the remote {kind} is not an SDP description")
+        if self.ice.local_only:
+            sdp = keep_loopback_candidates(sdp)
+        fingerprint_of(sdp)  # fail early and clearly if there is none
+        self._remote_sdp = sdp
+        return RTCSessionDescription(sdp=sdp, type=kind)
+
+    async def create_offer(self) -> str:
+        """Offerer: create the channel, gather candidates (no trickle), return the offer SDP."""
+        self._make_channel()
+        offer = await self.pc.createOffer()
+        return await self._set_local(offer)
+
+    async def accept_offer(self, sdp: str) -> str:
+        """Answerer: apply the offer, gather candidates, return the answer SDP."""
+        self._make_channel()
+        await self.pc.setRemoteDescription(self._remote(sdp, "offer"))
+        answer = await self.pc.createAnswer()
+        return await self._set_local(answer)
+
+    async def accept_answer(self, sdp: str) -> None:
+        """Offerer: apply the answer; ICE and DTLS start connecting."""
+        if self._transport is None:
+            raise RuntimeError("accept_answer() before create_offer()")
+        await self.pc.setRemoteDescription(self._remote(sdp, "answer"))
+
+    async def wait_open(self, timeout: float) -> WebRtcTransport:
+        """The transport, once the data channel is open. Never waits longer than `timeout`."""
+        if self._transport is None:
+            raise RuntimeError("wait_open() before create_offer()/accept_offer()")
+        await self._transport.wait_open(timeout)
+        return self._transport
+
+    @property
+    def transport(self) -> Optional[WebRtcTransport]:
+        return self._transport
+
+    @property
+    def local_fingerprint(self) -> str:
+        """sha-256 fingerprint of our DTLS certificate, as announced in our SDP."""
+        if self._local_sdp is None:
+            raise RuntimeError("no local description yet")
+        return fingerprint_of(self._local_sdp)
+
+    @property
+    def remote_fingerprint(self) -> str:
+        """sha-256 fingerprint the peer announced; DTLS verifies the peer against it."""
+        if self._remote_sdp is None:
+            raise RuntimeError("no remote description yet")
+        return fingerprint_of(self._remote_sdp)
+
+    @property
+    def local_sdp(self) -> Optional[str]:
+        return self._local_sdp
+
+    async def close(self) -> None:
+        """Close the transport (orderly goodbye if open) and the peer connection."""
+        if self._transport is not None:
+            await self._transport.close()
+        await self.pc.close()

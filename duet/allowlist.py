@@ -294,3 +294,20 @@ def all_attribute_names() -> FrozenSet[str]:
     for table in ATTRIBUTES.values():
         names |= set(table)
     return frozenset(names)
+
+
+# --- model graphs (duet.owner.models) -------------------------------------------
+# Functions a model sent as a graph may call: the torch, torch.nn.functional and
+# operator entries above, minus module/optimizer constructors, factories (a graph
+# runs without the per-action size check), autograd, and setitem.
+GRAPH_FUNCTIONS: FrozenSet[str] = frozenset(
+    n
+    for n, e in FUNCTIONS.items()
+    if (n.startswith("torch.") or n.startswith("operator."))
+    and n not in NN_MODULES
+    and n not in OPTIMIZERS
+    and n not in LR_SCHEDULERS
+    and not e.factory
+    and not n.startswith("torch.autograd.")
+    and n != "operator.setitem"
+)

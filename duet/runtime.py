@@ -7,6 +7,7 @@ with a timeout, never blocking the background loop itself.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import concurrent.futures
 import threading
 from typing import Any, Awaitable, Callable, Optional, TypeVar
@@ -73,3 +74,34 @@ def call_soon(fn: Callable[..., Any], *args: Any) -> None:
         lp.call_soon(fn, *args)
     else:
         lp.call_soon_threadsafe(fn, *args)
+
+
+def shutdown(timeout: float = 5.0) -> None:
+    """Cancel what still runs on the loop, stop it and join its thread (bounded).
+
+    Registered at exit, so the interpreter never finalizes while the loop
+    thread is mid-write (which can abort the process).
+    """
+    global _loop, _thread
+    with _lock:
+        lp, thread = _loop, _thread
+        _loop, _thread = None, None
+    if lp is None or thread is None or not thread.is_alive() or threading.current_thread() is thread:
+        return
+
+    async def cancel_all() -> None:
+        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for t in tasks:
+            t.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=timeout)
+
+    try:
+        asyncio.run_coroutine_threadsafe(cancel_all(), lp).result(timeout + 1)
+    except Exception:
+        pass
+    lp.call_soon_threadsafe(lp.stop)
+    thread.join(timeout)
+
+
+atexit.register(shutdown)

@@ -115,6 +115,9 @@ class ScientistConnection:
         self.state = "handshake"
         self.objects = ObjectTable(owner.limits)
         self.executor = Executor(self.objects)
+        from .training import TrainingHandlers  # models, plans, remote loaders
+
+        self.training = TrainingHandlers(self)
         self.failures: Dict[int, Dict[str, Any]] = {}
         self.connected_at = time.time()
         self._inbox: "queue.SimpleQueue[Any]" = queue.SimpleQueue()
@@ -212,6 +215,12 @@ class ScientistConnection:
         self.owner._forget(self)
 
     # -- the worker (one thread per scientist) -------------------------------------
+    def stop_worker(self, timeout: float) -> None:
+        """Let the worker finish its current action and stop; bounded."""
+        self._inbox.put(_STOP)
+        if threading.current_thread() is not self._worker:
+            self._worker.join(timeout)
+
     def _work(self) -> None:
         while True:
             msg = self._inbox.get()
@@ -245,6 +254,8 @@ class ScientistConnection:
                         self.failures.pop(rid, None)
         elif kind == "req":
             self._handle_request(msg)
+        elif kind in ("model", "plan_def", "plan_run", "epoch", "batch"):
+            self.training.handle(kind, msg)
         else:
             log.warning("unknown message type %r from scientist", kind)
 
@@ -320,6 +331,8 @@ class ScientistConnection:
                 self.session.reply(req_id, self._meta(self._object(msg.get("obj"))))
             elif what == "release":
                 self._release(req_id, msg)
+            elif what == "loader":
+                self.session.reply(req_id, self.training.open_loader(msg))
             elif what == "ping":
                 self.session.reply(req_id, "pong")
             else:
@@ -510,6 +523,12 @@ class Owner:
                 self._connections.remove(conn)
         self._changed()
 
+    def panel(self) -> Any:
+        """The live owner panel (ipywidgets): the same object on every call."""
+        from ..widgets import OwnerPanel  # the ui layer sits above; import it only when asked
+
+        return OwnerPanel.for_owner(self)
+
     def subscribe(self, callback: Callable[[], None]) -> None:
         """Call back whenever scientists join or leave."""
         self._listeners.append(callback)
@@ -547,6 +566,8 @@ class Owner:
                 self.requests.decide(req, "cancelled", by="system", reason=reason)
             except ValueError:
                 pass
+        for conn in conns:
+            conn.stop_worker(timeout=10)
         for closer in self._closers:
             try:
                 closer()

@@ -174,6 +174,7 @@ class Scientist:
         self._welcome: "concurrent.futures.Future[Dict[str, Any]]" = concurrent.futures.Future()
         self._bye_reason: Optional[str] = None
         self._closers: List[Any] = []
+        self._recorder: Any = None  # a duet.plan being recorded on this session
         session.set_handler(self._on_message)
         session.on_close(self._on_close)
 
@@ -259,6 +260,9 @@ class Scientist:
         bad = allowlist.FORBIDDEN_KWARGS.intersection(kwargs)
         if bad:
             raise NotAllowed(f"keyword argument {sorted(bad)[0]!r} is not allowed remotely")
+        recorder = self._recorder
+        if recorder is not None and recorder.thread == threading.get_ident():  # inside a duet.plan recording
+            return recorder._call(kind, name, args, kwargs, want_result)
         rid = self._new_rid() if want_result else None
         msg = {
             "t": "call",
@@ -286,10 +290,24 @@ class Scientist:
         if isinstance(value, Pointer):
             raise TypeError("this is already a remote object")
         if isinstance(value, torch.nn.Module):
-            raise TypeError("sending modules needs duet's model support; send tensors, arrays or numbers")
+            from .models import ModelPointer, describe
+
+            described = describe(value)  # refuses a module with an off-list call, naming it
+            rid = self._new_rid()
+            self.session.send({"t": "model", "rid": rid, "graph": described.graph})
+            return ModelPointer(self, rid, f"model {type(value).__name__}", value, described.keymap)
         rid = self._new_rid()
         self.session.send({"t": "put", "rid": rid, "value": value})
         return Pointer(self, rid, f"sent {type(value).__name__}")
+
+    def loader(
+        self, name: str, batch_size: int = 64, shuffle: bool = False, drop_last: bool = False,
+        seed: Optional[int] = None, progress: bool = True,
+    ) -> Any:
+        """Iterate batches of a dataset the owner published; each `for` loop is one epoch of pointers."""
+        from .loader import RemoteLoader
+
+        return RemoteLoader(self, name, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last, seed=seed, progress=progress)
 
     def _free(self, rid: int) -> None:
         with self._free_lock:
@@ -322,12 +340,12 @@ class Scientist:
         self._check_failed(ptr)
         return self.session.call({"kind": "meta", "obj": ptr._rid}, timeout or DEFAULT_TIMEOUT, f"metadata of {ptr!r}")
 
-    def _request_release(self, ptr: Pointer, reason: str) -> RequestHandle:
+    def _request_release(self, ptr: Pointer, reason: str, decode: Any = None) -> RequestHandle:
         self._check_failed(ptr)
         if not isinstance(reason, str):
             raise TypeError("reason must be a string")
         fut = self.session.request({"kind": "release", "obj": ptr._rid, "reason": reason})
-        handle = RequestHandle(ptr._label, reason, fut, self._decode_release)
+        handle = RequestHandle(ptr._label, reason, fut, decode or self._decode_release)
         self._handles[fut.request_id] = handle  # type: ignore[attr-defined]
         self.requests.append(handle)
         return handle

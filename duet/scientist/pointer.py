@@ -64,6 +64,7 @@ class Pointer:
         if self._handle is not None and not self._handle.delivered:
             return self._handle  # e.g. a get() that timed out: wait for the same request
         self._handle = self._client._request_release(self, reason)
+        self._handle.progress_source = getattr(self._client.session, "transport", None)
         return self._handle
 
     def get(self, reason: str = "", timeout: Optional[float] = None) -> Any:

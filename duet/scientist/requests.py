@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import concurrent.futures
 import time
 from typing import Any, Callable, Optional
@@ -28,6 +29,7 @@ class RequestHandle:
         self._decoded = False
         self.delivered = False  # the outcome reached the caller of wait(); a new get() asks anew
         self.on_change: Optional[Callable[["RequestHandle"], None]] = None
+        self.progress_source: Any = None  # the transport, whose on_progress a live status may watch
 
     @property
     def status(self) -> str:
@@ -45,6 +47,10 @@ class RequestHandle:
     def wait(self, timeout: Optional[float] = None) -> Any:
         """The released value. On timeout the request stays pending: wait again later."""
         timeout = DEFAULT_GET_TIMEOUT if timeout is None else timeout
+        with _live_status(self, timeout):
+            return self._wait(timeout)
+
+    def _wait(self, timeout: float) -> Any:
         try:
             raw = self._future.result(timeout)
         except concurrent.futures.TimeoutError:
@@ -77,6 +83,17 @@ class RequestHandle:
 
     def _repr_html_(self) -> str:
         return html_table(HEADERS, [self._row()])
+
+
+def _live_status(handle: RequestHandle, timeout: float) -> Any:
+    """In a Jupyter kernel, duet.widgets shows what a waiting get() is doing; elsewhere nothing."""
+    if handle._future.done():
+        return contextlib.nullcontext()
+    try:
+        from ..widgets import get_status  # the ui layer sits above; import it only when needed
+    except ImportError:
+        return contextlib.nullcontext()
+    return get_status(handle, timeout)
 
 
 class RequestList(list):

@@ -1,0 +1,310 @@
+"""Peer-to-peer pairing: `launch` for the owner, `join` for the scientist.
+
+The scientist offers, the owner answers. Every signaling payload is sealed
+with a key derived from the join code's secret (duet.pairing), so the
+signaling service relays bytes it can neither read nor alter. After the
+WebRTC channel opens, both sides sign a transcript binding their identity
+keys to this session's DTLS fingerprints (duet.owner.host.HandshakeContext).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import threading
+from dataclasses import dataclass, field
+from typing import Any, List, Optional, Set
+
+from . import runtime
+from .errors import PairingError, SignalingError
+from .owner.host import HandshakeContext, Owner
+from .pairing import JoinCode, Sealer, new_session_id, peek_session
+from .scientist.client import Scientist
+from .session import Session
+from .signaling_client import SignalingClient
+from .transport.webrtc import IceConfig, RtcPeer
+
+log = logging.getLogger("duet.connect")
+
+MAX_NAME = 100
+PLAIN_ERROR_PREFIX = "!"  # unsealed notices: they can only make a pairing fail, never succeed
+CHANNEL_OPEN_TIMEOUT = 20.0
+
+
+def env_local_only(explicit: Optional[bool]) -> bool:
+    """`local_only=` wins; otherwise DUET_LOCAL_ONLY=1 turns it on."""
+    if explicit is not None:
+        return bool(explicit)
+    return os.environ.get("DUET_LOCAL_ONLY", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def ice_config(local_only: Optional[bool], ice_servers: Optional[List[Any]]) -> IceConfig:
+    """No STUN/TURN server is contacted unless the user names one."""
+    return IceConfig(servers=list(ice_servers or []), local_only=env_local_only(local_only))
+
+
+def _clean_name(name: Any) -> str:
+    text = str(name if name is not None else "")
+    text = "".join(ch for ch in text if ch.isprintable())
+    return text[:MAX_NAME] or "unnamed"
+
+
+@dataclass
+class OwnerSignaling:
+    """The owner's side of signaling: answers each new scientist's sealed offer."""
+
+    owner: Owner
+    code: JoinCode
+    client: SignalingClient
+    ice: IceConfig
+    embedded: Any = None  # a RunningService when launch() started one
+    seen_sessions: Set[bytes] = field(default_factory=set)
+    peers: List[RtcPeer] = field(default_factory=list)
+    closed: threading.Event = field(default_factory=threading.Event)
+    close_reason: str = ""
+    task: Optional["asyncio.Task[None]"] = None
+
+    async def serve(self) -> None:
+        try:
+            while True:
+                event = await self.client.recv()
+                if event.kind == "msg" and event.peer and event.data:
+                    asyncio.ensure_future(self._on_offer(event.peer, event.data))
+                elif event.kind == "room_closed":
+                    self.close_reason = event.message or event.code or "the room closed"
+                    log.warning("signaling room closed: %s; connected scientists stay connected", self.close_reason)
+                    return
+        except SignalingError as exc:
+            self.close_reason = str(exc)
+            if not self.owner.closed:
+                log.warning("signaling connection lost: %s; connected scientists stay connected", exc)
+        except asyncio.CancelledError:
+            self.close_reason = "closed"
+            raise
+        finally:
+            self.closed.set()
+
+    async def _on_offer(self, peer_id: str, data: str) -> None:
+        try:
+            sid = peek_session(self.code, data, "scientist")
+            if sid in self.seen_sessions:
+                raise PairingError("a replayed offer (this session id was already used)")
+            sealer = Sealer(self.code, "owner", sid)
+            kind, body = sealer.open(data)
+            if kind != "offer" or not isinstance(body.get("sdp"), str):
+                raise PairingError("the first message must be an offer")
+            self.seen_sessions.add(sid)
+        except PairingError as exc:
+            log.warning("refused a signaling message: %s", exc)
+            await self._notify(peer_id, f"the owner could not verify your pairing message ({exc})")
+            return
+        scientist_name = _clean_name(body.get("name"))
+        peer = await RtcPeer.create(self.ice)
+        self.peers.append(peer)
+        try:
+            answer = await peer.accept_offer(body["sdp"])
+            await self.client.send(sealer.seal("answer", {"sdp": answer, "name": self.owner.name}), to=peer_id)
+            transport = await peer.wait_open(CHANNEL_OPEN_TIMEOUT)
+        except Exception as exc:
+            log.warning("pairing with %r failed: %s", scientist_name, exc)
+            await peer.close()
+            self.peers.remove(peer)
+            return
+        ctx = HandshakeContext(
+            room_id=self.code.room_id,
+            session_id=sid,
+            owner_dtls=peer.local_fingerprint,
+            scientist_dtls=peer.remote_fingerprint,
+            owner_name=self.owner.name,
+            scientist_name=scientist_name,
+        )
+        session = Session(transport, name=f"owner<->{scientist_name}")
+        session.on_close(lambda _r: runtime.submit(_forget_peer(self, peer)))
+        self.owner.attach(session, ctx)
+
+    async def _notify(self, peer_id: str, text: str) -> None:
+        try:
+            await self.client.send(PLAIN_ERROR_PREFIX + text[:500], to=peer_id)
+        except SignalingError:
+            pass
+
+    async def close(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+        await self.client.close()
+        for peer in list(self.peers):
+            await peer.close()
+        if self.embedded is not None:
+            await self.embedded.stop()
+
+
+async def _forget_peer(sig: OwnerSignaling, peer: RtcPeer) -> None:
+    if peer in sig.peers:
+        sig.peers.remove(peer)
+    await peer.close()
+
+
+def _advertised_host(bind_host: str, local_only: bool) -> str:
+    if local_only or bind_host in ("127.0.0.1", "localhost"):
+        return "127.0.0.1"
+    if bind_host not in ("0.0.0.0", "::", ""):
+        return bind_host
+    return socket.getfqdn()
+
+
+async def _start_embedded(host: str, port: int) -> Any:
+    import duet_signaling
+
+    return await duet_signaling.start(host=host, port=port)
+
+
+def launch(
+    name: str = "owner",
+    signaling: Optional[str] = None,
+    local_only: Optional[bool] = None,
+    approve: str = "auto",
+    approve_joins: bool = False,
+    ice_servers: Optional[List[Any]] = None,
+    host: Optional[str] = None,
+    port: int = 0,
+    audit_log: Optional[str] = None,
+    limits: Any = None,
+    request_expiry: Optional[float] = 24 * 3600,
+    display: bool = True,
+    timeout: float = 15.0,
+) -> Owner:
+    """Start serving as a data owner and print the join code for the scientist.
+
+    signaling: the signaling service URL (default: $DUET_SIGNALING_URL, else an
+    embedded service in this process); "jupyter" uses the /duet endpoint of the
+    Jupyter server running this kernel.
+    """
+    is_local = env_local_only(local_only)
+    url = signaling or os.environ.get("DUET_SIGNALING_URL") or None
+    if url == "jupyter":
+        from duet_jupyter.discovery import find_jupyter_signaling_url
+
+        url = find_jupyter_signaling_url()
+    owner = Owner(
+        name=_clean_name(name),
+        approve=approve,
+        approve_joins=approve_joins,
+        audit_log=audit_log,
+        limits=limits,
+        request_expiry=request_expiry,
+    )
+
+    async def start() -> OwnerSignaling:
+        embedded = None
+        base = url
+        if base is None:
+            bind = host or ("127.0.0.1" if is_local else "0.0.0.0")
+            embedded = await _start_embedded(bind, port)
+            base = f"http://{_advertised_host(bind, is_local)}:{embedded.port}"
+        code = JoinCode.new(base)
+        try:
+            client = await SignalingClient.connect(base, code.room_id, "owner", timeout=timeout)
+        except BaseException:
+            if embedded is not None:
+                await embedded.stop()
+            raise
+        sig = OwnerSignaling(owner=owner, code=code, client=client, ice=ice_config(local_only, ice_servers), embedded=embedded)
+        sig.task = asyncio.ensure_future(sig.serve())
+        return sig
+
+    try:
+        sig = runtime.run(start(), timeout=timeout + 5, what="starting the Duet owner")
+    except BaseException:
+        owner.close()
+        raise
+    owner.code = str(sig.code)
+    owner.signaling = sig  # type: ignore[attr-defined]
+    owner._closers.append(lambda: runtime.run(sig.close(), timeout=10, what="closing signaling"))
+    if display:
+        _announce(owner)
+    return owner
+
+
+def _announce(owner: Owner) -> None:
+    """Show the join code: as a panel in Jupyter, as text elsewhere."""
+    try:
+        from .widgets import display_owner
+
+        if display_owner(owner):
+            return
+    except ImportError:
+        pass
+    print(f"Duet owner {owner.name!r} is ready. The scientist runs:\n\n    duet.join({owner.code!r})\n", flush=True)
+
+
+def join(
+    code: str,
+    name: str = "scientist",
+    local_only: Optional[bool] = None,
+    ice_servers: Optional[List[Any]] = None,
+    timeout: float = 30.0,
+    join_approval_timeout: float = 300.0,
+    reason: str = "",
+) -> Scientist:
+    """Join an owner's Duet with the code they shared; returns the scientist's handle.
+
+    Fails with a clear error, never a hang: PairingError for a mistyped code,
+    SignalingError when the service or room cannot be reached, TimeoutError
+    when the owner does not answer within `timeout` seconds.
+    """
+    parsed = JoinCode.parse(code)
+    name = _clean_name(name)
+    ice = ice_config(local_only, ice_servers)
+
+    async def pair() -> tuple:
+        client = await SignalingClient.connect(parsed.signaling_url, parsed.room_id, "scientist", timeout=timeout)
+        peer = await RtcPeer.create(ice)
+        try:
+            sid = new_session_id()
+            sealer = Sealer(parsed, "scientist", sid)
+            offer = await peer.create_offer()
+            await client.send(sealer.seal("offer", {"sdp": offer, "name": name}))
+            while True:
+                event = await client.recv()
+                if event.kind == "room_closed":
+                    raise SignalingError(f"the owner's room closed: {event.message or event.code}")
+                if event.kind != "msg" or not event.data:
+                    continue
+                if event.data.startswith(PLAIN_ERROR_PREFIX):
+                    raise PairingError(event.data[1:] + " — the signaling service may have tampered with it")
+                kind, body = sealer.open(event.data)
+                if kind != "answer" or not isinstance(body.get("sdp"), str):
+                    raise PairingError("the owner's reply is not an answer")
+                owner_name = _clean_name(body.get("name"))
+                await peer.accept_answer(body["sdp"])
+                transport = await peer.wait_open(CHANNEL_OPEN_TIMEOUT)
+                ctx = HandshakeContext(
+                    room_id=parsed.room_id,
+                    session_id=sid,
+                    owner_dtls=peer.remote_fingerprint,
+                    scientist_dtls=peer.local_fingerprint,
+                    owner_name=owner_name,
+                    scientist_name=name,
+                )
+                return peer, transport, ctx
+        except BaseException:
+            await peer.close()
+            raise
+        finally:
+            await client.close()
+
+    try:
+        peer, transport, ctx = runtime.run(pair(), timeout=timeout, what="joining the owner's Duet")
+    except TimeoutError:
+        raise TimeoutError(
+            f"the owner did not answer within {timeout} s; check that their Duet is still running and the code is current"
+        ) from None
+    scientist = Scientist(Session(transport, name=f"scientist<->{ctx.owner_name}"), name=name)
+    scientist._closers.append(lambda: runtime.run(peer.close(), timeout=10, what="closing the peer connection"))
+    try:
+        scientist.handshake(ctx, join_approval_timeout, reason=reason)
+    except BaseException:
+        scientist.close()
+        raise
+    return scientist

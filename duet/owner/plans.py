@@ -1,0 +1,150 @@
+"""Plans on the owner: a validated list of actions over placeholders, replayed through the Executor.
+
+A ``plan_def`` message holds ``inputs`` (how many placeholders: ids 0..n-1),
+``actions`` (each ``{"rid", "kind", "name", "args", "kwargs"}`` like a "call"
+message, with ``Ref`` ids local to the plan) and ``outputs`` (local ids).
+Local ids must be defined before use and unique. A ``plan_run`` names the real
+objects for the inputs and the ids for the outputs; each action runs through
+``Executor.run`` with the same allowlist, limit and lineage rules as a single
+"call", on temporary ids that are freed afterwards.
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Set
+
+from ..errors import NotAllowed
+from ..wire import Ref
+from .executor import Executor
+
+MAX_PLANS = 1_000
+MAX_ACTIONS = 10_000
+MAX_INPUTS = 1_000
+ACTION_KINDS = ("func", "method", "attr", "call")
+
+
+@dataclass
+class Plan:
+    pid: int
+    name: str
+    n_inputs: int
+    actions: List[Dict[str, Any]]
+    outputs: List[int]
+    ops: List[str]
+    approved_lineage: Optional[Set[str]] = None  # strict mode: what the owner approved it for
+    uses: int = field(default=0)
+
+
+def _refs(obj: Any, out: List[int], depth: int = 0) -> None:
+    if depth > 32:
+        raise NotAllowed("plan action arguments are nested too deeply")
+    if isinstance(obj, Ref):
+        out.append(obj.id)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            _refs(v, out, depth + 1)
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            _refs(v, out, depth + 1)
+
+
+def remap(obj: Any, mapping: Dict[int, int]) -> Any:
+    """Replace plan-local references by the ids of this run."""
+    if isinstance(obj, Ref):
+        return Ref(mapping[obj.id])
+    if isinstance(obj, list):
+        return [remap(v, mapping) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(remap(v, mapping) for v in obj)
+    if isinstance(obj, dict):
+        return {k: remap(v, mapping) for k, v in obj.items()}
+    return obj
+
+
+def validate(msg: Dict[str, Any]) -> Plan:
+    """Check a plan definition's structure; every action is checked again when it runs."""
+    pid, n_inputs, actions, outputs = msg.get("pid"), msg.get("inputs"), msg.get("actions"), msg.get("outputs")
+    if type(pid) is not int or type(n_inputs) is not int or not isinstance(actions, list) or not isinstance(outputs, list):
+        raise NotAllowed("malformed plan definition")
+    if not 0 <= n_inputs <= MAX_INPUTS or len(actions) > MAX_ACTIONS or len(outputs) > MAX_ACTIONS:
+        raise NotAllowed("the plan is too large")
+    defined: Set[int] = set(range(n_inputs))
+    clean: List[Dict[str, Any]] = []
+    ops: List[str] = []
+    for i, act in enumerate(actions):
+        if not isinstance(act, dict):
+            raise NotAllowed(f"plan action #{i} is malformed")
+        rid, kind, name = act.get("rid"), act.get("kind"), act.get("name")
+        args, kwargs = act.get("args", []), act.get("kwargs", {})
+        if kind not in ACTION_KINDS or not isinstance(name, str) or not isinstance(args, list) or not isinstance(kwargs, dict):
+            raise NotAllowed(f"plan action #{i} is malformed")
+        used: List[int] = []
+        _refs(args, used)
+        _refs(kwargs, used)
+        for r in used:
+            if r not in defined:
+                raise NotAllowed(f"plan action #{i} uses a value before it is computed")
+        if rid is not None:
+            if type(rid) is not int or rid in defined or rid < 0:
+                raise NotAllowed(f"plan action #{i} has a bad result id")
+            defined.add(rid)
+        clean.append({"rid": rid, "kind": kind, "name": name, "args": args, "kwargs": kwargs})
+        ops.append(name if kind == "func" else ("forward" if kind == "call" else f".{name}"))
+    for o in outputs:
+        if type(o) is not int or o not in defined:
+            raise NotAllowed("a plan output is not computed by the plan")
+    name = msg.get("name") if isinstance(msg.get("name"), str) else "plan"
+    return Plan(pid=pid, name=name[:80], n_inputs=n_inputs, actions=clean, outputs=list(outputs), ops=ops)
+
+
+class PlanRunner:
+    """One scientist's plans, replayed on their object table."""
+
+    def __init__(self, executor: Executor) -> None:
+        self.executor = executor
+        self.table = executor.table
+        self.plans: Dict[int, Plan] = {}
+        self._tmp = itertools.count(1)
+
+    def define(self, msg: Dict[str, Any]) -> Plan:
+        if len(self.plans) >= MAX_PLANS:
+            raise NotAllowed(f"at most {MAX_PLANS} plans per scientist")
+        plan = validate(msg)
+        self.plans[plan.pid] = plan
+        return plan
+
+    def get(self, pid: Any) -> Plan:
+        plan = self.plans.get(pid) if type(pid) is int else None
+        if plan is None:
+            raise NotAllowed("this plan was never defined (or its definition was refused)")
+        return plan
+
+    def run(self, plan: Plan, arg_ids: List[int], out_ids: List[int], on_action: Any = None) -> None:
+        """Replay; raises the first action's error, labelled, after freeing the temporaries."""
+        if len(arg_ids) != plan.n_inputs or len(out_ids) != len(plan.outputs):
+            raise NotAllowed(f"plan {plan.name} takes {plan.n_inputs} remote arguments and has {len(plan.outputs)} results")
+        mapping: Dict[int, int] = {i: rid for i, rid in enumerate(arg_ids)}
+        temps: List[int] = []
+        try:
+            for act in plan.actions:
+                rid = act["rid"]
+                real: Optional[int] = None
+                if rid is not None:
+                    real = -next(self._tmp)  # ids the scientist can never name (theirs are >= 0)
+                    mapping[rid] = real
+                    temps.append(real)
+                args = remap(act["args"], mapping)
+                kwargs = remap(act["kwargs"], mapping)
+                if on_action is not None:
+                    on_action(act)
+                self.executor.run(real, act["kind"], act["name"], args, kwargs)
+            for local, out in zip(plan.outputs, out_ids):
+                src = self.table.get(mapping[local])
+                self.table.put(
+                    out, src.value, lineage=src.group.lineage, ops=(), shape_public=src.shape_public, alias_of=[mapping[local]]
+                )
+            plan.uses += 1
+        finally:
+            for t in temps:
+                self.table.free(t)

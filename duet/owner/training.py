@@ -1,0 +1,198 @@
+"""Owner-side handlers for training: model uploads, plans, remote loaders.
+
+Messages (all pipelined, handled in order by the scientist's worker thread):
+
+- ``{"t": "model", "rid", "graph"}``: a model as data (duet.owner.models).
+- ``{"t": "plan_def", "pid", "inputs", "actions", "outputs", "name"}``.
+- ``{"t": "plan_run", "pid", "args": [Ref], "out": [rid]}``: one per call.
+- ``{"t": "epoch", "loader"}``: start a new epoch (a new order).
+- ``{"t": "batch", "loader", "rids": [rid per field]}``: the next batch.
+- request ``{"kind": "loader", "lid", "name", "batch_size", "shuffle", "drop_last", "seed"}``
+  (a round trip, once per loader): replies with the number of batches.
+
+Strict mode (``approve="everything"``): a plan asks the owner once, as a
+"compute" request whose operations are the plan's recorded actions and whose
+lineage is that of the first run's inputs; later runs on the same or fewer
+assets go ahead without asking again, a run on other assets asks again.
+Loaders and model uploads need no approval: batches stay on the owner and a
+model is the scientist's own data.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from typing import TYPE_CHECKING, Any, Dict, List
+
+from ..errors import ConnectionLost, DuetError, NotAllowed, RequestDenied
+from ..wire import Ref
+from .datasets import MAX_LOADERS, OwnerLoader
+from .models import build_model
+from .plans import PlanRunner
+from .requests import ACCEPTED
+
+if TYPE_CHECKING:
+    from .host import ScientistConnection
+
+log = logging.getLogger("duet.owner")
+
+MESSAGES = ("model", "plan_def", "plan_run", "epoch", "batch")
+
+
+class TrainingHandlers:
+    """Per scientist: their plans and loaders."""
+
+    def __init__(self, conn: "ScientistConnection") -> None:
+        self.conn = conn
+        self.plans = PlanRunner(conn.executor)
+        self.loaders: Dict[int, OwnerLoader] = {}
+
+    # -- messages ------------------------------------------------------------------
+    def handle(self, kind: str, msg: Dict[str, Any]) -> None:
+        if kind == "model":
+            self._model(msg)
+        elif kind == "plan_def":
+            try:
+                self.plans.define(msg)
+            except DuetError as exc:
+                log.warning("refused a plan definition: %s", exc)
+                pid = msg.get("pid")
+                self.conn._fail(pid if type(pid) is int else None, exc, "plan definition")
+        elif kind == "plan_run":
+            self._plan_run(msg)
+        elif kind == "epoch":
+            loader = self.loaders.get(msg.get("loader"))  # type: ignore[arg-type]
+            if loader is not None:
+                loader.start_epoch()
+        elif kind == "batch":
+            self._batch(msg)
+
+    def _model(self, msg: Dict[str, Any]) -> None:
+        rid = msg.get("rid")
+        if type(rid) is not int:
+            return
+        try:
+            model = build_model(msg.get("graph"))
+            self.conn.objects.put(rid, model, lineage=(), ops=["model upload"], shape_public=True)
+        except DuetError as exc:
+            log.warning("refused a model: %s", exc)
+            self.conn._fail(rid, exc, "model upload")
+        except Exception as exc:
+            log.warning("model upload failed", exc_info=True)
+            self.conn._fail(rid, exc, "model upload")
+
+    def _fail_all(self, rids: List[Any], exc: BaseException, op: str) -> None:
+        for r in rids:
+            if type(r) is int:
+                self.conn._fail(r, exc, op)
+
+    def _plan_run(self, msg: Dict[str, Any]) -> None:
+        out = msg.get("out")
+        args = msg.get("args")
+        if not isinstance(out, list) or not isinstance(args, list) or not all(isinstance(a, Ref) for a in args):
+            return
+        conn = self.conn
+        label = "plan"
+        try:
+            pid = msg.get("pid")
+            plan = None if (type(pid) is int and pid in conn.failures) else self.plans.get(pid)
+            label = f"plan {plan.name}" if plan else "plan"
+            arg_ids = [a.id for a in args]
+            for rid in ([pid] if plan is None else []) + arg_ids:
+                if rid in conn.failures:
+                    for r in out:
+                        if type(r) is int:
+                            conn.failures[r] = conn.failures[rid]
+                            conn.session.send({"t": "failed", "rid": r, "error": conn.failures[rid]})
+                    return
+            if any(type(r) is not int or r < 0 for r in out):
+                raise NotAllowed("malformed plan run")
+            if conn.owner.approve == "everything":
+                self._approve(plan, arg_ids)
+            current = {"label": label}
+
+            def on_action(act: Dict[str, Any]) -> None:
+                kind, name = act["kind"], act["name"]
+                what = name if kind == "func" else ("forward" if kind == "call" else f".{name}")
+                current["label"] = f"{plan.name}: {what}"
+
+            try:
+                self.plans.run(plan, arg_ids, out, on_action=on_action)
+            except DuetError as exc:
+                self._fail_all(out, exc, current["label"])
+            except Exception as exc:
+                log.warning("%s failed", current["label"], exc_info=True)
+                self._fail_all(out, exc, current["label"])
+        except DuetError as exc:
+            self._fail_all(out, exc, label)
+
+    def _approve(self, plan: Any, arg_ids: List[int]) -> None:
+        conn = self.conn
+        lineage, _ops, _ = conn.executor.lineage_of(arg_ids)
+        if plan.approved_lineage is not None and lineage <= plan.approved_lineage:
+            return
+        decided = threading.Event()
+        req = conn.owner.requests.submit(
+            {
+                "kind": "compute",
+                "requester": conn.requester,
+                "lineage": tuple(sorted(lineage)),
+                "ops": tuple(plan.ops),
+                "type_name": f"plan {plan.name} ({len(plan.ops)} actions)",
+            },
+            lambda _r: decided.set(),
+        )
+        while not decided.wait(0.5):
+            if conn.session.closed:
+                raise NotAllowed("the session closed before the owner decided")
+        if req.status != ACCEPTED:
+            raise RequestDenied(req.deny_reason or "the owner did not approve this plan", req.id)
+        plan.approved_lineage = set(lineage) | (plan.approved_lineage or set())
+
+    def _batch(self, msg: Dict[str, Any]) -> None:
+        rids = msg.get("rids")
+        if not isinstance(rids, list) or not all(type(r) is int and r >= 0 for r in rids):
+            return
+        loader = self.loaders.get(msg.get("loader"))  # type: ignore[arg-type]
+        try:
+            if loader is None:
+                raise NotAllowed("this loader was never opened")
+            if len(rids) != loader.fields:
+                raise NotAllowed(f"a batch of {loader.name!r} has {loader.fields} parts")
+            values = loader.next_batch()
+            for rid, value in zip(rids, values):
+                self.conn.objects.put(rid, value, lineage={loader.name}, ops=[loader.name, "batch"], shape_public=True)
+        except DuetError as exc:
+            self._fail_all(rids, exc, "loader batch")
+        except Exception as exc:
+            log.warning("loader batch failed", exc_info=True)
+            self._fail_all(rids, exc, "loader batch")
+
+    # -- requests --------------------------------------------------------------------
+    def open_loader(self, msg: Dict[str, Any]) -> Dict[str, Any]:
+        lid, name = msg.get("lid"), msg.get("name")
+        if type(lid) is not int or not isinstance(name, str):
+            raise NotAllowed("malformed loader request")
+        if name not in self.conn.owner.store:
+            raise NotAllowed(f"no asset named {name!r} is published")
+        if len(self.loaders) >= MAX_LOADERS and lid not in self.loaders:
+            raise NotAllowed(f"at most {MAX_LOADERS} loaders per scientist")
+        asset = self.conn.owner.store.get(name)
+        dataset = asset.value
+        import torch
+
+        if isinstance(dataset, torch.Tensor):
+            dataset = torch.utils.data.TensorDataset(dataset)
+        if not isinstance(dataset, torch.utils.data.Dataset) or not hasattr(dataset, "__len__"):
+            raise NotAllowed(f"asset {name!r} cannot be loaded in batches")
+        loader = OwnerLoader(
+            name, dataset, msg.get("batch_size"), bool(msg.get("shuffle")), bool(msg.get("drop_last")), msg.get("seed")
+        )
+        self.loaders[lid] = loader
+        return loader.info()
+
+
+def send_quietly(conn: "ScientistConnection", msg: Dict[str, Any]) -> None:
+    try:
+        conn.session.send(msg)
+    except ConnectionLost:
+        pass

@@ -1,0 +1,292 @@
+"""Turning the scientist's `nn.Module` into data the owner can check: graph + specs + weights.
+
+`describe(module)` traces the module with `torch.fx.symbolic_trace` and writes
+what it found as plain data (see `duet.owner.models` for the format and the
+owner's checks). Nothing callable crosses the wire: functions travel as dotted
+names from `duet.allowlist`, submodules as allowlisted class names plus
+constructor arguments, weights as tensors. The submodules and attributes get
+names the owner would choose anyway (`m0`, `a0`, ...); the scientist keeps the
+map back to their own names, so `get()` returns the scientist's module class
+with the trained weights loaded.
+
+The scientist side refuses an off-list call early with a clear message; only
+the owner's check counts.
+"""
+from __future__ import annotations
+
+import builtins
+import importlib
+import inspect
+import operator
+import threading
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+
+from .. import allowlist
+from ..errors import NotAllowed
+
+FORMAT = "duet.fx/1"
+MAX_STR = 256
+
+_names: Optional[Dict[int, str]] = None
+_lock = threading.Lock()
+
+
+def _function_names() -> Dict[int, str]:
+    """id(function) -> its allowlisted dotted name, for the functions a graph may call."""
+    global _names
+    with _lock:
+        if _names is not None:
+            return _names
+        table: Dict[int, str] = {}
+        for name in graph_function_names():
+            parts = name.split(".")
+            for i in range(len(parts) - 1, 0, -1):
+                try:
+                    obj: Any = importlib.import_module(".".join(parts[:i]))
+                    for attr in parts[i:]:
+                        obj = getattr(obj, attr)
+                except (ImportError, AttributeError):
+                    continue
+                table.setdefault(id(obj), name)
+                break
+        table[id(builtins.getattr)] = "builtins.getattr"
+        _names = table
+        return table
+
+
+def graph_function_names() -> List[str]:
+    """Allowlisted functions a model graph may call (the owner checks the same table)."""
+    return sorted(allowlist.GRAPH_FUNCTIONS)
+
+
+def _qualname(fn: Any) -> str:
+    """The name a user would write for a function (for refusals), e.g. torch.fft.fft."""
+    import sys
+
+    for modname in ("torch", "torch.nn.functional", "torch.fft", "torch.linalg", "torch.special", "operator", "builtins", "math", "os"):
+        mod = sys.modules.get(modname)
+        if mod is None:
+            continue
+        for attr in dir(mod):
+            if not attr.startswith("_") and getattr(mod, attr, None) is fn:
+                return f"{modname}.{attr}"
+    return _raw_qualname(fn)
+
+
+def _raw_qualname(fn: Any) -> str:
+    mod = getattr(fn, "__module__", None) or ""
+    name = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or type(fn).__name__
+    if mod in ("torch._C._VariableFunctions", "torch._VariableFunctionsClass", "torch._C"):
+        mod = "torch"
+    if mod.startswith("torch._C._"):
+        mod = "torch." + mod[len("torch._C._"):]
+    return f"{mod}.{name}" if mod else str(name)
+
+
+def _module_spec(mod: torch.nn.Module, path: str) -> Dict[str, Any]:
+    cls = type(mod)
+    qual = f"torch.nn.{cls.__name__}"
+    if qual not in allowlist.NN_MODULES or not cls.__module__.startswith("torch.nn") or getattr(torch.nn, cls.__name__, None) is not cls:
+        raise NotAllowed(f"model uses submodule {path!r} of type {cls.__module__}.{cls.__qualname__}, which is not on the allowlist")
+    kwargs: Dict[str, Any] = {}
+    for pname, param in inspect.signature(cls.__init__).parameters.items():
+        if pname in ("self", "device", "dtype") or param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+            continue
+        if pname == "bias" and hasattr(mod, "bias"):
+            kwargs["bias"] = getattr(mod, "bias") is not None
+            continue
+        if not hasattr(mod, pname):
+            continue
+        value = getattr(mod, pname)
+        if _plain(value):
+            kwargs[pname] = value
+    return {"cls": qual, "kwargs": kwargs}
+
+
+def _plain(value: Any, depth: int = 0) -> bool:
+    if depth > 4:
+        return False
+    if value is None or isinstance(value, (bool, int, float)):
+        return True
+    if isinstance(value, str):
+        return len(value) <= MAX_STR
+    if isinstance(value, (tuple, list)):
+        return all(_plain(v, depth + 1) for v in value)
+    return False
+
+
+class Described:
+    """What crosses the wire for a model, and what the scientist keeps to map the weights back."""
+
+    def __init__(self, graph: Dict[str, Any], keymap: Dict[str, str]) -> None:
+        self.graph = graph
+        self.keymap = keymap  # owner's state_dict key -> the scientist's key
+
+
+def describe(module: torch.nn.Module) -> Described:
+    """Trace a module into a graph of allowlisted operations plus weights; refuse off-list calls."""
+    if not isinstance(module, torch.nn.Module):
+        raise TypeError("describe() takes an nn.Module")
+    try:
+        gm = torch.fx.symbolic_trace(module)
+    except Exception as exc:
+        raise NotAllowed(
+            f"the model could not be traced into a graph ({type(exc).__name__}: {exc}); "
+            "data-dependent Python control flow is not supported"
+        ) from exc
+    funcs = _function_names()
+    modules: List[Dict[str, Any]] = []
+    module_index: Dict[str, int] = {}
+    attrs: List[Dict[str, Any]] = []
+    attr_names: Dict[str, str] = {}
+    state: Dict[str, torch.Tensor] = {}
+    keymap: Dict[str, str] = {}
+    nodes: List[List[Any]] = []
+    index: Dict[Any, int] = {}
+
+    def arg(value: Any, depth: int = 0) -> Any:
+        if depth > 16:
+            raise NotAllowed("model graph arguments are nested too deeply")
+        if isinstance(value, torch.fx.Node):
+            return {"$node": index[value]}
+        if isinstance(value, tuple):
+            return tuple(arg(v, depth + 1) for v in value)
+        if isinstance(value, list):
+            return [arg(v, depth + 1) for v in value]
+        if isinstance(value, dict):
+            raise NotAllowed("model graph arguments may not hold dicts")
+        if value is None or isinstance(value, (bool, int, float, complex, torch.dtype, slice, type(Ellipsis))):
+            if isinstance(value, slice):
+                return slice(arg(value.start, depth + 1), arg(value.stop, depth + 1), arg(value.step, depth + 1))
+            return value
+        if isinstance(value, str):
+            if len(value) > MAX_STR:
+                raise NotAllowed("model graph holds a string constant that is too long")
+            return value
+        if isinstance(value, torch.Size):
+            return tuple(int(v) for v in value)
+        if isinstance(value, torch.device):
+            raise NotAllowed("model graph refers to a device; models run on the owner's CPU")
+        raise NotAllowed(f"model graph holds a constant of type {type(value).__name__}, which cannot be sent")
+
+    for node in gm.graph.nodes:
+        op, target = node.op, node.target
+        if op == "placeholder":
+            default = node.args[0] if node.args else None
+            if node.args and not _plain(default):
+                raise NotAllowed("model inputs may only have plain default values")
+            out: List[Any] = ["placeholder", None, [default] if node.args else [], {}]
+        elif op == "call_module":
+            sub = gm.get_submodule(target)
+            if target not in module_index:
+                # keyed by the original module object's path (may be shared by several call sites)
+                module_index[target] = len(modules)
+                modules.append(_module_spec(sub, target))
+                i = module_index[target]
+                for k, v in sub.state_dict(keep_vars=True).items():
+                    state[f"m{i}.{k}"] = v.detach()
+                    keymap[f"m{i}.{k}"] = f"{target}.{k}"
+            out = ["call_module", module_index[target], arg(node.args), {k: arg(v) for k, v in node.kwargs.items()}]
+        elif op == "get_attr":
+            if target not in attr_names:
+                value = _get_attr(gm, target)
+                prefix = target.rsplit(".", 1)[0] if "." in target else None
+                if prefix in module_index:  # e.g. self.conv.weight, where conv is also called
+                    attr_names[target] = f"m{module_index[prefix]}.{target.rsplit('.', 1)[1]}"
+                else:
+                    name = f"a{len(attrs)}"
+                    kind = "parameter" if isinstance(value, torch.nn.Parameter) else "buffer"
+                    attrs.append({"kind": kind, "requires_grad": bool(value.requires_grad)})
+                    state[name] = value.detach()
+                    keymap[name] = target
+                    attr_names[target] = name
+            out = ["get_attr", attr_names[target], [], {}]
+        elif op == "call_function":
+            name = funcs.get(id(target))
+            if name is None:
+                raise NotAllowed(f"model uses {_qualname(target)}, which is not on the allowlist")
+            if name == "builtins.getattr":
+                attr = node.args[1] if len(node.args) > 1 else None
+                if not isinstance(attr, str) or attr not in allowlist.TENSOR_ATTRIBUTES:
+                    raise NotAllowed(f"model reads attribute {attr!r}, which is not on the allowlist")
+            out = ["call_function", name, arg(node.args), {k: arg(v) for k, v in node.kwargs.items()}]
+        elif op == "call_method":
+            if target not in allowlist.TENSOR_METHODS or target in ("backward",):
+                raise NotAllowed(f"model uses Tensor.{target}, which is not on the allowlist")
+            out = ["call_method", target, arg(node.args), {k: arg(v) for k, v in node.kwargs.items()}]
+        elif op == "output":
+            out = ["output", None, arg(node.args), {}]
+        else:
+            raise NotAllowed(f"model graph has a node of kind {op!r}")
+        index[node] = len(nodes)
+        nodes.append(out)
+    # Modules that forward never calls (and parameters it never reads) stay with the scientist.
+    graph = {
+        "format": FORMAT,
+        "modules": modules,
+        "attrs": attrs,
+        "state": state,
+        "nodes": nodes,
+        "training": bool(module.training),
+    }
+    return Described(graph, keymap)
+
+
+def _get_attr(gm: torch.nn.Module, target: str) -> torch.Tensor:
+    obj: Any = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    if not isinstance(obj, torch.Tensor):
+        raise NotAllowed(f"model reads attribute {target!r}, which is not a tensor")
+    return obj
+
+
+def rebuild(template: torch.nn.Module, state: Dict[str, Any], keymap: Dict[str, str]) -> torch.nn.Module:
+    """A copy of the scientist's own module with the weights the owner released."""
+    import copy
+
+    if not isinstance(state, dict):
+        raise NotAllowed("the owner released something that is not a model's weights")
+    mine = {}
+    own_keys = set(template.state_dict().keys())
+    for key, value in state.items():
+        name = keymap.get(key)
+        if name is None or not isinstance(value, torch.Tensor):
+            raise NotAllowed(f"the released weights hold an unexpected entry {key!r}")
+        if name in own_keys:
+            mine[name] = value
+    model = copy.deepcopy(template)
+    missing, unexpected = model.load_state_dict(mine, strict=False)
+    if unexpected:
+        raise NotAllowed(f"the released weights do not fit the model: {unexpected[:3]}")
+    return model
+
+
+from .pointer import Pointer  # noqa: E402
+
+
+class ModelPointer(Pointer):
+    """A pointer to a model sent with `scientist.send(module)`; `.get()` returns your module class, trained."""
+
+    __slots__ = ("_template", "_keymap")
+
+    def __init__(self, client: Any, rid: int, label: str, template: torch.nn.Module, keymap: Dict[str, str]) -> None:
+        super().__init__(client, rid, label)
+        import copy
+
+        object.__setattr__(self, "_template", copy.deepcopy(template))
+        object.__setattr__(self, "_keymap", dict(keymap))
+
+    def request(self, reason: str = "") -> Any:
+        if self._handle is not None and not self._handle.delivered:
+            return self._handle
+        self._handle = self._client._request_release(self, reason, decode=self._decode)
+        return self._handle
+
+    def _decode(self, raw: Any) -> torch.nn.Module:
+        value = self._client._decode_release(raw)
+        if not isinstance(value, dict) or "state" not in value:
+            raise NotAllowed("the owner released something that is not a model")
+        return rebuild(self._template, value["state"], self._keymap)

@@ -1,0 +1,63 @@
+"""A data owner in its own process, for tests and benchmarks.
+
+Prints one JSON line {"code": ...} when ready, then JSON event lines
+({"event": "room_closed"}, ...). Serves until its standard input closes.
+
+    python -m tests.procs.owner --signaling URL --big-mb 64 --accept-all
+"""
+from __future__ import annotations
+
+import argparse
+import faulthandler
+import json
+import os
+import sys
+import threading
+
+import torch
+
+import duet
+
+
+def emit(**fields: object) -> None:
+    print(json.dumps(fields), flush=True)
+
+
+def main(argv: list | None = None) -> int:
+    faulthandler.enable()
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--signaling", default=None)
+    ap.add_argument("--name", default="St. Mary's")
+    ap.add_argument("--big-mb", type=int, default=0, help="publish a seeded float32 tensor 'big' of this many MiB")
+    ap.add_argument("--accept-all", action="store_true", help="auto-approve every release")
+    ap.add_argument("--approve-joins", action="store_true")
+    args = ap.parse_args(argv)
+
+    owner = duet.launch(name=args.name, signaling=args.signaling, local_only=True, display=False, approve_joins=args.approve_joins)
+    owner.store.add(torch.tensor([31.0, 45.0, 52.0, 29.0]), name="ages", description="patient ages")
+    if args.big_mb:
+        gen = torch.Generator().manual_seed(1234)
+        owner.store.add(torch.rand(args.big_mb * 2**18, generator=gen), name="big", description="seeded noise")
+    if args.accept_all:
+        owner.requests.add_handler(action="accept", kind=("release", "join"))
+    emit(code=owner.code, fingerprint=owner.fingerprint)
+
+    def watch_signaling() -> None:
+        owner.signaling.closed.wait()  # type: ignore[attr-defined]
+        if not owner.closed:
+            emit(event="room_closed", reason=owner.signaling.close_reason)  # type: ignore[attr-defined]
+
+    threading.Thread(target=watch_signaling, daemon=True).start()
+    sys.stdin.read()  # serve until the parent closes our stdin
+    owner.close()
+    return 0
+
+
+if __name__ == "__main__":
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Everything is closed and flushed. Skip native static destructors, which
+    # intermittently abort ("terminate called without an active exception")
+    # when torch and aiortc's codecs are both loaded; see README, known issues.
+    os._exit(code)

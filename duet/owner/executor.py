@@ -20,7 +20,7 @@ from .. import allowlist
 from ..allowlist import Entry
 from ..errors import LimitExceeded, NotAllowed
 from ..wire import Ref
-from .objects import ObjectTable, RemoteObject
+from .objects import ObjectTable, RemoteObject, memory_ranges, overlaps
 
 _resolved: Dict[str, Callable[..., Any]] = {}
 
@@ -357,8 +357,18 @@ class Executor:
         lineage, ops, shape_public = self.lineage_of(input_ids)
         ops = ops + [label]
 
+        if isinstance(fn, np.ufunc) and len(call_args) > fn.nin:
+            raise NotAllowed(f"{label}: an output array passed by position is not allowed")
         result = fn() if kind == "attr" else fn(*call_args, **kw)
         safe = make_safe(result, label)
+
+        # Whatever the table says, an input whose memory the result shares is an
+        # alias (x.float() may return x itself; numpy may write into an input):
+        # it joins the result's group and takes its lineage.
+        result_ranges = memory_ranges(safe) if input_ids else []
+        shared = [i for i in dict.fromkeys(input_ids) if result_ranges and overlaps(result_ranges, memory_ranges(self.table.get(i).value))]
+        if shared:
+            self.table.taint(shared, lineage, [label])
 
         if entry.mutates and input_ids:
             mutated = [args[0].id] if kind in ("method", "call") and isinstance(args[0], Ref) else input_ids[:1]
@@ -371,7 +381,7 @@ class Executor:
         private_shape = entry.private_shape or (
             label in ("operator.getitem",) and any(isinstance(v, (torch.Tensor, np.ndarray)) for v in _flatten(call_args[1:]))
         )
-        alias_of = input_ids if entry.alias else ()
+        alias_of = input_ids if entry.alias else shared
         return self.table.put(
             rid, safe, lineage=lineage, ops=ops, shape_public=shape_public and not private_shape, alias_of=alias_of
         )

@@ -143,12 +143,17 @@ class ScientistConnection:
         if kind == "$invalid":
             return
         with self._queued_lock:
-            if self._queued >= self.owner.limits.max_queued_actions and kind == "call":
+            # Round trips (get, ping, listings) get a higher ceiling: an honest
+            # scientist waits for each, and refusing them would fail a get()
+            # merely because actions are backed up.
+            ceiling = self.owner.limits.max_queued_actions * (10 if kind == "req" else 1)
+            if self._queued >= ceiling and kind != "free":
                 rid = msg.get("rid")
-                if isinstance(rid, int):
-                    self._fail(rid, LimitExceeded(
-                        f"too many queued actions ({self.owner.limits.max_queued_actions}); wait for earlier ones"
-                    ), "queue")
+                error = LimitExceeded(f"too many queued actions ({self.owner.limits.max_queued_actions}); wait for earlier ones")
+                if kind == "req" and isinstance(msg.get("id"), int):
+                    self.session.reply(msg["id"], error=error)
+                else:  # reported even without a result id, so nothing is lost silently
+                    self._fail(rid if isinstance(rid, int) else None, error, "queue")
                 return
             self._queued += 1
         self._inbox.put(msg)

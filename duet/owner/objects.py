@@ -9,7 +9,7 @@ Anything with a non-empty lineage is private: it leaves only by approval.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Set
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Set, Tuple
 
 import numpy as np
 import torch
@@ -85,6 +85,48 @@ def contained_tensors(value: Any, _depth: int = 0) -> Iterator[torch.Tensor]:
     elif isinstance(value, dict):
         for v in value.values():
             yield from contained_tensors(v, _depth + 1)
+
+
+def _byte_bounds(arr: np.ndarray) -> Tuple[int, int]:
+    try:
+        from numpy.lib.array_utils import byte_bounds  # numpy >= 2
+    except ImportError:  # pragma: no cover - numpy 1.x
+        byte_bounds = np.byte_bounds
+    return byte_bounds(arr)
+
+
+def memory_ranges(value: Any, _depth: int = 0) -> List[Tuple[int, int]]:
+    """Address ranges of the memory a value's tensors and arrays live in.
+
+    Two objects whose ranges overlap may share memory, whatever the op that
+    made them claimed: the owner uses this to find aliases it was not told of.
+    """
+    ranges: List[Tuple[int, int]] = []
+    if _depth > 8:
+        return ranges
+    if isinstance(value, np.ndarray):
+        if value.nbytes:
+            ranges.append(_byte_bounds(value))
+        return ranges
+    if isinstance(value, (list, tuple)):
+        for v in value:
+            ranges.extend(memory_ranges(v, _depth + 1))
+        return ranges
+    if isinstance(value, dict):
+        for v in value.values():
+            ranges.extend(memory_ranges(v, _depth + 1))
+        return ranges
+    for t in contained_tensors(value):
+        storage = t.untyped_storage()
+        if storage.nbytes():
+            start = storage.data_ptr()
+            ranges.append((start, start + storage.nbytes()))
+    return ranges
+
+
+def overlaps(a: List[Tuple[int, int]], b: List[Tuple[int, int]]) -> bool:
+    """Whether any range of a overlaps any range of b."""
+    return any(s1 < e2 and s2 < e1 for s1, e1 in a for s2, e2 in b)
 
 
 @dataclass

@@ -173,6 +173,7 @@ class Scientist:
         self._handles: "weakref.WeakValueDictionary[int, RequestHandle]" = weakref.WeakValueDictionary()
         self._welcome: "concurrent.futures.Future[Dict[str, Any]]" = concurrent.futures.Future()
         self._bye_reason: Optional[str] = None
+        self._orphan_errors: List[BaseException] = []
         self._closers: List[Any] = []
         self._recorder: Any = None  # a duet.plan being recorded on this session
         session.set_handler(self._on_message)
@@ -207,6 +208,9 @@ class Scientist:
                 self.failures[rid] = exc
                 if len(self.failures) > MAX_FAILURES_KEPT:
                     self.failures.pop(next(iter(self.failures)))
+            else:  # an action without a result: nothing to .get(), so ping() reports it
+                self._orphan_errors.append(exc)
+                del self._orphan_errors[:-100]
             log.warning("a remote operation failed: %s", exc)
         elif kind == "queued":
             handle = self._handles.get(msg.get("id"))  # type: ignore[arg-type]
@@ -360,12 +364,21 @@ class Scientist:
         return wire.decode(payload)
 
     def ping(self, timeout: float = DEFAULT_TIMEOUT) -> float:
-        """Round-trip time to the owner in seconds; also a barrier after pipelined actions."""
+        """Round-trip time to the owner in seconds; also a barrier after pipelined actions.
+
+        Raises the first error of an earlier action that had no result to carry
+        it (e.g. one refused because too many actions were queued).
+        """
         import time
 
+        self._flush_frees()
         start = time.perf_counter()
         self.session.call({"kind": "ping"}, timeout, "ping")
-        return time.perf_counter() - start
+        elapsed = time.perf_counter() - start
+        if self._orphan_errors:
+            first, self._orphan_errors = self._orphan_errors[0], []
+            raise first
+        return elapsed
 
     # -- lifecycle ----------------------------------------------------------------------
     @property

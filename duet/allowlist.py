@@ -227,6 +227,7 @@ TENSOR_METHODS.update(_entries(_TENSOR_METHODS_ALIAS, ALIAS))
 TENSOR_METHODS.update(_entries(_TENSOR_METHODS_INPLACE, INPLACE))
 TENSOR_METHODS.update(_entries(_DATA_DEPENDENT_SHAPE, PRIVATE_SHAPE))
 TENSOR_METHODS.update({"repeat": FACTORY, "backward": MUTATES})
+TENSOR_METHODS.update(_entries("new_zeros new_ones new_empty new_full".split(), FACTORY))
 
 TENSOR_ATTRIBUTES: Dict[str, Entry] = _entries("grad T mT H data real imag".split(), ALIAS)
 TENSOR_ATTRIBUTES.update(_entries("requires_grad is_leaf ndim dtype shape".split()))

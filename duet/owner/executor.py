@@ -219,7 +219,7 @@ def requested_elements(name: str, args: Tuple[Any, ...], kwargs: Dict[str, Any],
             return _product(_ints(size_kw))
         tail = [a for a in args if isinstance(a, (tuple, list, torch.Size))]
         return _product(_ints(tail[-1])) if tail else 1
-    if short in ("full",):
+    if short in ("full", "new_full"):
         return _product(_ints(args[0] if args else size_kw))
     if short in ("normal", "uniform", "choice", "random"):
         if size_kw is not None:
@@ -250,6 +250,8 @@ def lookup(kind: str, name: str, target: Any) -> Tuple[Entry, Callable[..., Any]
             raise NotAllowed(f"{name} is not on the owner's allowlist")
         if name in ALIASING_CONSTRUCTORS:
             entry = allowlist.ALIAS
+        elif name in allowlist.NN_MODULES:
+            entry = allowlist.FACTORY  # layer sizes come from integer arguments
         return entry, resolve(name), name
     rkind = receiver_kind(target)
     if kind == "method":

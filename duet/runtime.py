@@ -58,6 +58,8 @@ def run(coro: Awaitable[T], timeout: Optional[float] = None, what: str = "operat
     try:
         return fut.result(timeout)
     except concurrent.futures.TimeoutError:
+        if fut.done():  # the coroutine itself raised TimeoutError: keep its message
+            raise
         fut.cancel()
         raise TimeoutError(f"{what} did not finish within {timeout} s") from None
 

@@ -171,6 +171,7 @@ def launch(
     audit_log: Optional[str] = None,
     limits: Any = None,
     request_expiry: Optional[float] = 24 * 3600,
+    resume_window: float = 600.0,
     display: bool = True,
     timeout: float = 15.0,
 ) -> Owner:
@@ -193,6 +194,7 @@ def launch(
         audit_log=audit_log,
         limits=limits,
         request_expiry=request_expiry,
+        resume_window=resume_window,
     )
 
     async def start() -> OwnerSignaling:
@@ -238,6 +240,45 @@ def _announce(owner: Owner) -> None:
     print(f"Duet owner {owner.name!r} is ready. The scientist runs:\n\n    duet.join({owner.code!r})\n", flush=True)
 
 
+async def _offer_and_connect(parsed: JoinCode, name: str, ice: IceConfig, timeout: float) -> tuple:
+    """The scientist's half of pairing: sealed offer, sealed answer, open channel."""
+    client = await SignalingClient.connect(parsed.signaling_url, parsed.room_id, "scientist", timeout=timeout)
+    peer = await RtcPeer.create(ice)
+    try:
+        sid = new_session_id()
+        sealer = Sealer(parsed, "scientist", sid)
+        offer = await peer.create_offer()
+        await client.send(sealer.seal("offer", {"sdp": offer, "name": name}))
+        while True:
+            event = await client.recv()
+            if event.kind == "room_closed":
+                raise SignalingError(f"the owner's room closed: {event.message or event.code}")
+            if event.kind != "msg" or not event.data:
+                continue
+            if event.data.startswith(PLAIN_ERROR_PREFIX):
+                raise PairingError(event.data[1:] + " — the signaling service may have tampered with it")
+            kind, body = sealer.open(event.data)
+            if kind != "answer" or not isinstance(body.get("sdp"), str):
+                raise PairingError("the owner's reply is not an answer")
+            owner_name = _clean_name(body.get("name"))
+            await peer.accept_answer(body["sdp"])
+            transport = await peer.wait_open(CHANNEL_OPEN_TIMEOUT)
+            ctx = HandshakeContext(
+                room_id=parsed.room_id,
+                session_id=sid,
+                owner_dtls=peer.remote_fingerprint,
+                scientist_dtls=peer.local_fingerprint,
+                owner_name=owner_name,
+                scientist_name=name,
+            )
+            return peer, transport, ctx
+    except BaseException:
+        await peer.close()
+        raise
+    finally:
+        await client.close()
+
+
 def join(
     code: str,
     name: str = "scientist",
@@ -257,51 +298,23 @@ def join(
     name = _clean_name(name)
     ice = ice_config(local_only, ice_servers)
 
-    async def pair() -> tuple:
-        client = await SignalingClient.connect(parsed.signaling_url, parsed.room_id, "scientist", timeout=timeout)
-        peer = await RtcPeer.create(ice)
+    def pair(seconds: float) -> tuple:
+        """Pair over signaling; returns (session, handshake context, closer of the peer connection)."""
         try:
-            sid = new_session_id()
-            sealer = Sealer(parsed, "scientist", sid)
-            offer = await peer.create_offer()
-            await client.send(sealer.seal("offer", {"sdp": offer, "name": name}))
-            while True:
-                event = await client.recv()
-                if event.kind == "room_closed":
-                    raise SignalingError(f"the owner's room closed: {event.message or event.code}")
-                if event.kind != "msg" or not event.data:
-                    continue
-                if event.data.startswith(PLAIN_ERROR_PREFIX):
-                    raise PairingError(event.data[1:] + " — the signaling service may have tampered with it")
-                kind, body = sealer.open(event.data)
-                if kind != "answer" or not isinstance(body.get("sdp"), str):
-                    raise PairingError("the owner's reply is not an answer")
-                owner_name = _clean_name(body.get("name"))
-                await peer.accept_answer(body["sdp"])
-                transport = await peer.wait_open(CHANNEL_OPEN_TIMEOUT)
-                ctx = HandshakeContext(
-                    room_id=parsed.room_id,
-                    session_id=sid,
-                    owner_dtls=peer.remote_fingerprint,
-                    scientist_dtls=peer.local_fingerprint,
-                    owner_name=owner_name,
-                    scientist_name=name,
-                )
-                return peer, transport, ctx
-        except BaseException:
-            await peer.close()
-            raise
-        finally:
-            await client.close()
+            peer, transport, ctx = runtime.run(
+                _offer_and_connect(parsed, name, ice, seconds), timeout=seconds, what="joining the owner's Duet"
+            )
+        except TimeoutError:
+            raise TimeoutError(
+                f"the owner did not answer within {seconds} s; check that their Duet is still running and the code is current"
+            ) from None
+        session = Session(transport, name=f"scientist<->{ctx.owner_name}")
+        return session, ctx, lambda: runtime.run(peer.close(), timeout=10, what="closing the peer connection")
 
-    try:
-        peer, transport, ctx = runtime.run(pair(), timeout=timeout, what="joining the owner's Duet")
-    except TimeoutError:
-        raise TimeoutError(
-            f"the owner did not answer within {timeout} s; check that their Duet is still running and the code is current"
-        ) from None
-    scientist = Scientist(Session(transport, name=f"scientist<->{ctx.owner_name}"), name=name)
-    scientist._closers.append(lambda: runtime.run(peer.close(), timeout=10, what="closing the peer connection"))
+    session, ctx, closer = pair(timeout)
+    scientist = Scientist(session, name=name)
+    scientist._closers.append(closer)
+    scientist._rejoin = pair
     try:
         scientist.handshake(ctx, join_approval_timeout, reason=reason)
     except BaseException:

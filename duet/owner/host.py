@@ -7,6 +7,7 @@ loop, and an approval never needs a notebook cell to be running.
 from __future__ import annotations
 
 import hashlib
+import secrets
 import logging
 import queue
 import threading
@@ -120,6 +121,14 @@ class ScientistConnection:
         self.training = TrainingHandlers(self)
         self.failures: Dict[int, Dict[str, Any]] = {}
         self.connected_at = time.time()
+        # Resume: a dropped link suspends this connection (objects, requests and
+        # worker kept) until the owner's resume window passes.
+        self.resume_token = secrets.token_bytes(16)
+        self._left = False  # the scientist said goodbye: nothing to resume
+        self._suspend_timer: Any = None
+        self._releases: Dict[int, Request] = {}  # object id -> its release request, until delivered
+        self._reply_to: Dict[int, int] = {}  # queue request id -> the session request to answer
+        self._requests: List[Request] = []
         self._inbox: "queue.SimpleQueue[Any]" = queue.SimpleQueue()
         self._queued = 0
         self._queued_lock = threading.Lock()
@@ -141,6 +150,9 @@ class ScientistConnection:
         if self.state != "active":
             return
         if kind == "$invalid":
+            return
+        if kind == "leave":
+            self._left = True
             return
         with self._queued_lock:
             # Round trips (get, ping, listings) get a higher ceiling: an honest
@@ -169,11 +181,17 @@ class ScientistConnection:
             self._drop(f"identity verification failed: {exc}")
             return
         self.requester = Requester(name=self.ctx.scientist_name, fingerprint=identity_mod.fingerprint(pub))
+        token = msg.get("resume")
+        if isinstance(token, bytes):
+            self._resume(token)
+            return
         if self.owner.approve_joins:
             self.state = "joining"
-            self.owner.requests.submit(
-                {"kind": "join", "requester": self.requester, "reason": str(msg.get("reason") or "")[:2000]},
-                self._on_join_decided,
+            self._requests.append(
+                self.owner.requests.submit(
+                    {"kind": "join", "requester": self.requester, "reason": str(msg.get("reason") or "")[:2000]},
+                    self._on_join_decided,
+                )
             )
         else:
             self._welcome()
@@ -189,19 +207,51 @@ class ScientistConnection:
             self.state = "rejected"
             self.owner._forget(self)
 
-    def _welcome(self) -> None:
+    def _welcome(self, resumed: bool = False) -> None:
         ident = self.owner.identity
         self.state = "active"
-        self.owner.audit.append("join", scientist=self.requester.name, fingerprint=self.requester.fingerprint)
+        self.owner.audit.append(
+            "resume" if resumed else "join", scientist=self.requester.name, fingerprint=self.requester.fingerprint
+        )
         self.session.send(
             {
                 "t": "welcome",
                 "pub": ident.public_key,
                 "sig": ident.sign(self.ctx.transcript("owner", ident.public_key)),
                 "approve": self.owner.approve,
+                "resume": self.resume_token,
+                "resumed": resumed,
             }
         )
         self.owner._changed()
+
+    def _resume(self, token: bytes) -> None:
+        """A returning scientist: hand this new link to their suspended connection."""
+        old = self.owner._take_suspended(token, self.requester.fingerprint)
+        if old is None:
+            self.state = "rejected"
+            try:
+                self.session.send({"t": "rejected", "reason": "nothing to resume: the owner's resume window passed, or it restarted"})
+            except ConnectionLost:
+                pass
+            self.owner._forget(self)
+            self.stop_worker(0)
+            return
+        self.state = "merged"
+        self.owner._forget(self)
+        self.stop_worker(0)
+        old.adopt(self.session, self.ctx)
+
+    def adopt(self, session: Session, ctx: HandshakeContext) -> None:
+        """Continue over a new link, with everything kept from before the drop."""
+        if self._suspend_timer is not None:
+            self._suspend_timer.cancel()
+            self._suspend_timer = None
+        self.session = session
+        self.ctx = ctx
+        session.set_handler(self._on_message)
+        session.on_close(self._on_close)
+        self._welcome(resumed=True)
 
     def _drop(self, reason: str) -> None:
         self.state = "closed"
@@ -214,9 +264,34 @@ class ScientistConnection:
         runtime.submit(self.session.close())
 
     def _on_close(self, reason: Optional[BaseException]) -> None:
+        if self.state in ("merged", "suspended", "finished"):
+            return
+        if self.state == "active" and not self._left and not self.owner.closed and self.owner.resume_window > 0:
+            self.state = "suspended"
+            self.suspended_at = time.time()
+            from .. import runtime
+
+            window = self.owner.resume_window
+            self._suspend_timer = runtime.loop().call_later(
+                window, self._finish, f"the scientist did not come back within {window:g} s"
+            )
+            log.info("link to %s dropped; keeping their session for %g s", self.requester.name, window)
+            self.owner._changed()
+            return
+        self._finish("the scientist disconnected")
+
+    def _finish(self, reason: str) -> None:
+        """Forget this scientist for good: stop the worker, cancel their pending requests."""
+        if self.state == "finished":
+            return
+        self.state = "finished"
         self._inbox.put(_STOP)
-        if self.requester is not None:
-            self.owner.requests.cancel_for(self.requester.fingerprint, "the scientist disconnected")
+        for req in list(self._requests):
+            if req.pending:
+                try:
+                    self.owner.requests.decide(req, "cancelled", by="system", reason=reason)
+                except ValueError:
+                    pass
         self.owner._forget(self)
 
     # -- the worker (one thread per scientist) -------------------------------------
@@ -315,9 +390,10 @@ class ScientistConnection:
             },
             lambda _r: decided.set(),
         )
+        self._requests.append(req)
         while not decided.wait(0.5):
-            if self.session.closed:
-                raise NotAllowed("the session closed before the owner decided")
+            if self.state == "finished":  # a dropped link may resume: only giving up ends the wait
+                raise NotAllowed("the session ended before the owner decided")
         if req.status != ACCEPTED:
             raise RequestDenied(req.deny_reason or "the owner did not approve this computation", req.id)
 
@@ -389,7 +465,16 @@ class ScientistConnection:
         }
 
     def _release(self, req_id: int, msg: Dict[str, Any]) -> None:
-        obj = self._object(msg.get("obj"))
+        rid = msg.get("obj")
+        earlier = self._releases.get(rid) if isinstance(rid, int) else None
+        if earlier is not None:  # asked again (e.g. after a resume): same request, same decision
+            self._reply_to[earlier.id] = req_id
+            if earlier.pending:
+                self.session.send({"t": "queued", "id": req_id, "request": earlier.id})
+            else:
+                self._deliver(earlier)
+            return
+        obj = self._object(rid)
         reason = str(msg.get("reason") or "")[:2000]
         value = snapshot(obj.value)
         numel, nbytes = size_of(value)
@@ -412,18 +497,43 @@ class ScientistConnection:
             "value": value,
         }
 
-        def decided(req: Request) -> None:
-            if req.status == ACCEPTED:
-                self._send_release(req_id, req.value, request=req, private=True)
-            else:
-                self.session.reply(req_id, error=RequestDenied(req.deny_reason, req.id))
-
-        req = self.owner.requests.submit(fields, decided)
+        req = self._submit(fields, self._deliver, reply_to=req_id, obj=rid)
         if req.pending:
             try:
                 self.session.send({"t": "queued", "id": req_id, "request": req.id})
             except ConnectionLost:
                 pass
+
+    def _submit(self, fields: Dict[str, Any], on_decided: Callable[[Request], None], reply_to: int, obj: int) -> Request:
+        """Queue a release request, remembered per object until its outcome reaches the scientist."""
+        holder: Dict[str, Request] = {}
+
+        def remember_then_decide(req: Request) -> None:
+            holder.setdefault("req", req)
+            self._reply_to.setdefault(req.id, reply_to)
+            self._releases.setdefault(obj, req)
+            on_decided(req)
+
+        req = self.owner.requests.submit(fields, remember_then_decide)
+        self._reply_to.setdefault(req.id, reply_to)
+        self._releases.setdefault(obj, req)
+        self._requests.append(req)
+        del self._requests[:-1000]
+        return req
+
+    def _deliver(self, req: Request) -> None:
+        """Send a decided release to the scientist, unless their link is down (then on their next ask)."""
+        if self.session.closed or req.pending:
+            return
+        req_id = self._reply_to.pop(req.id, None)
+        if req_id is None:
+            return
+        self._releases = {k: v for k, v in self._releases.items() if v is not req}
+        if req.status == ACCEPTED:
+            self._send_release(req_id, req.value, request=req, private=True)
+            req.value = None
+        else:
+            self.session.reply(req_id, error=RequestDenied(req.deny_reason, req.id))
 
     def _send_release(self, req_id: int, value: Any, request: Optional[Request], private: bool) -> None:
         payload = wire.encode(value)
@@ -457,12 +567,14 @@ class Owner:
         limits: Optional[Limits] = None,
         identity: Optional[identity_mod.Identity] = None,
         request_expiry: Optional[float] = 24 * 3600,
+        resume_window: float = 600.0,
     ) -> None:
         if approve not in APPROVE_MODES:
             raise ValueError(f"approve must be one of {APPROVE_MODES}, not {approve!r}")
         self.name = name
         self.approve = approve
         self.approve_joins = approve_joins
+        self.resume_window = resume_window  # how long a dropped scientist may come back to their objects
         self.limits = limits or Limits()
         self.identity = identity or identity_mod.Identity.load_or_create()
         path = Path(audit_log) if audit_log is not None else identity_mod.config_dir() / "audit.jsonl"
@@ -521,6 +633,25 @@ class Owner:
                 return active[0]
             self.requests.wait_changed(min(0.25, max(deadline - time.monotonic(), 0)))
         raise TimeoutError(f"no scientist joined within {timeout} s")
+
+    @property
+    def suspended(self) -> List[ScientistConnection]:
+        """Scientists whose link dropped and who may still resume."""
+        with self._lock:
+            return [c for c in self._connections if c.state == "suspended"]
+
+    def _take_suspended(self, token: bytes, fingerprint: str) -> Optional[ScientistConnection]:
+        with self._lock:
+            for conn in self._connections:
+                if (
+                    conn.state == "suspended"
+                    and secrets.compare_digest(conn.resume_token, token)
+                    and conn.requester is not None
+                    and conn.requester.fingerprint == fingerprint
+                ):
+                    conn.state = "resuming"
+                    return conn
+        return None
 
     def _forget(self, conn: ScientistConnection) -> None:
         with self._lock:

@@ -201,15 +201,6 @@ class RequestQueue:
             req.value = None
         self._notify()
 
-    def cancel_for(self, fingerprint: str, reason: str) -> None:
-        """Cancel pending requests of a scientist who left (nothing is released)."""
-        for req in self.pending:
-            if req.requester.fingerprint == fingerprint and req.kind != "release":
-                try:
-                    self.decide(req, CANCELLED, by="system", reason=reason)
-                except ValueError:
-                    pass
-
     def expire_due(self, now: Optional[float] = None) -> int:
         """Deny requests past their expiry; returns how many."""
         now = time.time() if now is None else now

@@ -174,17 +174,25 @@ class Scientist:
         self._welcome: "concurrent.futures.Future[Dict[str, Any]]" = concurrent.futures.Future()
         self._bye_reason: Optional[str] = None
         self._orphan_errors: List[BaseException] = []
+        self._early_queued: Dict[int, int] = {}
+        self._handles_lock = threading.Lock()
+        self._resume_token: Optional[bytes] = None
+        self.resumed = False
+        self._rejoin: Optional[Any] = None  # set by duet.join: pairs again with the same code
         self._closers: List[Any] = []
         self._recorder: Any = None  # a duet.plan being recorded on this session
         session.set_handler(self._on_message)
         session.on_close(self._on_close)
 
     # -- handshake -------------------------------------------------------------------
-    def handshake(self, ctx: Any, timeout: float, reason: str = "") -> None:
+    def handshake(self, ctx: Any, timeout: float, reason: str = "", resume: Optional[bytes] = None) -> None:
         """Prove our identity, and verify the owner's, bound to this session."""
         pub = self.identity.public_key
         self.owner_name = ctx.owner_name
-        self.session.send({"t": "hello", "pub": pub, "sig": self.identity.sign(ctx.transcript("scientist", pub)), "reason": reason})
+        hello = {"t": "hello", "pub": pub, "sig": self.identity.sign(ctx.transcript("scientist", pub)), "reason": reason}
+        if resume is not None:
+            hello["resume"] = resume
+        self.session.send(hello)
         try:
             welcome = self._welcome.result(timeout)
         except concurrent.futures.TimeoutError:
@@ -195,7 +203,13 @@ class Scientist:
         if not isinstance(owner_pub, bytes) or not isinstance(sig, bytes):
             raise PairingError("the owner's welcome is malformed")
         identity_mod.verify(owner_pub, ctx.transcript("owner", owner_pub), sig)
-        self.owner_fingerprint = identity_mod.fingerprint(owner_pub)
+        fingerprint = identity_mod.fingerprint(owner_pub)
+        if resume is not None and fingerprint != self.owner_fingerprint:
+            raise PairingError("a different owner answered the resume; refusing to continue")
+        self.owner_fingerprint = fingerprint
+        token = welcome.get("resume")
+        self._resume_token = token if isinstance(token, bytes) else None
+        self.resumed = bool(welcome.get("resumed"))
         self.approve_mode = welcome.get("approve") if isinstance(welcome.get("approve"), str) else None
 
     # -- inbound (runtime loop thread) ------------------------------------------------
@@ -213,11 +227,16 @@ class Scientist:
                 del self._orphan_errors[:-100]
             log.warning("a remote operation failed: %s", exc)
         elif kind == "queued":
-            handle = self._handles.get(msg.get("id"))  # type: ignore[arg-type]
-            if handle is not None and isinstance(msg.get("request"), int):
-                handle.owner_request_id = msg["request"]
-                if handle.on_change is not None:
-                    handle.on_change(handle)
+            req_id, owner_id = msg.get("id"), msg.get("request")
+            if isinstance(req_id, int) and isinstance(owner_id, int):
+                with self._handles_lock:
+                    handle = self._handles.get(req_id)
+                    if handle is None:  # the notice beat the handle's registration
+                        self._early_queued[req_id] = owner_id
+                        while len(self._early_queued) > 1000:
+                            self._early_queued.pop(next(iter(self._early_queued)))
+                if handle is not None:
+                    self._note_queued(handle, owner_id)
         elif kind == "welcome":
             if not self._welcome.done():
                 self._welcome.set_result(msg)
@@ -350,9 +369,19 @@ class Scientist:
             raise TypeError("reason must be a string")
         fut = self.session.request({"kind": "release", "obj": ptr._rid, "reason": reason})
         handle = RequestHandle(ptr._label, reason, fut, decode or self._decode_release)
-        self._handles[fut.request_id] = handle  # type: ignore[attr-defined]
+        with self._handles_lock:
+            self._handles[fut.request_id] = handle  # type: ignore[attr-defined]
+            early = self._early_queued.pop(fut.request_id, None)  # type: ignore[attr-defined]
+        if early is not None:
+            self._note_queued(handle, early)
         self.requests.append(handle)
         return handle
+
+    @staticmethod
+    def _note_queued(handle: RequestHandle, owner_request_id: int) -> None:
+        handle.owner_request_id = owner_request_id
+        if handle.on_change is not None:
+            handle.on_change(handle)
 
     @staticmethod
     def _decode_release(raw: Any) -> Any:
@@ -385,9 +414,38 @@ class Scientist:
     def connected(self) -> bool:
         return not self.session.closed
 
+    def resume(self, timeout: float = 30.0) -> "Scientist":
+        """After a dropped link: pair again with the same code and identity, and carry on.
+
+        Remote objects, pending requests and decisions made meanwhile are
+        still there, until the owner's resume window passes. `.get()` calls
+        that failed on the drop can simply be called again.
+        """
+        if not self.session.closed:
+            return self
+        if self._rejoin is None or self._resume_token is None:
+            raise ConnectionLost("this session cannot be resumed (only sessions made with duet.join can)")
+        session, ctx, closer = self._rejoin(timeout)
+        self.session = session
+        self._welcome = concurrent.futures.Future()
+        self._bye_reason = None
+        session.set_handler(self._on_message)
+        session.on_close(self._on_close)
+        self._closers = [closer]
+        try:
+            self.handshake(ctx, timeout, resume=self._resume_token)
+        except BaseException:
+            self.close()
+            raise
+        return self
+
     def close(self) -> None:
         """Leave the session; the owner frees everything of ours."""
         if not self.session.closed:
+            try:
+                self.session.send({"t": "leave"})
+            except ConnectionLost:
+                pass
             try:
                 runtime.run(self.session.close(), timeout=10, what="closing the link")
             except Exception:

@@ -61,7 +61,7 @@ class Pointer:
     # -- values leave only through requests ----------------------------------------
     def request(self, reason: str = "") -> "RequestHandle":
         """Ask the owner to release this value; returns at once with a handle."""
-        if self._handle is not None and not self._handle.delivered:
+        if self._handle is not None and not self._handle.delivered and self._handle.status != "failed":
             return self._handle  # e.g. a get() that timed out: wait for the same request
         self._handle = self._client._request_release(self, reason)
         self._handle.progress_source = getattr(self._client.session, "transport", None)

@@ -1,0 +1,251 @@
+"""Run a pair of notebooks, owner and scientist, side by side against a real signaling service.
+
+The join-code handoff (see docs/notebooks.md):
+
+1. A real `duet-signaling` process is started on 127.0.0.1; both kernels get
+   its URL in DUET_SIGNALING_URL, which `duet.launch()` uses instead of its
+   embedded service.
+2. The owner's kernel runs with DUET_HANDOFF_FILE=<tmp>/join-code: its
+   `duet.launch(...)` cell, unchanged, writes the join code there (mode 0600;
+   `duet.widgets.display_owner` does it whenever that variable is set).
+3. Once the file appears, the scientist's kernel starts with
+   DUET_JOIN_CODE=<code>; the scientist notebook's join cell reads it with
+   `os.environ.get("DUET_JOIN_CODE") or input(...)`.
+
+Nothing else is injected: the cells run as a user runs them. The owner's
+cells wait for each request with `owner.requests.wait_pending(timeout=...)`,
+so the two notebooks meet in a fixed order without sleeps.
+
+Two ways to run a pair:
+
+* `run_nbval_pair(topic, workdir)`: two `pytest --nbval` processes, outputs
+  compared against the committed ones after the sanitizers in
+  notebooks/nbval.cfg (what tests/test_notebooks.py does);
+* `python -m tests.nbhandoff update hello statistics`: execute the pairs with
+  nbclient and write the fresh, sanitized outputs into the notebooks (the new
+  regression baseline; review the diff before committing).
+"""
+from __future__ import annotations
+
+import argparse
+import configparser
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = ROOT / "notebooks"
+SANITIZE_CFG = NOTEBOOKS / "nbval.cfg"
+TOPICS = ("hello", "statistics")
+HANDOFF_TIMEOUT = 120.0
+PAIR_TIMEOUT = 300.0
+CELL_TIMEOUT = 180
+
+
+@dataclass
+class PairResult:
+    owner_rc: int
+    scientist_rc: int
+    owner_out: str
+    scientist_out: str
+
+    @property
+    def ok(self) -> bool:
+        return self.owner_rc == 0 and self.scientist_rc == 0
+
+    def report(self) -> str:
+        return (f"--- owner notebook (exit {self.owner_rc}) ---\n{self.owner_out[-12000:]}\n"
+                f"--- scientist notebook (exit {self.scientist_rc}) ---\n{self.scientist_out[-12000:]}")
+
+
+def sanitize_patterns(cfg: Path = SANITIZE_CFG) -> List[Tuple[str, str]]:
+    """The (regex, replacement) pairs of nbval's sanitize file, in order."""
+    parser = configparser.ConfigParser()
+    parser.read(cfg, encoding="utf-8")
+    return [(parser.get(s, "regex"), parser.get(s, "replace")) for s in parser.sections()]
+
+
+def sanitize(text: str, patterns: List[Tuple[str, str]]) -> str:
+    for regex, replace in patterns:
+        text = re.sub(regex, replace, text)
+    return text
+
+
+def base_env(workdir: Path, role: str, signaling_url: str) -> Dict[str, str]:
+    """A private config dir per role (identities, audit log), the signaling URL, no stray settings."""
+    config = workdir / f"{role}-config"
+    config.mkdir(parents=True, exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DUET_")}
+    env.update({
+        "DUET_CONFIG_DIR": str(config),
+        "DUET_SIGNALING_URL": signaling_url,
+        "PYTHONHASHSEED": "0",
+        "PYDEVD_DISABLE_FILE_VALIDATION": "1",
+        "JUPYTER_PLATFORM_DIRS": "1",
+    })
+    return env
+
+
+def wait_for_file(path: Path, timeout: float, alive: Optional[subprocess.Popen] = None) -> str:
+    """The content of `path` once it exists (it is written atomically); bounded."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists():
+            return path.read_text(encoding="utf-8").strip()
+        if alive is not None and alive.poll() is not None:
+            raise RuntimeError(f"the owner's process exited ({alive.returncode}) before writing the join code")
+        time.sleep(0.05)  # polling a file the other process writes; the wait is bounded above
+    raise TimeoutError(f"no join code in {path} within {timeout} s")
+
+
+def start_signaling() -> Tuple[object, str]:
+    from tests.procs.helpers import start_signaling as start
+
+    return start()
+
+
+def _spawn(args: List[str], env: Dict[str, str], log: Path) -> subprocess.Popen:
+    out = open(log, "w", encoding="utf-8")
+    return subprocess.Popen(args, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
+
+
+def _finish(proc: subprocess.Popen, deadline: float) -> int:
+    try:
+        return proc.wait(max(1.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        proc.terminate()
+        try:
+            return proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            return proc.wait(10)
+
+
+def run_pair(topic: str, workdir: Path, owner_cmd: List[str], scientist_cmd: List[str],
+             timeout: float = PAIR_TIMEOUT) -> PairResult:
+    """Start the owner command, hand its join code to the scientist command, wait for both."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    sig, url = start_signaling()
+    handoff = workdir / "join-code"
+    owner_log, scientist_log = workdir / "owner.log", workdir / "scientist.log"
+    owner = scientist = None
+    try:
+        owner_env = base_env(workdir, "owner", url)
+        owner_env["DUET_HANDOFF_FILE"] = str(handoff)
+        owner = _spawn(owner_cmd, owner_env, owner_log)
+        deadline = time.monotonic() + timeout
+        try:
+            code = wait_for_file(handoff, HANDOFF_TIMEOUT, alive=owner)
+        except (TimeoutError, RuntimeError) as exc:
+            _finish(owner, time.monotonic())
+            return PairResult(owner.returncode if owner.returncode is not None else -1, -1,
+                              owner_log.read_text() + f"\n[harness] {exc}", "(not started)")
+        scientist_env = base_env(workdir, "scientist", url)
+        scientist_env["DUET_JOIN_CODE"] = code
+        scientist = _spawn(scientist_cmd, scientist_env, scientist_log)
+        s_rc = _finish(scientist, deadline)
+        o_rc = _finish(owner, deadline)
+        return PairResult(o_rc, s_rc, owner_log.read_text(), scientist_log.read_text())
+    finally:
+        for proc in (scientist, owner):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+        sig.stop()  # type: ignore[attr-defined]
+
+
+def nbval_cmd(notebook: Path) -> List[str]:
+    return [
+        sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=",
+        "--nbval", "--nbval-current-env", f"--nbval-cell-timeout={CELL_TIMEOUT}",
+        "--nbval-sanitize-with", str(SANITIZE_CFG), str(notebook),
+    ]
+
+
+def run_nbval_pair(topic: str, workdir: Path) -> PairResult:
+    folder = NOTEBOOKS / topic
+    return run_pair(topic, workdir, nbval_cmd(folder / "owner.ipynb"), nbval_cmd(folder / "scientist.ipynb"))
+
+
+# -- regenerating the committed outputs -------------------------------------------------
+def execute_notebook(src: Path, dst: Path) -> None:
+    """Run a notebook with nbclient (in this process's environment) and save it with outputs."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    nb = nbformat.read(src, as_version=4)
+    client = NotebookClient(nb, timeout=CELL_TIMEOUT, kernel_name="python3", allow_errors=False,
+                            resources={"metadata": {"path": str(src.parent)}})
+    client.execute()
+    nbformat.write(nb, dst)
+
+
+def clean_outputs(nb_path: Path, patterns: List[Tuple[str, str]]) -> None:
+    """Sanitize what nbval sanitizes (codes, fingerprints) and drop widget state, so no secret is committed."""
+    import nbformat
+
+    nb = nbformat.read(nb_path, as_version=4)
+    nb.metadata.pop("widgets", None)
+    for cell in nb.cells:
+        if cell.cell_type != "code":
+            continue
+        cell.metadata.pop("execution", None)
+        # A widget-only output (the scientist's live get() status) appears only when a decision
+        # takes a moment; nbval does not compare it, and without widget state it shows nothing.
+        cell.outputs = [o for o in cell.get("outputs", [])
+                        if set(o.get("data", {})) != {"application/vnd.jupyter.widget-view+json"}]
+        for out in cell.get("outputs", []):
+            if "text" in out:
+                out["text"] = sanitize(out["text"], patterns)
+            for key, value in list(out.get("data", {}).items()):
+                if isinstance(value, str):
+                    out["data"][key] = sanitize(value, patterns)
+    nbformat.write(nb, nb_path)
+
+
+def update(topic: str) -> PairResult:
+    folder = NOTEBOOKS / topic
+    with tempfile.TemporaryDirectory(prefix=f"duet-nb-{topic}-") as tmp:
+        work = Path(tmp)
+        outs = {role: work / f"{role}.ipynb" for role in ("owner", "scientist")}
+        cmd = lambda role: [sys.executable, "-m", "tests.nbhandoff", "execute",  # noqa: E731
+                            str(folder / f"{role}.ipynb"), str(outs[role])]
+        result = run_pair(topic, work, cmd("owner"), cmd("scientist"))
+        if result.ok:
+            patterns = sanitize_patterns()
+            for role, path in outs.items():
+                clean_outputs(path, patterns)
+                (folder / f"{role}.ipynb").write_text(path.read_text(encoding="utf-8"), encoding="utf-8")
+        return result
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    up = sub.add_parser("update", help="re-run pairs and store their outputs as the new baseline")
+    up.add_argument("topics", nargs="*", default=list(TOPICS))
+    ex = sub.add_parser("execute", help="(internal) execute one notebook with nbclient")
+    ex.add_argument("src", type=Path)
+    ex.add_argument("dst", type=Path)
+    args = ap.parse_args(argv)
+    if args.cmd == "execute":
+        execute_notebook(args.src, args.dst)
+        return 0
+    status = 0
+    for topic in args.topics:
+        result = update(topic)
+        print(f"{topic}: {'updated' if result.ok else 'FAILED'}")
+        if not result.ok:
+            print(result.report())
+            status = 1
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

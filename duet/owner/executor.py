@@ -369,7 +369,7 @@ class Executor:
         # it joins the result's group and takes its lineage.
         result_ranges = memory_ranges(safe) if input_ids else []
         shared = [i for i in dict.fromkeys(input_ids) if result_ranges and overlaps(result_ranges, memory_ranges(self.table.get(i).value))]
-        if shared:
+        if shared and not entry.alias:  # declared aliases merge below anyway
             self.table.taint(shared, lineage, [label])
 
         if entry.mutates and input_ids:

@@ -286,6 +286,8 @@ class Scientist:
         recorder = self._recorder
         if recorder is not None and recorder.thread == threading.get_ident():  # inside a duet.plan recording
             return recorder._call(kind, name, args, kwargs, want_result)
+        if self._to_free:  # freed objects leave the owner's budget before new ones arrive
+            self._flush_frees()
         rid = self._new_rid() if want_result else None
         msg = {
             "t": "call",
@@ -310,6 +312,8 @@ class Scientist:
 
     def send(self, value: Any) -> Pointer:
         """Upload your own tensor, array or numbers; its pointer needs no approval to read back."""
+        if self._to_free:
+            self._flush_frees()
         if isinstance(value, Pointer):
             raise TypeError("this is already a remote object")
         if isinstance(value, torch.nn.Module):

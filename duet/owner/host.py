@@ -316,6 +316,9 @@ class ScientistConnection:
 
     def _handle(self, msg: Dict[str, Any]) -> None:
         kind = msg.get("t")
+        freed = msg.get("free")
+        if freed is not None and kind != "free":  # frees riding on an action go first
+            self._free_ids(freed)
         if kind == "call":
             self._run_call(msg)
         elif kind == "put":
@@ -326,18 +329,20 @@ class ScientistConnection:
                 except DuetError as exc:
                     self._fail(rid, exc, "upload")
         elif kind == "free":
-            ids = msg.get("ids")
-            if isinstance(ids, list):
-                for rid in ids:
-                    if isinstance(rid, int):
-                        self.objects.free(rid)
-                        self.failures.pop(rid, None)
+            self._free_ids(msg.get("ids"))
         elif kind == "req":
             self._handle_request(msg)
         elif kind in ("model", "plan_def", "plan_run", "epoch", "batch"):
             self.training.handle(kind, msg)
         else:
             log.warning("unknown message type %r from scientist", kind)
+
+    def _free_ids(self, ids: Any) -> None:
+        if isinstance(ids, list):
+            for rid in ids:
+                if isinstance(rid, int):
+                    self.objects.free(rid)
+                    self.failures.pop(rid, None)
 
     def _fail(self, rid: Optional[int], exc: BaseException, op: str) -> None:
         err = error_to_wire(exc, op)

@@ -28,6 +28,7 @@ log = logging.getLogger("duet.scientist")
 DEFAULT_TIMEOUT = 30.0
 MAX_LABEL = 80
 MAX_FAILURES_KEPT = 10_000
+FREE_BATCH_SECONDS = 0.05  # dropped pointers are freed in batches, or with the next action
 
 
 def _label(name: str, args: List[Any]) -> str:
@@ -169,6 +170,7 @@ class Scientist:
         self.numpy = RemoteNamespace(self, "numpy")
         self._rids = itertools.count(1)
         self._to_free: List[int] = []
+        self._free_timer_set = False
         self._free_lock = threading.Lock()
         self._handles: "weakref.WeakValueDictionary[int, RequestHandle]" = weakref.WeakValueDictionary()
         self._welcome: "concurrent.futures.Future[Dict[str, Any]]" = concurrent.futures.Future()
@@ -286,8 +288,6 @@ class Scientist:
         recorder = self._recorder
         if recorder is not None and recorder.thread == threading.get_ident():  # inside a duet.plan recording
             return recorder._call(kind, name, args, kwargs, want_result)
-        if self._to_free:  # freed objects leave the owner's budget before new ones arrive
-            self._flush_frees()
         rid = self._new_rid() if want_result else None
         msg = {
             "t": "call",
@@ -297,7 +297,7 @@ class Scientist:
             "args": self._encode_args(list(args)),
             "kwargs": self._encode_args(dict(kwargs)),
         }
-        self.session.send(msg)
+        self._send_with_frees(msg)
         if rid is None:
             return None
         return Pointer(self, rid, _label(name if kind == "func" else name, list(args)))
@@ -312,8 +312,6 @@ class Scientist:
 
     def send(self, value: Any) -> Pointer:
         """Upload your own tensor, array or numbers; its pointer needs no approval to read back."""
-        if self._to_free:
-            self._flush_frees()
         if isinstance(value, Pointer):
             raise TypeError("this is already a remote object")
         if isinstance(value, torch.nn.Module):
@@ -321,10 +319,10 @@ class Scientist:
 
             described = describe(value)  # refuses a module with an off-list call, naming it
             rid = self._new_rid()
-            self.session.send({"t": "model", "rid": rid, "graph": described.graph})
+            self._send_with_frees({"t": "model", "rid": rid, "graph": described.graph})
             return ModelPointer(self, rid, f"model {type(value).__name__}", value, described.keymap)
         rid = self._new_rid()
-        self.session.send({"t": "put", "rid": rid, "value": value})
+        self._send_with_frees({"t": "put", "rid": rid, "value": value})
         return Pointer(self, rid, f"sent {type(value).__name__}")
 
     def loader(
@@ -337,16 +335,38 @@ class Scientist:
         return RemoteLoader(self, name, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last, seed=seed, progress=progress)
 
     def _free(self, rid: int) -> None:
+        """A pointer was dropped. Its id rides on the next action; idle, a timer sends it."""
         with self._free_lock:
-            first = not self._to_free
             self._to_free.append(rid)
-        if first and not self.session.closed:
-            runtime.call_soon(self._flush_frees)
+            need_timer = not self._free_timer_set
+            self._free_timer_set = True
+        if need_timer and not self.session.closed:
+            runtime.call_soon(self._arm_free_timer)
 
-    def _flush_frees(self) -> None:
+    def _arm_free_timer(self) -> None:
+        runtime.loop().call_later(FREE_BATCH_SECONDS, self._flush_frees)
+
+    def _take_frees(self) -> List[int]:
         with self._free_lock:
             ids, self._to_free = self._to_free, []
+            self._free_timer_set = False
         self.failures_drop(ids)
+        return ids
+
+    def _send_with_frees(self, msg: Dict[str, Any]) -> None:
+        """Send an action carrying the ids freed since the last one, so the owner frees them first.
+
+        No extra message per dropped pointer, and the object budget is
+        released before new objects arrive.
+        """
+        if self._to_free:
+            ids = self._take_frees()
+            if ids:
+                msg["free"] = ids
+        self.session.send(msg)
+
+    def _flush_frees(self) -> None:
+        ids = self._take_frees()
         if ids and not self.session.closed:
             try:
                 self.session.send({"t": "free", "ids": ids})

@@ -19,7 +19,8 @@ Flags of an entry:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, FrozenSet, Iterable
+import importlib
+from typing import Any, Dict, FrozenSet, Iterable, Optional
 
 
 @dataclass(frozen=True)
@@ -274,6 +275,27 @@ MODULE_CALL = Entry(mutates=True)
 # Keyword arguments the owner refuses everywhere: they write into, or move, memory
 # the scientist did not create through this call.
 FORBIDDEN_KWARGS: FrozenSet[str] = frozenset({"out", "device", "pin_memory", "memory_format", "generator"})
+
+
+def import_dotted(name: str) -> Optional[Any]:
+    """The object a dotted name written in these tables stands for, or None if absent here.
+
+    Only names from these tables are ever passed in; never a name from the wire
+    that was not first looked up in them.
+    """
+    parts = name.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        try:
+            obj: Any = importlib.import_module(".".join(parts[:i]))
+        except ImportError:
+            continue
+        try:
+            for attr in parts[i:]:
+                obj = getattr(obj, attr)
+        except AttributeError:
+            return None
+        return obj
+    return None
 
 
 def is_allowed_function(name: str) -> bool:

@@ -7,7 +7,6 @@ types; every result carries the lineage of its inputs.
 """
 from __future__ import annotations
 
-import importlib
 import math
 import operator as _operator  # noqa: F401  (resolved through _resolve)
 import types
@@ -36,16 +35,7 @@ def resolve(name: str) -> Callable[..., Any]:
         return fn
     if name not in allowlist.FUNCTIONS:
         raise NotAllowed(f"{name} is not on the owner's allowlist")
-    parts = name.split(".")
-    obj: Any = None
-    for i in range(len(parts) - 1, 0, -1):
-        try:
-            obj = importlib.import_module(".".join(parts[:i]))
-        except ImportError:
-            continue
-        for attr in parts[i:]:
-            obj = getattr(obj, attr)
-        break
+    obj = allowlist.import_dotted(name)
     if obj is None or not callable(obj):
         raise NotAllowed(f"{name} is not available on the owner")
     _resolved[name] = obj

@@ -53,22 +53,12 @@ class _TorchNames:
 
     @staticmethod
     def _build() -> Dict[int, tuple]:
-        import importlib
-
         table: Dict[int, tuple] = {}
         for name in allowlist.FUNCTIONS:
-            if not name.startswith("torch."):
-                continue
-            parts = name.split(".")
-            for i in range(len(parts) - 1, 0, -1):
-                try:
-                    obj: Any = importlib.import_module(".".join(parts[:i]))
-                    for attr in parts[i:]:
-                        obj = getattr(obj, attr)
-                except (ImportError, AttributeError):
-                    continue
-                table.setdefault(id(obj), ("func", name))
-                break
+            if name.startswith("torch."):
+                obj = allowlist.import_dotted(name)
+                if obj is not None:
+                    table.setdefault(id(obj), ("func", name))
         for name in allowlist.TENSOR_METHODS:
             obj = getattr(torch.Tensor, name, None)
             if obj is not None:

@@ -15,7 +15,6 @@ the owner's check counts.
 from __future__ import annotations
 
 import builtins
-import importlib
 import inspect
 import operator
 import threading
@@ -41,16 +40,9 @@ def _function_names() -> Dict[int, str]:
             return _names
         table: Dict[int, str] = {}
         for name in graph_function_names():
-            parts = name.split(".")
-            for i in range(len(parts) - 1, 0, -1):
-                try:
-                    obj: Any = importlib.import_module(".".join(parts[:i]))
-                    for attr in parts[i:]:
-                        obj = getattr(obj, attr)
-                except (ImportError, AttributeError):
-                    continue
+            obj = allowlist.import_dotted(name)
+            if obj is not None:
                 table.setdefault(id(obj), name)
-                break
         table[id(builtins.getattr)] = "builtins.getattr"
         _names = table
         return table

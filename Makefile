@@ -25,7 +25,7 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 bench: $(STAMP)
-	$(PY) benchmarks/run_all.py
+	$(PY) benchmarks/p2p.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info test-output

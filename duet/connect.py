@@ -13,6 +13,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any, List, Optional, Set
 
@@ -30,6 +31,8 @@ log = logging.getLogger("duet.connect")
 MAX_NAME = 100
 PLAIN_ERROR_PREFIX = "!"  # unsealed notices: they can only make a pairing fail, never succeed
 CHANNEL_OPEN_TIMEOUT = 20.0
+RECONNECT_DELAYS = (0.2, 0.5, 1.0, 2.0, 5.0)  # then every 5 s
+RECONNECT_FOR = 600.0  # give up re-registering after this long
 
 
 def env_local_only(explicit: Optional[bool]) -> bool:
@@ -64,26 +67,70 @@ class OwnerSignaling:
     closed: threading.Event = field(default_factory=threading.Event)
     close_reason: str = ""
     task: Optional["asyncio.Task[None]"] = None
+    registrations: int = 0
+    _registration: threading.Condition = field(default_factory=threading.Condition)
 
     async def serve(self) -> None:
+        """Relay offers to answers; if the service goes away, register again when it is back."""
         try:
             while True:
-                event = await self.client.recv()
-                if event.kind == "msg" and event.peer and event.data:
-                    asyncio.ensure_future(self._on_offer(event.peer, event.data))
-                elif event.kind == "room_closed":
-                    self.close_reason = event.message or event.code or "the room closed"
-                    log.warning("signaling room closed: %s; connected scientists stay connected", self.close_reason)
-                    return
-        except SignalingError as exc:
-            self.close_reason = str(exc)
-            if not self.owner.closed:
-                log.warning("signaling connection lost: %s; connected scientists stay connected", exc)
+                try:
+                    await self._relay_events()
+                    return  # the service closed the room (expired): a new code is needed
+                except SignalingError as exc:
+                    if self.owner.closed:
+                        return
+                    self.close_reason = str(exc)
+                    log.warning("signaling connection lost (%s); connected scientists stay connected, reconnecting", exc)
+                    if not await self._reconnect():
+                        return
         except asyncio.CancelledError:
             self.close_reason = "closed"
             raise
         finally:
             self.closed.set()
+
+    async def _relay_events(self) -> None:
+        while True:
+            event = await self.client.recv()
+            if event.kind == "msg" and event.peer and event.data:
+                asyncio.ensure_future(self._on_offer(event.peer, event.data))
+            elif event.kind == "room_closed":
+                self.close_reason = event.message or event.code or "the room closed"
+                if event.code == "expired":
+                    log.warning("signaling room expired; connected scientists stay connected")
+                    return
+                raise SignalingError(f"the signaling service closed the room: {self.close_reason}")
+
+    async def _reconnect(self) -> bool:
+        """Register the same room again, with backoff, for at most RECONNECT_FOR seconds."""
+        deadline = time.monotonic() + RECONNECT_FOR
+        attempt = 0
+        while not self.owner.closed and time.monotonic() < deadline:
+            await asyncio.sleep(RECONNECT_DELAYS[min(attempt, len(RECONNECT_DELAYS) - 1)])
+            attempt += 1
+            try:
+                self.client = await SignalingClient.connect(self.code.signaling_url, self.code.room_id, "owner", timeout=5)
+            except SignalingError:
+                continue
+            self.close_reason = ""
+            self._registered()
+            log.info("registered with the signaling service again")
+            return True
+        self.close_reason = f"the signaling service stayed unreachable for {RECONNECT_FOR:g} s; launch again for a new code"
+        log.warning(self.close_reason)
+        return False
+
+    def _registered(self) -> None:
+        with self._registration:
+            self.registrations += 1
+            self._registration.notify_all()
+
+    def wait_registration(self, count: int, timeout: float) -> None:
+        """Block until the owner has registered with the service `count` times (1 = the first)."""
+        with self._registration:
+            if not self._registration.wait_for(lambda: self.registrations >= count, timeout):
+                raise TimeoutError(f"not registered with the signaling service within {timeout} s")
 
     async def _on_offer(self, peer_id: str, data: str) -> None:
         try:
@@ -212,6 +259,7 @@ def launch(
                 await embedded.stop()
             raise
         sig = OwnerSignaling(owner=owner, code=code, client=client, ice=ice_config(local_only, ice_servers), embedded=embedded)
+        sig._registered()
         sig.task = asyncio.ensure_future(sig.serve())
         return sig
 

@@ -23,7 +23,7 @@ def signaling():
     proc.stop()
 
 
-def test_two_processes_ops_approval_and_64mb_get(signaling):
+def test_two_processes_ops_approval_and_64mb_get(signaling, capsys):
     owner_proc, info = start_owner("--signaling", signaling, "--big-mb", "64", "--accept-all")
     try:
         start = time.perf_counter()
@@ -36,6 +36,7 @@ def test_two_processes_ops_approval_and_64mb_get(signaling):
         value = big.get(reason="checksum test", timeout=120)
         expected = torch.rand(64 * 2**18, generator=torch.Generator().manual_seed(1234))
         assert hashlib.sha256(value.numpy().tobytes()).hexdigest() == hashlib.sha256(expected.numpy().tobytes()).hexdigest()
+        assert "receiving big" in capsys.readouterr().err  # a progress bar for the 64 MB transfer
         scientist.close()
     finally:
         rc = owner_proc.stop()
@@ -181,3 +182,43 @@ def test_owner_serves_several_scientists_separately(signaling, tmp_path):
         for s in scientists:
             s.close()
         owner.close()
+
+
+def test_signaling_killed_after_pairing_then_restarted(tmp_path):
+    sig_proc, url = start_signaling()
+    port = url.rsplit(":", 1)[-1]
+    owner = duet.launch(name="o", signaling=url, local_only=True, display=False, audit_log=tmp_path / "a.jsonl")
+    restarted = None
+    try:
+        owner.store.add(torch.tensor([1.0, 2.0]), name="x")
+        owner.requests.add_handler(action="accept", datasets=["x"])
+        scientist = duet.join(owner.code, name="early", local_only=True)
+        sig_proc.kill()
+        # the peer link does not need the signaling service
+        assert scientist.store["x"].sum().get(timeout=30).item() == 3.0
+        with pytest.raises(duet.SignalingError):
+            duet.join(owner.code, name="meanwhile", local_only=True, timeout=5)
+        restarted, _ = start_signaling("--port", port)
+        owner.signaling.wait_registration(2, timeout=30)
+        with duet.join(owner.code, name="later", local_only=True) as later:
+            assert later.store["x"].max().get(timeout=30).item() == 2.0
+        scientist.close()
+    finally:
+        owner.close()
+        if restarted is not None:
+            restarted.stop()
+
+
+def test_owner_closing_tells_scientists_why(signaling, tmp_path):
+    owner = duet.launch(name="o", signaling=signaling, local_only=True, display=False, audit_log=tmp_path / "a.jsonl")
+    owner.store.add(torch.tensor([1.0, 2.0]), name="x")
+    scientist = duet.join(owner.code, name="s", local_only=True)
+    handle = scientist.store["x"].sum().request("pending when the owner leaves")
+    owner.requests.wait_pending(10)
+    owner.close(reason="the clinic closes at six")
+    with pytest.raises((duet.ConnectionLost, duet.RequestDenied), match="clinic closes at six"):
+        handle.wait(30)
+    assert scientist.session.wait_closed(30)
+    with pytest.raises(duet.ConnectionLost, match="clinic closes at six"):
+        scientist.send(torch.ones(1))
+    scientist.close()

@@ -5,7 +5,7 @@ import asyncio
 import contextlib
 import concurrent.futures
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 from ..errors import RequestDenied, RequestTimeout
 from ..tables import html_table, text_table
@@ -86,14 +86,50 @@ class RequestHandle:
 
 
 def _live_status(handle: RequestHandle, timeout: float) -> Any:
-    """In a Jupyter kernel, duet.widgets shows what a waiting get() is doing; elsewhere nothing."""
+    """In a Jupyter kernel, duet.widgets shows what a waiting get() is doing; elsewhere a text progress bar."""
     if handle._future.done():
         return contextlib.nullcontext()
     try:
-        from ..widgets import get_status  # the ui layer sits above; import it only when needed
+        from ..widgets import get_status, in_kernel  # the ui layer sits above; import it only when needed
     except ImportError:
-        return contextlib.nullcontext()
+        return _text_progress(handle)
+    if not in_kernel():
+        return _text_progress(handle)
     return get_status(handle, timeout)
+
+
+PROGRESS_MIN_BYTES = 4 * 2**20  # smaller transfers finish before a bar would help
+
+
+@contextlib.contextmanager
+def _text_progress(handle: RequestHandle) -> Iterator[None]:
+    """A tqdm bar for a large value arriving while we wait (chained to any existing listener)."""
+    transport = handle.progress_source
+    if transport is None:
+        yield
+        return
+    previous = transport.on_progress
+    bar: Any = None
+
+    def on_progress(received: int, total: int) -> None:
+        nonlocal bar
+        if previous is not None:
+            previous(received, total)
+        if total < PROGRESS_MIN_BYTES:
+            return
+        if bar is None:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"receiving {handle.label}", leave=False)
+        bar.update(received - bar.n)
+
+    transport.on_progress = on_progress
+    try:
+        yield
+    finally:
+        transport.on_progress = previous
+        if bar is not None:
+            bar.close()
 
 
 class RequestList(list):

@@ -178,7 +178,7 @@ def main() -> None:
         asyncio.run(answerer())
         return
     r = measure(args.bulk_mib << 20, args.small, args.small_size)
-    print(f"raw aiortc, two processes, 127.0.0.1")
+    print("raw aiortc, two processes, 127.0.0.1")
     print(f"  setup createOffer->open  {r['setup_s'] * 1000:8.1f} ms")
     print(f"  bulk {args.bulk_mib} MiB             {r['bulk_MBps']:8.2f} MB/s ({r['bulk_s']:.2f} s)")
     print(f"  small {args.small} x {args.small_size} B    {r['small_msgps']:8.0f} msg/s ({r['small_s']:.2f} s)")

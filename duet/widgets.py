@@ -398,7 +398,7 @@ class OwnerPanel:
         self._changed()
 
     def _render(self) -> None:
-        W = _widgets()
+        _widgets()  # fails early if ipywidgets is missing
         owner = self.owner
         with self._render_lock:
             self.refreshes += 1

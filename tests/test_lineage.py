@@ -1,7 +1,6 @@
 """Everything derived from private data stays private, including through aliasing and mutation."""
 from __future__ import annotations
 
-import pytest
 import torch
 
 import duet

@@ -13,7 +13,7 @@ import msgpack
 import nacl.secret
 import nacl.signing
 import pytest
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from duet import identity as ident

@@ -9,7 +9,6 @@ peer of the two-process test (SDP over stdin/stdout).
 """
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import os

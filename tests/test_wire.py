@@ -1,7 +1,6 @@
 """The wire codec: exact round trips, and hostile bytes that only ever raise ProtocolError."""
 from __future__ import annotations
 
-import math
 import pickle
 import struct
 import warnings

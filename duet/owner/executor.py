@@ -133,9 +133,9 @@ def _bounded(it: Iterable[Any], op: str, limit: int = 1_000_000) -> Iterable[Any
 
 # -- argument resolution -----------------------------------------------------------
 def collect_refs(obj: Any, out: List[int], depth: int = 0) -> None:
-    """Every object id an action's arguments point at."""
+    """Every object id an action's arguments point at (refusing nesting it could not fully see)."""
     if depth > 32:
-        return
+        raise NotAllowed("action arguments are nested too deeply")
     if isinstance(obj, Ref):
         out.append(obj.id)
     elif isinstance(obj, (list, tuple)):

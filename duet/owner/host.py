@@ -132,7 +132,7 @@ class ScientistConnection:
         self._inbox: "queue.SimpleQueue[Any]" = queue.SimpleQueue()
         self._queued = 0
         self._queued_lock = threading.Lock()
-        self._worker = threading.Thread(target=self._work, name=f"duet-owner-worker", daemon=True)
+        self._worker = threading.Thread(target=self._work, name="duet-owner-worker", daemon=True)
         self._worker.start()
         session.set_handler(self._on_message)
         session.on_close(self._on_close)

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import builtins
 import keyword
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List
 
 import torch
 

@@ -16,7 +16,7 @@ from typing import Any, Dict, List, Optional, Set
 
 from ..errors import NotAllowed
 from ..wire import Ref
-from .executor import Executor
+from .executor import Executor, collect_refs
 
 MAX_PLANS = 1_000
 MAX_ACTIONS = 10_000
@@ -34,19 +34,6 @@ class Plan:
     ops: List[str]
     approved_lineage: Optional[Set[str]] = None  # strict mode: what the owner approved it for
     uses: int = field(default=0)
-
-
-def _refs(obj: Any, out: List[int], depth: int = 0) -> None:
-    if depth > 32:
-        raise NotAllowed("plan action arguments are nested too deeply")
-    if isinstance(obj, Ref):
-        out.append(obj.id)
-    elif isinstance(obj, (list, tuple)):
-        for v in obj:
-            _refs(v, out, depth + 1)
-    elif isinstance(obj, dict):
-        for v in obj.values():
-            _refs(v, out, depth + 1)
 
 
 def remap(obj: Any, mapping: Dict[int, int]) -> Any:
@@ -80,8 +67,8 @@ def validate(msg: Dict[str, Any]) -> Plan:
         if kind not in ACTION_KINDS or not isinstance(name, str) or not isinstance(args, list) or not isinstance(kwargs, dict):
             raise NotAllowed(f"plan action #{i} is malformed")
         used: List[int] = []
-        _refs(args, used)
-        _refs(kwargs, used)
+        collect_refs(args, used)
+        collect_refs(kwargs, used)
         for r in used:
             if r not in defined:
                 raise NotAllowed(f"plan action #{i} uses a value before it is computed")

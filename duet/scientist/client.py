@@ -13,7 +13,6 @@ import threading
 import weakref
 from typing import Any, Dict, Iterator, List, Optional
 
-import numpy as np
 import torch
 
 from .. import allowlist, identity as identity_mod, runtime, wire

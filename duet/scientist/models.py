@@ -16,9 +16,8 @@ from __future__ import annotations
 
 import builtins
 import inspect
-import operator
 import threading
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional
 
 import torch
 

@@ -8,7 +8,6 @@ peer's `on_close`.
 """
 from __future__ import annotations
 
-import asyncio
 import collections
 import logging
 from typing import Deque, List, Optional

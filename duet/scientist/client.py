@@ -19,12 +19,17 @@ from .. import allowlist, identity as identity_mod, runtime, wire
 from ..errors import ConnectionLost, NotAllowed, PairingError, ProtocolError, RequestDenied
 from ..session import Session, error_from_wire
 from ..tables import STORE_HEADERS, html_table, store_rows, text_table
-from .pointer import Pointer
+from .pointer import Pointer, RefErrors, refs_in
 from .requests import RequestHandle, RequestList
 
 log = logging.getLogger("duet.scientist")
 
 DEFAULT_TIMEOUT = 30.0
+_ARG_ERRORS = RefErrors(
+    foreign=lambda: ValueError("this pointer belongs to another Duet session"),
+    too_deep=lambda: ProtocolError("arguments nested too deeply"),
+    module_hint="send a module with scientist.send(module) first, then pass its pointer",
+)
 MAX_LABEL = 80
 MAX_FAILURES_KEPT = 10_000
 FREE_BATCH_SECONDS = 0.05  # dropped pointers are freed in batches, or with the next action
@@ -251,22 +256,8 @@ class Scientist:
     def _new_rid(self) -> int:
         return next(self._rids)
 
-    def _encode_args(self, obj: Any, depth: int = 0) -> Any:
-        if isinstance(obj, Pointer):
-            if obj._client is not self:
-                raise ValueError("this pointer belongs to another Duet session")
-            return wire.Ref(obj._rid)
-        if depth > 16:
-            raise ProtocolError("arguments nested too deeply")
-        if isinstance(obj, list):
-            return [self._encode_args(v, depth + 1) for v in obj]
-        if isinstance(obj, tuple):
-            return tuple(self._encode_args(v, depth + 1) for v in obj)
-        if isinstance(obj, dict):
-            return {k: self._encode_args(v, depth + 1) for k, v in obj.items()}
-        if isinstance(obj, torch.nn.Module):
-            raise TypeError("send a module with scientist.send(module) first, then pass its pointer")
-        return obj
+    def _encode_args(self, obj: Any) -> Any:
+        return refs_in(obj, self, _ARG_ERRORS)
 
     def _call(self, kind: str, name: str, args: List[Any], kwargs: Dict[str, Any], want_result: bool = True) -> Any:
         if kind == "func" and name not in allowlist.FUNCTIONS:

@@ -33,7 +33,7 @@ import torch
 from .. import allowlist
 from ..errors import NotAllowed
 from ..wire import Ref
-from .pointer import Pointer
+from .pointer import Pointer, RefErrors, refs_in
 
 MAX_ACTIONS = 10_000
 
@@ -101,24 +101,17 @@ class _Recorder:
     def _request_release(self, ptr: Pointer, reason: str, decode: Any = None) -> Any:
         raise NotAllowed("a plan cannot get values while it is recorded; return them and .get() the result")
 
-    def _encode(self, obj: Any, depth: int = 0) -> Any:
-        if isinstance(obj, Pointer):
-            if obj._client is not self:
-                raise NotAllowed(
-                    "a plan can only use remote objects passed to it as arguments; pass this pointer as an argument"
-                )
-            return Ref(obj._rid)
-        if depth > 16:
-            raise NotAllowed("plan arguments are nested too deeply")
-        if isinstance(obj, list):
-            return [self._encode(v, depth + 1) for v in obj]
-        if isinstance(obj, tuple):
-            return tuple(self._encode(v, depth + 1) for v in obj)
-        if isinstance(obj, dict):
-            return {k: self._encode(v, depth + 1) for k, v in obj.items()}
-        if isinstance(obj, torch.nn.Module):
-            raise TypeError("send a module with scientist.send(module) first, then pass its pointer to the plan")
-        return obj
+    def _encode(self, obj: Any) -> Any:
+        return refs_in(obj, self, _PLAN_ARG_ERRORS)
+
+
+_PLAN_ARG_ERRORS = RefErrors(
+    foreign=lambda: NotAllowed(
+        "a plan can only use remote objects passed to it as arguments; pass this pointer as an argument"
+    ),
+    too_deep=lambda: NotAllowed("plan arguments are nested too deeply"),
+    module_hint="send a module with scientist.send(module) first, then pass its pointer to the plan",
+)
 
 
 def _template(value: Any, rec: _Recorder, outputs: List[int], depth: int = 0) -> Any:

@@ -8,10 +8,12 @@ private data.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Dict, Optional
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Dict, Optional
 
 from .. import allowlist
 from ..errors import NotAllowed
+from ..wire import Ref
 
 if TYPE_CHECKING:
     from .client import Scientist
@@ -227,3 +229,36 @@ for _op in ("lt", "le", "eq", "ne", "gt", "ge"):
 for _op in ("neg", "pos", "abs", "invert"):
     setattr(Pointer, f"__{_op}__", _unary(_op))
 Pointer.__getitem__ = _binary("getitem")  # type: ignore[attr-defined]
+
+
+MAX_ARG_DEPTH = 16
+
+
+@dataclass(frozen=True)
+class RefErrors:
+    """How a caller of `refs_in` words its refusals."""
+
+    foreign: Callable[[], Exception]  # a pointer of another session (or outside a plan)
+    too_deep: Callable[[], Exception]
+    module_hint: str  # a local nn.Module passed where a pointer to one is needed
+
+
+def refs_in(obj: Any, client: Any, errors: RefErrors, depth: int = 0) -> Any:
+    """Arguments with every Pointer of `client` replaced by a wire Ref."""
+    if isinstance(obj, Pointer):
+        if obj._client is not client:
+            raise errors.foreign()
+        return Ref(obj._rid)
+    if depth > MAX_ARG_DEPTH:
+        raise errors.too_deep()
+    if isinstance(obj, list):
+        return [refs_in(v, client, errors, depth + 1) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(refs_in(v, client, errors, depth + 1) for v in obj)
+    if isinstance(obj, dict):
+        return {k: refs_in(v, client, errors, depth + 1) for k, v in obj.items()}
+    import torch
+
+    if isinstance(obj, torch.nn.Module):
+        raise TypeError(errors.module_hint)
+    return obj

@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, List
 
 import pytest
+
+from tests.waiting import eventually as _eventually
 from jupyter_server.serverapp import ServerApp
 from jupyter_server.utils import url_path_join
 from tornado.httpclient import HTTPClientError
@@ -123,12 +125,10 @@ async def pair_and_relay(url: str) -> None:
         await owner.close()
 
 
+
 async def eventually(predicate: Any, timeout: float = WAIT) -> None:
-    """Server-side state trails what clients saw by one loop turn; wait for it, bounded."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.01)
+    """Server-side state trails what the client already saw by a loop turn; wait for it, bounded."""
+    await _eventually(predicate, timeout)
 
 
 # ------------------------------------------------------------------ mounting

@@ -22,6 +22,8 @@ import urllib.request
 from typing import Any, AsyncIterator, Awaitable, Optional, TypeVar
 
 import pytest
+
+from tests.waiting import eventually as _eventually
 from tornado.httpclient import AsyncHTTPClient
 from tornado.websocket import websocket_connect
 
@@ -70,12 +72,10 @@ async def expect_closed(client: SignalingClient, timeout: float = WAIT) -> Signa
     return info.value
 
 
+
 async def eventually(predicate: Any, timeout: float = WAIT) -> None:
-    """Wait (bounded) for server-side state that trails what the client already saw."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.01)
+    """Server-side state trails what the client already saw by a loop turn; wait for it, bounded."""
+    await _eventually(predicate, timeout)
 
 
 def free_port() -> int:

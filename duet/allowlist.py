@@ -1,4 +1,4 @@
-"""The names a scientist may call on the owner, and how each one treats lineage.
+"""The names a scientist may call on the owner: what may run, and how big it may get.
 
 This module is data: both sides read it (the scientist to fail fast and to
 name torch functions it intercepts, the owner to decide). Only the owner's
@@ -6,15 +6,14 @@ check counts. Nothing is resolved by getattr on a name that crossed the wire:
 the owner looks names up in these tables and resolves dotted paths that are
 written here.
 
-Flags of an entry:
-- alias: the result may share memory with its inputs (a view, an attribute,
-  an in-place op returning self); it joins their lineage group.
-- mutates: the target (first input) changes in place; it absorbs the lineage
-  of every other input.
-- private_shape: the result's shape depends on values (masked selection), so
-  its shape is private like its values.
+The tables decide only what may run. They do not decide lineage: what a
+result or a changed argument derives from is observed while the action runs
+(see `duet.owner.executor`). Flags of an entry:
+
 - factory: creates a tensor whose size comes from integer arguments; the
   owner checks that size against the scientist's limits before allocating.
+- in_place: writes into its first argument. The owner relies on this only
+  for numpy arrays, which keep no write counter; torch's writes are observed.
 """
 from __future__ import annotations
 
@@ -25,19 +24,21 @@ from typing import Any, Dict, FrozenSet, Iterable, Optional
 
 @dataclass(frozen=True)
 class Entry:
-    """How one allowlisted name behaves for lineage and limits."""
+    """How one allowlisted name is checked before it runs."""
 
-    alias: bool = False
-    mutates: bool = False
-    private_shape: bool = False
     factory: bool = False
+    in_place: bool = False
+
+    @property
+    def mutates(self) -> bool:  # the name numpy's declared writes are looked up by
+        return self.in_place
 
 
 PLAIN = Entry()
-ALIAS = Entry(alias=True)
-INPLACE = Entry(alias=True, mutates=True)
-MUTATES = Entry(mutates=True)
-PRIVATE_SHAPE = Entry(private_shape=True)
+ALIAS = PLAIN  # views and aliases are found from memory, not declared
+INPLACE = Entry(in_place=True)
+MUTATES = Entry(in_place=True)
+PRIVATE_SHAPE = PLAIN  # data-dependent shapes are found by the shadow run on meta tensors
 FACTORY = Entry(factory=True)
 
 
@@ -120,7 +121,8 @@ TORCH_FUNCTIONS.update(
         prefix="torch.linalg.",
     )
 )
-TORCH_FUNCTIONS["torch.autograd.backward"] = Entry(mutates=True)
+TORCH_FUNCTIONS["torch.autograd.backward"] = PLAIN
+TORCH_FUNCTIONS["torch.manual_seed"] = PLAIN  # seeds the scientist's own generator on the owner
 TORCH_FUNCTIONS["torch.autograd.grad"] = PLAIN
 
 NN_FUNCTIONAL: Dict[str, Entry] = _entries(
@@ -268,9 +270,8 @@ ATTRIBUTES: Dict[str, Dict[str, Entry]] = {
     "ndarray": NDARRAY_ATTRIBUTES,
     "Module": MODULE_ATTRIBUTES,
 }
-# Calling a module runs forward, which may update buffers (batch norm statistics)
-# with the input's values: the module absorbs the input's lineage.
-MODULE_CALL = Entry(mutates=True)
+# Calling a module runs its forward (what it writes, e.g. batch norm statistics, is observed).
+MODULE_CALL = PLAIN
 
 # Keyword arguments the owner refuses everywhere: they write into, or move, memory
 # the scientist did not create through this call.
@@ -296,11 +297,6 @@ def import_dotted(name: str) -> Optional[Any]:
             return None
         return obj
     return None
-
-
-def is_allowed_function(name: str) -> bool:
-    """Whether a dotted function name may be called remotely at all."""
-    return name in FUNCTIONS
 
 
 def all_method_names() -> FrozenSet[str]:
@@ -333,4 +329,12 @@ GRAPH_FUNCTIONS: FrozenSet[str] = frozenset(
     and not e.factory
     and not n.startswith("torch.autograd.")
     and n != "operator.setitem"
+    and n != "torch.manual_seed"
 )
+
+# Tensor methods a model graph may call: not backward, and nothing that changes a
+# tensor's autograd flags or exposes memory (a graph has no per-action checks).
+# (new_empty is rebuilt as new_zeros; sizes inside a forward are checked by its shadow run.)
+GRAPH_METHODS: FrozenSet[str] = frozenset(TENSOR_METHODS) - {
+    "backward", "requires_grad_", "retain_grad", "detach_", "resize_as_",
+}

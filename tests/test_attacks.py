@@ -8,6 +8,7 @@ import concurrent.futures
 import pickle
 
 import pytest
+import numpy as np
 import torch
 
 import duet
@@ -38,7 +39,7 @@ def _still_serving(scientist: duet.Scientist) -> None:
 FUNC_ATTACKS = [
     "torch.load", "torch.save", "torch.from_file", "torch.hub.load", "torch.hub.download_url_to_file",
     "torch.ops.aten.add", "torch.compile", "torch.jit.load", "torch.jit.script", "torch.set_num_threads",
-    "torch.manual_seed", "torch.utils.cpp_extension.load", "numpy.load", "numpy.save", "numpy.fromfile",
+    "torch.seed", "torch.set_rng_state", "torch.utils.cpp_extension.load", "numpy.load", "numpy.save", "numpy.fromfile",
     "numpy.loadtxt", "numpy.genfromtxt", "numpy.memmap", "numpy.ctypeslib.load_library", "numpy.lib.format.open_memmap",
     "builtins.eval", "builtins.exec", "builtins.open", "builtins.getattr", "builtins.__import__",
     "os.system", "subprocess.run", "importlib.import_module", "pickle.loads", "operator.attrgetter",
@@ -54,6 +55,21 @@ def test_function_escapes_are_refused(pair, name):
     err = _failure(scientist, rid)
     assert isinstance(err, duet.NotAllowed) and "allowlist" in str(err)
     _still_serving(scientist)
+
+
+def test_manual_seed_seeds_only_the_scientists_generator(pair):
+    """torch.manual_seed is allowed, but never reaches the owner's global generators."""
+    _, scientist = pair
+    before_torch, before_numpy = torch.get_rng_state(), np.random.get_state()[1].copy()
+    scientist.torch.manual_seed(1234)
+    a = scientist.torch.rand(3).get(timeout=10)
+    scientist.torch.manual_seed(1234)
+    b = scientist.torch.rand(3).get(timeout=10)
+    assert torch.equal(a, b)  # reproducible for the scientist
+    assert torch.equal(torch.get_rng_state(), before_torch)  # the owner's generator never moved
+    assert np.array_equal(np.random.get_state()[1], before_numpy)
+    rid = _raw_call(scientist, "func", "torch.manual_seed", ["/etc/passwd"])
+    assert isinstance(_failure(scientist, rid), duet.NotAllowed)
 
 
 METHOD_ATTACKS = [

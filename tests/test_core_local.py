@@ -292,3 +292,13 @@ def test_owner_close_tells_scientist(pair):
     assert scientist.session.wait_closed(10)
     with pytest.raises(duet.ConnectionLost, match="clinic is closing"):
         scientist.send(torch.ones(1))
+
+
+def test_asking_again_after_a_rule_accepted_gets_the_value_again(pair):
+    """A rule that decides inside submit must not leave a spent request behind: the second get is not None."""
+    owner, scientist = pair
+    owner.requests.add_handler(action="accept", datasets=["ages"])
+    total = scientist.store["ages"].sum()
+    assert total.get(timeout=10).item() == 157.0
+    second = total.get(timeout=10)
+    assert second is not None and second.item() == 157.0

@@ -1,16 +1,41 @@
-"""Runs one scientist's actions on the owner, within the allowlist.
+"""Runs one scientist's actions on the owner, within the allowlist, with lineage from what they did.
 
-Names are looked up in `duet.allowlist` tables; dotted paths written there are
-resolved once and cached. Nothing that crossed the wire is ever passed to
-getattr except names that are keys of those tables. Results must be of safe
-types; every result carries the lineage of its inputs.
+The allowlist (`duet.allowlist`) decides *what may run*. What an action's
+results and effects derive from is decided from facts observed while it runs:
+
+1. **Flow.** Everything the action read: the value and metadata lineage of
+   every input (``all``), and what could have influenced sizes, indices,
+   flags and control flow (``meta``): the inputs' metadata lineage, plus the
+   value lineage of inputs that are Python data (ints, lists, slices, keys),
+   whose values are used as sizes and indices.
+2. **Effects.** Every object the action could have changed whose lineage would
+   grow (arguments, their contents, a module's parameters and buffers, an
+   optimizer's state, every holder of a tensor that can receive a gradient)
+   is watched: memory writes as torch reports them (`duet.owner.effects`),
+   numpy writes trapped by read-only flags, and changes of structure
+   (`duet.owner.footprint`). A changed object takes the flow's lineage.
+   When the set of writes itself may depend on private data (values were
+   read back into Python, or Python library code ran with private metadata
+   or Python arguments), every watched object is treated as changed.
+3. **Results.** A result's values take ``all``. Its metadata takes ``meta``
+   only when a shadow run on meta tensors (`duet.owner.shapes`) predicts it
+   exactly; a plain Python result so predicted (``x.size(0)``) takes ``meta``
+   for its value too. A result that shares state with inputs joins their
+   alias group; when which inputs it shares with may depend on private data,
+   it joins every input's group.
+
+Names that crossed the wire are only ever used as keys of the allowlist's
+tables. ``empty*`` allocate zeroed memory; every random operation draws from
+the scientist's own generator (`duet.owner.randomness`).
 """
 from __future__ import annotations
 
+import inspect
 import math
-import operator as _operator  # noqa: F401  (resolved through _resolve)
+import operator as _operator  # noqa: F401  (resolved through allowlist.import_dotted)
 import types
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple
 
 import numpy as np
 import torch
@@ -19,13 +44,23 @@ from .. import allowlist
 from ..allowlist import Entry
 from ..errors import LimitExceeded, NotAllowed
 from ..wire import Ref
-from .objects import ObjectTable, RemoteObject, memory_ranges, overlaps
+from . import bounds, shapes
+from .effects import Observer
+from .footprint import Footprint, arrays_in, footprint, ranges_overlap, structure, tensor_range, tensors_in, walk
+from .objects import ObjectTable, RemoteObject
+from .opchain import OpChain
+from .randomness import ActionRandomness, Randomness
 
 _resolved: Dict[str, Callable[..., Any]] = {}
 
-ALIASING_CONSTRUCTORS = {"torch.nn.Sequential", "torch.nn.ModuleList"} | set(allowlist.OPTIMIZERS) | set(
-    allowlist.LR_SCHEDULERS
-)
+# Uninitialised memory never reaches a scientist: these allocate zeroed.
+ZEROED = {
+    "torch.empty": "torch.zeros",
+    "torch.empty_like": "torch.zeros_like",
+    "numpy.empty": "numpy.zeros",
+    "numpy.empty_like": "numpy.zeros_like",
+}
+ZEROED_METHODS = {"new_empty": "new_zeros"}
 
 
 def resolve(name: str) -> Callable[..., Any]:
@@ -35,7 +70,7 @@ def resolve(name: str) -> Callable[..., Any]:
         return fn
     if name not in allowlist.FUNCTIONS:
         raise NotAllowed(f"{name} is not on the owner's allowlist")
-    obj = allowlist.import_dotted(name)
+    obj = allowlist.import_dotted(ZEROED.get(name, name))
     if obj is None or not callable(obj):
         raise NotAllowed(f"{name} is not available on the owner")
     _resolved[name] = obj
@@ -159,234 +194,462 @@ def substitute(obj: Any, table: ObjectTable, depth: int = 0) -> Any:
     return obj
 
 
-# -- size guards for factories -------------------------------------------------------
-def _ints(obj: Any) -> List[int]:
-    if isinstance(obj, bool):
-        return []
-    if isinstance(obj, int):
-        return [obj]
-    if isinstance(obj, (list, tuple, torch.Size)):
-        out: List[int] = []
-        for v in obj:
-            out.extend(_ints(v))
-        return out
-    return []
-
-
-def _product(values: Iterable[int]) -> int:
-    total = 1
-    for v in values:
-        total *= max(int(v), 0)
-        if total > 2**62:
-            return 2**62
-    return total
-
-
-def requested_elements(name: str, args: Tuple[Any, ...], kwargs: Dict[str, Any], target: Any = None) -> int:
-    """How many elements a factory call would allocate, computed before running it."""
-    short = name.rsplit(".", 1)[-1]
-    size_kw = kwargs.get("size", kwargs.get("shape"))
-    if short == "arange":
-        nums = [a for a in args if isinstance(a, (int, float)) and not isinstance(a, bool)]
-        start, end, step = 0.0, 0.0, 1.0
-        if len(nums) == 1:
-            end = nums[0]
-        elif len(nums) >= 2:
-            start, end = nums[0], nums[1]
-            step = nums[2] if len(nums) > 2 else kwargs.get("step", 1.0)
-        start = kwargs.get("start", start)
-        end = kwargs.get("end", kwargs.get("stop", end))
-        step = kwargs.get("step", step) or 1.0
-        try:
-            return max(int(math.ceil((float(end) - float(start)) / float(step))), 0)
-        except (TypeError, ValueError, OverflowError, ZeroDivisionError):
-            return 0
-    if short in ("linspace", "logspace"):
-        steps = kwargs.get("steps", kwargs.get("num", args[2] if len(args) > 2 else 50))
-        return int(steps) if isinstance(steps, int) else 0
-    if short in ("randint",):
-        if size_kw is not None:
-            return _product(_ints(size_kw))
-        tail = [a for a in args if isinstance(a, (tuple, list, torch.Size))]
-        return _product(_ints(tail[-1])) if tail else 1
-    if short in ("full", "new_full"):
-        return _product(_ints(args[0] if args else size_kw))
-    if short in ("normal", "uniform", "choice", "random"):
-        if size_kw is not None:
-            return _product(_ints(size_kw))
-        shaped = [a for a in args if isinstance(a, (tuple, list, torch.Size))]
-        if shaped:
-            return _product(_ints(shaped[-1]))
-        if short == "random" and args and isinstance(args[0], int):
-            return args[0]
-        return 1
-    if short == "eye" or short == "identity":
-        n = _ints(args[:1])
-        m = _ints(args[1:2]) or n
-        return _product(n + m)
-    if short == "repeat" and target is not None:
-        return _product([int(getattr(target, "numel", lambda: 1)())] + _ints(args))
-    if size_kw is not None:
-        return _product(_ints(size_kw))
-    return _product(_ints(args))
-
-
-# -- the action --------------------------------------------------------------------
-def lookup(kind: str, name: str, target: Any) -> Tuple[Entry, Callable[..., Any], str]:
-    """Find the allowlist entry and the callable for an action; refuse anything else."""
+# -- lookups -------------------------------------------------------------------------
+def lookup(kind: str, name: str, target: Any) -> Tuple[Entry, str]:
+    """The allowlist entry and the label of an action; refuses anything off the list."""
     if kind == "func":
         entry = allowlist.FUNCTIONS.get(name)
         if entry is None:
             raise NotAllowed(f"{name} is not on the owner's allowlist")
-        if name in ALIASING_CONSTRUCTORS:
-            entry = allowlist.ALIAS
-        elif name in allowlist.NN_MODULES:
+        if name in allowlist.NN_MODULES:
             entry = allowlist.FACTORY  # layer sizes come from integer arguments
-        return entry, resolve(name), name
+        return entry, name
     rkind = receiver_kind(target)
     if kind == "method":
         entry = allowlist.METHODS.get(rkind, {}).get(name)
         label = f"{rkind}.{name}"
         if entry is None:
             raise NotAllowed(f"{label} is not on the owner's allowlist")
-        return entry, getattr(target, name), label
+        return entry, label
     if kind == "attr":
         entry = allowlist.ATTRIBUTES.get(rkind, {}).get(name)
         label = f"{rkind}.{name}"
         if entry is None:
             raise NotAllowed(f"attribute {label} is not on the owner's allowlist")
-        return entry, (lambda: getattr(target, name)), label
+        return entry, label
     if kind == "call":
         if rkind != "Module":
             raise NotAllowed(f"a {type_name(target)} cannot be called")
-        return allowlist.MODULE_CALL, target, f"{type(target).__name__}.forward"
+        return allowlist.MODULE_CALL, f"{type(target).__name__}.forward"
     raise NotAllowed(f"unknown action kind {kind!r}")
 
 
-def leaf_tensors(roots: Iterable[torch.Tensor], limit: int = 1_000_000) -> List[torch.Tensor]:
-    """Leaves of the autograd graph behind these tensors (what backward writes .grad into)."""
-    leaves: List[torch.Tensor] = []
-    seen = set()
-    stack = [t.grad_fn for t in roots if isinstance(t, torch.Tensor) and t.grad_fn is not None]
-    stack += []
-    while stack and len(seen) < limit:
-        fn = stack.pop()
-        if fn is None or id(fn) in seen:
-            continue
-        seen.add(id(fn))
-        var = getattr(fn, "variable", None)
-        if isinstance(var, torch.Tensor):
-            leaves.append(var)
-        stack.extend(f for f, _ in fn.next_functions)
-    return leaves
+def _callable(kind: str, name: str, target: Any, rng: ActionRandomness) -> Callable[..., Any]:
+    """The owner's callable for a looked-up action (names are allowlist keys by now)."""
+    if kind == "func":
+        if name.startswith("numpy.random."):
+            return getattr(_LazyNumpyRandom(rng), name.rsplit(".", 1)[1])
+        return resolve(name)
+    if kind == "method":
+        if isinstance(target, torch.Tensor) and name == "resize_as_":
+            return lambda other: _resize_as_zeroed(target, other)
+        return getattr(target, ZEROED_METHODS.get(name, name)) if isinstance(target, torch.Tensor) else getattr(target, name)
+    if kind == "attr":
+        return lambda: getattr(target, name)
+    return target  # "call": the module itself
 
 
+class _LazyNumpyRandom:
+    """numpy.random.<fn> resolved on the action's own RandomState, made on first use."""
+
+    def __init__(self, rng: ActionRandomness) -> None:
+        self._rng = rng
+
+    def __getattr__(self, short: str) -> Callable[..., Any]:
+        if short.startswith("_"):
+            raise AttributeError(short)
+        rng = self._rng
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            return getattr(rng.numpy_state, short)(*args, **kwargs)
+
+        call.__signature__ = inspect.signature(getattr(_SIGNATURES, short))  # type: ignore[attr-defined]
+        return call
+
+
+_SIGNATURES = np.random.RandomState(0)  # only for reading the random functions' signatures
+
+
+def _resize_as_zeroed(target: torch.Tensor, other: Any) -> torch.Tensor:
+    """`resize_as_` without exposing whatever memory a larger storage held before."""
+    before = target.untyped_storage().nbytes()
+    target.resize_as_(other)
+    storage = target.untyped_storage()
+    if storage.nbytes() > before:
+        raw = torch.empty(0, dtype=torch.uint8).set_(storage)
+        with torch.no_grad():
+            raw[before:].zero_()
+    return target
+
+
+def _is_builtin(fn: Any) -> bool:
+    """C-implemented callables: which inputs they write is fixed by their schema, not by Python code."""
+    return isinstance(fn, (types.BuiltinFunctionType, types.BuiltinMethodType, types.MethodWrapperType,
+                           types.WrapperDescriptorType, np.ufunc)) or getattr(fn, "__module__", "") == "_operator"
+
+
+# -- flow ----------------------------------------------------------------------------
+@dataclass
+class Flow:
+    """What an action read: lineage of everything (`all`), and of what could steer sizes and flags (`meta`)."""
+
+    all: Set[str] = field(default_factory=set)
+    meta: Set[str] = field(default_factory=set)
+    ops: OpChain = field(default_factory=OpChain)
+
+    @property
+    def private(self) -> bool:
+        return bool(self.all)
+
+
+_CONTAINER_OPS = {"operator.getitem", "operator.setitem", "operator.contains", "operator.add", "operator.mul",
+                  "operator.iadd", "operator.imul"}
+
+
+def flow_of(table: ObjectTable, input_ids: List[int], kind: str, name: str, target: Any) -> Flow:
+    """The lineage an action reads, from its inputs."""
+    flow = Flow()
+    seen_groups: Set[int] = set()
+    first = table.get(input_ids[0]).value if input_ids else None
+    # Indexing a Python container: the key decides which object comes out, whatever its type;
+    # which object sits where is the container's metadata.
+    container = isinstance(target if kind != "func" else first, (list, tuple, dict)) and (kind != "func" or name in _CONTAINER_OPS)
+    for i, rid in enumerate(input_ids):
+        obj = table.get(rid)
+        if id(obj.group) not in seen_groups:
+            seen_groups.add(id(obj.group))
+            flow.ops.merge(obj.group.ops)
+        flow.all |= obj.group.lineage | obj.meta
+        flow.meta |= obj.meta
+        is_container = container and i == 0
+        if (container and not is_container) or (not is_container and not _is_data(obj.value)):
+            flow.meta |= obj.group.lineage
+    return flow
+
+
+def _is_data(value: Any) -> bool:
+    """Tensors, arrays and models: their contents are computed on, not used as sizes or keys."""
+    return isinstance(value, (torch.Tensor, np.ndarray, torch.nn.Module, torch.optim.Optimizer,
+                              torch.optim.lr_scheduler.LRScheduler))
+
+
+# -- watching effects ------------------------------------------------------------------
+@dataclass
+class _Watched:
+    obj: RemoteObject
+    footprint: Footprint
+    structure: tuple
+
+
+class Watch:
+    """Objects an action could change whose lineage would grow, as they were before it ran."""
+
+    def __init__(self, table: ObjectTable, flow: Flow, input_ids: List[int], values: Any) -> None:
+        self.table = table
+        self.flow = flow
+        candidates = list(dict.fromkeys(input_ids))
+        if any(t.grad_fn is not None or t.requires_grad for t in tensors_in(values)):
+            # A backward may reach any tensor that can receive a gradient, by graph, not by argument.
+            candidates += table.holders(lambda o: o.footprint.requires_grad)
+        self.watched: Dict[int, _Watched] = {}
+        for rid in dict.fromkeys(candidates):
+            obj = table.get(rid)
+            if flow.all <= obj.group.lineage and flow.meta <= obj.meta:
+                continue  # nothing it could learn
+            fp = footprint(obj.value)
+            self.watched[rid] = _Watched(obj, fp, structure(obj.value))
+        self._readonly: List[np.ndarray] = []
+
+    @property
+    def active(self) -> bool:
+        return bool(self.watched)
+
+    def protect_arrays(self, writable: Iterable[np.ndarray]) -> None:
+        """Make watched numpy arrays read-only, except the declared target of an in-place op."""
+        allowed = {id(a) for a in writable}
+        for w in self.watched.values():
+            for arr in arrays_in(w.obj.value):
+                if id(arr) not in allowed and arr.flags.writeable:
+                    arr.flags.writeable = False
+                    self._readonly.append(arr)
+
+    def restore_arrays(self) -> None:
+        for arr in self._readonly:
+            try:
+                arr.flags.writeable = True
+            except ValueError:  # pragma: no cover - a base made read-only meanwhile
+                pass
+        self._readonly = []
+
+    def changed(self, written: List[Tuple[int, int]], declared: Set[int]) -> Tuple[List[int], Dict[int, Footprint]]:
+        """Watched objects whose memory or structure changed, and everyone's new footprint."""
+        out: List[int] = []
+        new: Dict[int, Footprint] = {}
+        for rid, w in self.watched.items():
+            fp = footprint(w.obj.value)
+            new[rid] = fp
+            if rid in declared or ranges_overlap(w.footprint.ranges + fp.ranges, written) or structure(w.obj.value) != w.structure:
+                out.append(rid)
+        return out, new
+
+
+def _bump_versions(value: Any, written: List[Tuple[int, int]]) -> None:
+    """Tell autograd that written memory changed, so a graph that saved the old values refuses to run."""
+    for t in tensors_in(value):
+        r = tensor_range(t)
+        if r is not None and ranges_overlap([r], written):
+            try:
+                torch.autograd.graph.increment_version(t)
+            except Exception:  # pragma: no cover - inference tensors
+                pass
+
+
+# -- the action --------------------------------------------------------------------
 class Executor:
     """Applies one scientist's actions to their object table, in order."""
 
-    def __init__(self, table: ObjectTable) -> None:
+    def __init__(self, table: ObjectTable, randomness: Optional[Randomness] = None) -> None:
         self.table = table
+        self.randomness = randomness or Randomness()
 
     def describe(self, kind: str, name: str, args: List[Any]) -> str:
-        """A label for an action, for errors and the permission queue."""
-        if kind == "func":
-            return name
-        target = args[0] if args else None
-        if isinstance(target, Ref) and target.id in self.table:
-            return f"{receiver_kind(self.table.get(target.id).value)}.{name}" if kind != "call" else "forward"
-        return name
+        """A label for an action, for errors and the permission queue: only names Duet knows."""
+        try:
+            target = None
+            if kind in ("method", "attr", "call"):
+                if not args or not isinstance(args[0], Ref) or args[0].id not in self.table:
+                    return "action"
+                target = self.table.get(args[0].id).value
+            return lookup(kind, name, target)[1]
+        except NotAllowed:
+            return "refused action"
 
     def inputs_of(self, args: Any, kwargs: Any) -> List[int]:
         refs: List[int] = []
         collect_refs(args, refs)
         collect_refs(kwargs, refs)
-        return refs
+        return list(dict.fromkeys(refs))
 
     def lineage_of(self, rids: Iterable[int]) -> Tuple[set, List[str], bool]:
-        """Union of lineage and operations of the inputs, and whether all their shapes are public."""
+        """Union of lineage and operations of some objects, and whether all their shapes are public."""
         lineage: set = set()
-        ops: List[str] = []
+        ops = OpChain()
         shape_public = True
-        seen_groups = set()
         for rid in rids:
             obj = self.table.get(rid)
             shape_public = shape_public and obj.shape_public
-            if id(obj.group) in seen_groups:
-                continue
-            seen_groups.add(id(obj.group))
-            lineage |= obj.group.lineage
-            for op in obj.group.ops:
-                if op not in ops:
-                    ops.append(op)
-        return lineage, ops, shape_public
+            lineage |= obj.lineage
+            ops.merge(obj.group.ops)
+        return lineage, list(ops.labels()), shape_public
 
     def run(self, rid: Optional[int], kind: str, name: str, args: List[Any], kwargs: Dict[str, Any]) -> Optional[RemoteObject]:
         """Execute one action and store its result under rid."""
+        rng = self.randomness.for_action()
         if not isinstance(args, list) or not isinstance(kwargs, dict):
             raise NotAllowed("malformed action: args must be a list and kwargs a dict")
         bad = allowlist.FORBIDDEN_KWARGS.intersection(kwargs)
         if bad:
             raise NotAllowed(f"keyword argument {sorted(bad)[0]!r} is not allowed")
+        if kind in ("method", "attr", "call") and (not args or not isinstance(args[0], Ref)):
+            raise NotAllowed(f"{kind} {name}: the first argument must be a remote object")
         input_ids = self.inputs_of(args, kwargs)
         values = substitute(args, self.table)
         kw = substitute(kwargs, self.table)
-        target = values[0] if (kind in ("method", "attr", "call") and values) else None
-        if kind in ("method", "attr", "call"):
-            if not args or not isinstance(args[0], Ref):
-                raise NotAllowed(f"{kind} {name}: the first argument must be a remote object")
-        entry, fn, label = lookup(kind, name, target)
+        target = values[0] if kind in ("method", "attr", "call") else None
+        entry, label = lookup(kind, name, target)
         call_args = values[1:] if kind in ("method", "call") else values
         if kind == "attr" and (len(values) != 1 or kw):
             raise NotAllowed(f"attribute {label} takes no arguments")
+        flow = flow_of(self.table, input_ids, kind, name, target)
+        if kind == "func" and name == "torch.manual_seed":
+            return self._manual_seed(rid, call_args, kw, flow)
+        fn = _callable(kind, name, target, rng)
+        self._check_arguments(fn, label, call_args, kw)
+        self._check_python(label, name, kind, call_args)
+
+        # Sizes first: from a shadow run on meta tensors where one exists, else from the arguments.
+        predicted = self._shadow(kind, name, fn, target, call_args, kw)
+        n = 0
         if entry.factory:
-            n = requested_elements(name, tuple(call_args), kw, target=target)
-            if n > self.table.limits.max_elements_per_object:
-                # The count may derive from private values: name the limit, never n.
-                raise LimitExceeded(
-                    f"{label} would allocate more than {self.table.limits.max_elements_per_object} elements"
-                )
-            self.table.check_room(n)  # at least one byte per element
-        lineage, ops, shape_public = self.lineage_of(input_ids)
-        ops = ops + [label]
+            n = bounds.requested_elements(name, fn, tuple(call_args), kw, target=target if kind == "method" else None)
+        elif kind == "func" and name.startswith("numpy."):
+            n = bounds.numpy_elements(name, fn, tuple(call_args), kw)
+        bounds.check_elements(n, self.table.limits.max_elements_per_object, label)
+        self.table.check_room(n)  # at least one byte per element
 
-        if isinstance(fn, np.ufunc) and len(call_args) > fn.nin:
-            raise NotAllowed(f"{label}: an output array passed by position is not allowed")
-        result = fn() if kind == "attr" else fn(*call_args, **kw)
+        watch = Watch(self.table, flow, input_ids, [values, kw]) if flow.private else None
+        declared = self._declared_writes(kind, name, entry, target, input_ids, values)
+        tracking = watch is not None and watch.active
+        if tracking:
+            watch.protect_arrays(self.table.get(r).value for r in declared)
+        observer = Observer(rng, track=tracking)
+        failure: Optional[BaseException] = None
+        result: Any = None
+        try:
+            with observer:
+                result = fn() if kind == "attr" else fn(*call_args, **kw)
+        except Exception as exc:  # effects count even when the action fails half way (index_put_ out of range)
+            failure = exc
+        finally:
+            if watch is not None:
+                watch.restore_arrays()
+        doubt = self._apply_effects(watch, observer, flow, label, kind, fn, target, input_ids, declared, failure)
+        if failure is not None:
+            if tracking and isinstance(failure, ValueError) and "read-only" in str(failure):
+                raise NotAllowed(f"{label} tried to write into an argument it does not own; refused") from None
+            raise failure
         safe = make_safe(result, label)
+        self._tie_inputs(input_ids, doubt)
 
-        # Whatever the table says, an input whose memory the result shares is an
-        # alias (x.float() may return x itself; numpy may write into an input):
-        # it joins the result's group and takes its lineage.
-        result_ranges = memory_ranges(safe) if input_ids else []
-        shared = [i for i in dict.fromkeys(input_ids) if result_ranges and overlaps(result_ranges, memory_ranges(self.table.get(i).value))]
-        if shared and not entry.alias:  # declared aliases merge below anyway
-            self.table.taint(shared, lineage, [label])
-
-        if entry.mutates and input_ids:
-            mutated = [args[0].id] if kind in ("method", "call") and isinstance(args[0], Ref) else input_ids[:1]
-            self.table.taint(mutated, lineage, [label])
-        if label in ("Tensor.backward", "torch.autograd.backward"):
-            roots = [v for v in (values[:1] if kind == "method" else _flatten_tensors(call_args[:1]))]
-            self.table.taint_holders(leaf_tensors(roots), lineage, [label])
         if rid is None:
             return None
-        private_shape = entry.private_shape or (
-            label in ("operator.getitem",) and any(isinstance(v, (torch.Tensor, np.ndarray)) for v in _flatten(call_args[1:]))
-        )
-        alias_of = input_ids if entry.alias else shared
-        return self.table.put(
-            rid, safe, lineage=lineage, ops=ops, shape_public=shape_public and not private_shape, alias_of=alias_of
-        )
+        return self._store(rid, safe, flow, label, input_ids, predicted)
+
+    # -- pieces of run ------------------------------------------------------------------
+    def _apply_effects(self, watch: Optional[Watch], observer: Observer, flow: Flow, label: str, kind: str, fn: Any,
+                       target: Any, input_ids: List[int], declared: Set[int], failure: Optional[BaseException]) -> bool:
+        """What changed takes the flow's lineage; returns whether the action's writes were in doubt.
+
+        In doubt (the set of writes may itself depend on private data: values were
+        read back into Python, or Python library code ran with private metadata or
+        Python arguments), everything watched counts as changed.
+        """
+        python_code = not _is_builtin(fn) or kind == "call"
+        doubt = flow.private and (observer.read_values or (bool(flow.meta) and python_code))
+        fresh: Dict[int, Footprint] = {}
+        if watch is not None and watch.active:
+            changed, fresh = watch.changed(observer.written, declared)
+            written = list(watch.watched) if doubt else changed
+            meta = flow.all if observer.read_values else flow.meta
+            is_stateful_receiver = isinstance(target, (torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler))
+            if kind == "method" and is_stateful_receiver and input_ids and input_ids[0] in watch.watched:
+                written.append(input_ids[0])  # Python state (step counts, learning rates) has no write counter
+            written = list(dict.fromkeys(written))
+            if written:
+                chain = flow.ops.copy()
+                chain.extend([label])
+                self.table.taint(written, flow.all, chain, meta)
+            if observer.written:
+                # Copies of this memory saved for backward (under any alias) are now stale.
+                groups = {id(self.table.get(r).group): self.table.get(r).group for r in changed}
+                for group in groups.values():
+                    for member in list(group.members):
+                        if member in self.table:
+                            _bump_versions(self.table.get(member).value, observer.written)
+        for r in input_ids:
+            obj = self.table.get(r)
+            obj.footprint = fresh.get(r) or footprint(obj.value)
+        return doubt
+
+    def _shadow(self, kind: str, name: str, fn: Any, target: Any, call_args: List[Any], kw: Dict[str, Any]) -> Any:
+        """The result's structure as predicted on meta tensors, with the sizes it would allocate checked."""
+        if kind == "func" and (name.startswith("numpy.") or name in allowlist.NN_MODULES or name in allowlist.OPTIMIZERS
+                               or name in allowlist.LR_SCHEDULERS):
+            return shapes.UNAVAILABLE
+        if kind in ("method", "attr") and not isinstance(target, (torch.Tensor, torch.nn.Module)):
+            return shapes.UNAVAILABLE
+        if kind == "method" and isinstance(target, torch.nn.Module) and name not in _MODULE_READS:
+            return shapes.UNAVAILABLE
+        if not any(isinstance(t, torch.Tensor) for t in _flat([target, call_args, kw])) and not isinstance(target, torch.nn.Module):
+            return shapes.UNAVAILABLE
+        meter = bounds.SizeMeter()
+        if kind == "call":
+            predicted = shapes.shadow(target, call_args, kw, meter=meter)
+        elif kind == "method":
+            predicted = shapes.shadow(None, [target] + list(call_args), kw, target_method=ZEROED_METHODS.get(name, name), meter=meter)
+        elif kind == "attr":
+            predicted = shapes.shadow(None, [target], {}, target_method=name, meter=meter, attribute=True)
+        else:
+            predicted = shapes.shadow(fn, call_args, kw, meter=meter)
+        limit = self.table.limits.max_elements_per_object
+        if meter.largest_elements > limit:
+            raise LimitExceeded(f"{name if kind == 'func' else name} would allocate more than {limit} elements")
+        self.table.check_room(meter.largest)
+        return predicted
+
+    def _check_arguments(self, fn: Any, label: str, call_args: List[Any], kw: Dict[str, Any]) -> None:
+        """Refuse writes into arguments by position: numpy's `out` (dot(a, b, out), add(a, b, out))."""
+        bounds.check_dtype_arguments(kw, call_args)
+        if isinstance(fn, np.ufunc):
+            if len(call_args) > fn.nin:
+                raise NotAllowed(f"{label}: an output array passed by position is not allowed")
+            return
+        module = getattr(fn, "__module__", "") or ""
+        if module.startswith("numpy") or label.startswith("numpy."):
+            try:
+                bound = inspect.signature(fn).bind(*call_args, **kw)
+            except (TypeError, ValueError):
+                return  # the call itself will fail
+            for pname in bound.arguments:
+                if pname == "out" or pname.startswith("out"):
+                    raise NotAllowed(f"{label}: writing into an `{pname}` argument is not allowed")
+
+    def _check_python(self, label: str, name: str, kind: str, call_args: List[Any]) -> None:
+        if kind == "func" and name.startswith("operator."):
+            limits = self.table.limits
+            bounds.check_python_arithmetic(name, call_args, limits.max_python_bits, max(limits.max_elements_per_object // 8, 1))
+
+    def _declared_writes(self, kind: str, name: str, entry: Entry, target: Any, input_ids: List[int], values: List[Any]) -> Set[int]:
+        """numpy has no write counters: an in-place numpy operation's target is written by definition."""
+        first = target if kind == "method" else (values[0] if values else None)
+        if isinstance(first, np.ndarray) and entry.mutates and input_ids:
+            return {input_ids[0]}
+        return set()
+
+    def _tie_inputs(self, input_ids: List[int], doubt: bool) -> None:
+        """Inputs that now share state (load_state_dict(assign=True), state_dict(destination=)) form one group.
+
+        In doubt, which inputs came to share state may depend on private data: all of them do.
+        """
+        with_state = [r for r in input_ids if not self.table.get(r).footprint.empty]
+        if len(with_state) < 2:
+            return
+        if doubt:
+            self.table.merge(with_state)
+            return
+        for i, r1 in enumerate(with_state):
+            o1 = self.table.get(r1)
+            for r2 in with_state[i + 1:]:
+                o2 = self.table.get(r2)
+                if o1.group is not o2.group and o1.footprint.intersects(o2.footprint):
+                    self.table.merge([r1, r2])
+
+    def _store(self, rid: int, safe: Any, flow: Flow, label: str, input_ids: List[int], predicted: Any) -> RemoteObject:
+        value_lineage, meta_lineage = set(flow.all), set(flow.all)
+        if flow.all != flow.meta and predicted is not shapes.UNAVAILABLE:
+            try:
+                agrees = predicted == shapes.describe(safe)
+            except Exception:
+                agrees = False
+            if agrees:
+                meta_lineage = set(flow.meta)
+                if not shapes.holds_data(safe):
+                    value_lineage = set(flow.meta)  # computed from metadata alone (x.size(0), x.dim())
+        fp = footprint(safe)
+        if flow.meta and not fp.empty:
+            # Which inputs the result shares state with may depend on private metadata: all of them.
+            alias_of = [r for r in input_ids if not self.table.get(r).footprint.empty]
+        else:
+            alias_of = [r for r in input_ids if fp.intersects(self.table.get(r).footprint)]
+        obj = self.table.put(rid, safe, lineage=value_lineage, ops=[], meta=meta_lineage, alias_of=alias_of, fp=fp)
+        obj.group.ops.merge(flow.ops)
+        obj.group.ops.extend([label])
+        return obj
+
+    def _manual_seed(self, rid: Optional[int], call_args: List[Any], kw: Dict[str, Any], flow: Flow) -> Optional[RemoteObject]:
+        """`scientist.torch.manual_seed(n)`: seeds this scientist's own generator, never the owner's."""
+        if flow.private:
+            raise NotAllowed("manual_seed takes a public number: a seed derived from private data would make later random values private")
+        seed = call_args[0] if call_args else kw.get("seed")
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+            raise NotAllowed("manual_seed takes an int")
+        self.randomness.manual_seed(int(seed))
+        if rid is None:
+            return None
+        return self.table.put(rid, None, lineage=(), ops=["torch.manual_seed"])
 
 
-def _flatten(obj: Any) -> List[Any]:
+_MODULE_READS = frozenset({"parameters", "buffers", "children", "modules", "state_dict"})
+
+
+def _flat(obj: Any, depth: int = 0) -> List[Any]:
+    if depth > 16:
+        return []
     if isinstance(obj, (list, tuple)):
         out: List[Any] = []
         for v in obj:
-            out.extend(_flatten(v))
+            out.extend(_flat(v, depth + 1))
         return out
+    if isinstance(obj, dict):
+        return _flat(list(obj.values()), depth + 1)
     return [obj]
-
-
-def _flatten_tensors(obj: Any) -> List[torch.Tensor]:
-    return [v for v in _flatten(obj) if isinstance(v, torch.Tensor)]

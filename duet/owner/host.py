@@ -14,14 +14,14 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 
 from .. import identity as identity_mod
 from .. import wire
-from ..errors import ConnectionLost, DuetError, LimitExceeded, NotAllowed, PairingError, RequestDenied
+from ..errors import ConnectionLost, DuetError, LimitExceeded, NotAllowed, PairingError, RemoteError, RequestDenied
 from ..session import Session, error_to_wire
 from ..tables import html_table, text_table
 from .audit import AuditLog
@@ -33,6 +33,7 @@ from .store import AssetStore
 log = logging.getLogger("duet.owner")
 
 APPROVE_MODES = ("auto", "everything")
+REFUSED_LABELS = ("refused action", "action")  # what Executor.describe says of names it does not know
 MAX_FAILURES_KEPT = 10_000
 _STOP = object()
 
@@ -127,7 +128,10 @@ class ScientistConnection:
         self._left = False  # the scientist said goodbye: nothing to resume
         self._suspend_timer: Any = None
         self._releases: Dict[int, Request] = {}  # object id -> its release request, until delivered
-        self._reply_to: Dict[int, int] = {}  # queue request id -> the session request to answer
+        # queue request id -> (session, request id there) to answer; a reply meant for a dropped
+        # link waits for the scientist's next ask of the same object
+        self._reply_to: Dict[int, Tuple[Session, int]] = {}
+        self._delivered: Dict[int, None] = {}  # queue request ids whose outcome reached the scientist (recent ones)
         self._requests: List[Request] = []
         self._inbox: "queue.SimpleQueue[Any]" = queue.SimpleQueue()
         self._queued = 0
@@ -325,7 +329,7 @@ class ScientistConnection:
             rid = msg.get("rid")
             if isinstance(rid, int):
                 try:
-                    self.objects.put(rid, msg.get("value"), lineage=(), ops=["upload"], shape_public=True)
+                    self.objects.put(rid, msg.get("value"), lineage=(), ops=["upload"])
                 except DuetError as exc:
                     self._fail(rid, exc, "upload")
         elif kind == "free":
@@ -364,6 +368,7 @@ class ScientistConnection:
             self._fail(rid, NotAllowed("malformed action"), "action")
             return
         label = name
+        inputs: List[int] = []
         try:
             label = self.executor.describe(kind, name, args if isinstance(args, list) else [])
             inputs = self.executor.inputs_of(args, kwargs)
@@ -373,14 +378,29 @@ class ScientistConnection:
                         self.failures[rid] = self.failures[ref]
                     self.session.send({"t": "failed", "rid": rid, "error": self.failures[ref]})
                     return
-            if self.owner.approve == "everything":
-                self._await_compute_approval(label, inputs, msg)
+            if self.owner.approve == "everything" and label not in REFUSED_LABELS:
+                self._await_compute_approval(label, inputs, msg)  # only names Duet checked are shown
             self.executor.run(rid, kind, name, args, kwargs)
         except DuetError as exc:
             self._fail(rid, exc, label)
         except Exception as exc:
             log.warning("%s failed for %s", label, self.requester.name if self.requester else "?", exc_info=True)
-            self._fail(rid, exc, label)
+            self._fail(rid, self._withheld(exc, label, inputs), label)
+
+    def _withheld(self, exc: BaseException, label: str, inputs: List[int]) -> BaseException:
+        """A library error on private inputs: which kind of error it was may depend on the values.
+
+        The scientist learns that the operation failed (the documented one-bit
+        channel), never why; the owner's log keeps the traceback.
+        """
+        try:
+            private = bool(self.executor.lineage_of([r for r in inputs if r in self.objects])[0])
+        except DuetError:
+            private = True
+        if not private:
+            return exc
+        return RemoteError(label, "Error", "the details are withheld because the inputs derive from private data; "
+                                           "the owner's log has them")
 
     def _await_compute_approval(self, label: str, inputs: List[int], msg: Dict[str, Any]) -> None:
         lineage, ops, _ = self.executor.lineage_of(inputs)
@@ -452,28 +472,31 @@ class ScientistConnection:
             value = value.copy()
         else:
             raise NotAllowed(f"asset {name!r} is a dataset; iterate it with scientist.loader({name!r})")
-        self.objects.put(rid, value, lineage={name}, ops=[name], shape_public=True)
+        self.objects.put(rid, value, lineage={name}, ops=[name])
         self.session.reply(req_id, asset.public_info())
 
     def _meta(self, obj: RemoteObject) -> Dict[str, Any]:
+        """What the scientist may know of an object: its metadata only if nothing private shaped it."""
         value = obj.value
-        shape = getattr(value, "shape", None) if obj.shape_public else None
-        dtype = getattr(value, "dtype", None)
+        public = obj.shape_public
+        shape = getattr(value, "shape", None) if public else None
+        dtype = getattr(value, "dtype", None) if public else None
         return {
-            "type": type_name(value),
+            "type": type_name(value) if public else None,
             "shape": [int(s) for s in shape] if shape is not None else None,
             "dtype": str(dtype).replace("torch.", "") if dtype is not None else None,
-            "private": bool(obj.group.lineage),
-            "assets": sorted(obj.group.lineage),
-            "ops": list(obj.group.ops),
-            "requires_grad": bool(getattr(value, "requires_grad", False)),
+            "private": obj.private,
+            "assets": sorted(obj.lineage),
+            "ops": list(obj.group.ops.labels()),
+            "requires_grad": bool(getattr(value, "requires_grad", False)) if public else None,
+            "metadata_private": not public,
         }
 
     def _release(self, req_id: int, msg: Dict[str, Any]) -> None:
         rid = msg.get("obj")
         earlier = self._releases.get(rid) if isinstance(rid, int) else None
         if earlier is not None:  # asked again (e.g. after a resume): same request, same decision
-            self._reply_to[earlier.id] = req_id
+            self._reply_to[earlier.id] = (self.session, req_id)
             if earlier.pending:
                 self.session.send({"t": "queued", "id": req_id, "request": earlier.id})
             else:
@@ -483,7 +506,7 @@ class ScientistConnection:
         reason = str(msg.get("reason") or "")[:2000]
         value = snapshot(obj.value)
         numel, nbytes = size_of(value)
-        if not obj.group.lineage:
+        if not obj.private:
             self._send_release(req_id, value, request=None, private=False)
             return
         shape = getattr(obj.value, "shape", None)
@@ -491,8 +514,8 @@ class ScientistConnection:
         fields = {
             "kind": "release",
             "requester": self.requester,
-            "lineage": tuple(sorted(obj.group.lineage)),
-            "ops": tuple(obj.group.ops),
+            "lineage": tuple(sorted(obj.lineage)),
+            "ops": obj.group.ops.labels(),
             "type_name": type_name(obj.value),
             "shape": tuple(int(s) for s in shape) if shape is not None else None,
             "dtype": str(dtype).replace("torch.", "") if dtype is not None else None,
@@ -511,28 +534,37 @@ class ScientistConnection:
 
     def _submit(self, fields: Dict[str, Any], on_decided: Callable[[Request], None], reply_to: int, obj: int) -> Request:
         """Queue a release request, remembered per object until its outcome reaches the scientist."""
-        holder: Dict[str, Request] = {}
+        session = self.session
 
         def remember_then_decide(req: Request) -> None:
-            holder.setdefault("req", req)
-            self._reply_to.setdefault(req.id, reply_to)
-            self._releases.setdefault(obj, req)
+            # A rule may decide inside submit(): register first, or the outcome has nowhere to go.
+            if req.id not in self._delivered:
+                self._reply_to.setdefault(req.id, (session, reply_to))
+                self._releases.setdefault(obj, req)
             on_decided(req)
 
         req = self.owner.requests.submit(fields, remember_then_decide)
-        self._reply_to.setdefault(req.id, reply_to)
-        self._releases.setdefault(obj, req)
+        if req.id not in self._delivered:  # not already decided and delivered by a rule
+            self._reply_to.setdefault(req.id, (session, reply_to))
+            self._releases.setdefault(obj, req)
         self._requests.append(req)
         del self._requests[:-1000]
         return req
 
     def _deliver(self, req: Request) -> None:
         """Send a decided release to the scientist, unless their link is down (then on their next ask)."""
-        if self.session.closed or req.pending:
+        if req.pending:
             return
-        req_id = self._reply_to.pop(req.id, None)
-        if req_id is None:
+        target = self._reply_to.get(req.id)
+        if target is None:
             return
+        session, req_id = target
+        if session is not self.session or session.closed:
+            return  # asked over a link that dropped: kept until the scientist asks again
+        del self._reply_to[req.id]
+        self._delivered[req.id] = None
+        while len(self._delivered) > 10_000:
+            self._delivered.pop(next(iter(self._delivered)))
         self._releases = {k: v for k, v in self._releases.items() if v is not req}
         if req.status == ACCEPTED:
             self._send_release(req_id, req.value, request=req, private=True)

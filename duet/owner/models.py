@@ -209,8 +209,9 @@ def build_model(desc: Any) -> DuetModel:
                     raise NotAllowed(f"model uses {target[:120]}, which is not on the allowlist")
                 new = graph.call_function(resolve(target), a, _kwargs(kwargs, env))
         elif op == "call_method":
-            if not isinstance(target, str) or target not in allowlist.TENSOR_METHODS or target == "backward":
-                raise NotAllowed(f"model uses Tensor.{str(target)[:60]}, which is not on the allowlist")
+            if not isinstance(target, str) or target not in allowlist.GRAPH_METHODS:
+                raise NotAllowed(f"model uses Tensor.{str(target)[:60]}, which is not allowed in a model")
+            target = "new_zeros" if target == "new_empty" else target  # never uninitialised memory
             a = tuple(_arg(list(args), env))
             if not a or not isinstance(a[0], torch.fx.Node):
                 raise NotAllowed(f"model calls Tensor.{target} on something that is not a value of the graph")

@@ -1,43 +1,44 @@
 """One scientist's remote objects on the owner, with lineage.
 
-Lineage is kept per *alias group*: objects that may share memory (a tensor and
-its view, a model and its parameter list, an optimizer over those parameters)
-form one group, because a change through one of them changes them all. A
-group's lineage is the set of published assets whose values flowed into it.
-Anything with a non-empty lineage is private: it leaves only by approval.
+Two kinds of lineage, each a set of published asset names:
+
+- *value lineage*, kept per **alias group**: objects that may share state (a
+  tensor and its views, a model, its parameter list and its optimizer) form
+  one group, because a change through one of them changes them all. The
+  group's lineage names the assets whose values flowed into any member.
+- *metadata lineage*, kept per object: the assets that could have influenced
+  its type, shape, dtype, length or ``requires_grad``. It is a subset of
+  what a release would show: an object is private when either is non-empty.
+
+Groups only ever merge, never split: once two objects may have shared state,
+they stay tied (when in doubt, taint). Which objects changed, and which share
+state, is decided by the executor from what an action did
+(`duet.owner.effects`, `duet.owner.footprint`), not from the allowlist.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Set, Tuple
-
-import numpy as np
-import torch
+from typing import Any, Dict, Iterable, List, Optional, Set
 
 from ..errors import LimitExceeded, UnknownObject
-
-MAX_OPS_SHOWN = 24
+from .footprint import Footprint, footprint, python_nbytes
+from .opchain import OpChain
 
 
 @dataclass
 class Group:
-    """Objects that may share memory, and the assets their values derive from."""
+    """Objects that may share state, and the assets their values derive from."""
 
     lineage: Set[str] = field(default_factory=set)
-    ops: List[str] = field(default_factory=list)
+    ops: OpChain = field(default_factory=OpChain)
     members: Set[int] = field(default_factory=set)
 
-    def absorb(self, lineage: Iterable[str], ops: Iterable[str]) -> None:
+    def absorb(self, lineage: Iterable[str], ops: "OpChain | Iterable[str]") -> None:
         self.lineage.update(lineage)
-        merge_ops(self.ops, ops)
-
-
-def merge_ops(into: List[str], ops: Iterable[str]) -> None:
-    """Append operation names, keeping the most recent MAX_OPS_SHOWN."""
-    for op in ops:
-        if not into or into[-1] != op:
-            into.append(op)
-    del into[:-MAX_OPS_SHOWN]
+        if isinstance(ops, OpChain):
+            self.ops.merge(ops)
+        else:
+            self.ops.extend(ops)
 
 
 @dataclass
@@ -46,87 +47,26 @@ class RemoteObject:
 
     value: Any
     group: Group
-    shape_public: bool
+    meta: Set[str]  # assets its metadata may depend on
     nbytes: int
+    footprint: Footprint
 
+    @property
+    def shape_public(self) -> bool:
+        """Whether type, shape, dtype and requires_grad may be shown to the scientist."""
+        return not self.meta
 
-def value_nbytes(value: Any, _depth: int = 0) -> int:
-    """Memory a value holds, counted for the per-scientist byte limit."""
-    if _depth > 8:
-        return 0
-    if isinstance(value, torch.Tensor):
-        return value.element_size() * value.nelement()
-    if isinstance(value, np.ndarray):
-        return int(value.nbytes)
-    if isinstance(value, torch.nn.Module):
-        return sum(p.element_size() * p.nelement() for p in value.state_dict().values() if isinstance(p, torch.Tensor))
-    if isinstance(value, (list, tuple)):
-        return sum(value_nbytes(v, _depth + 1) for v in value)
-    if isinstance(value, dict):
-        return sum(value_nbytes(v, _depth + 1) for v in value.values())
-    return 0
+    @property
+    def lineage(self) -> Set[str]:
+        """Everything a release of this object would reveal: values and metadata."""
+        return self.group.lineage | self.meta
 
+    @property
+    def private(self) -> bool:
+        return bool(self.group.lineage or self.meta)
 
-def contained_tensors(value: Any, _depth: int = 0) -> Iterator[torch.Tensor]:
-    """Tensors held by a value: itself, a module's parameters, an optimizer's params."""
-    if _depth > 8:
-        return
-    if isinstance(value, torch.Tensor):
-        yield value
-    elif isinstance(value, torch.nn.Module):
-        yield from value.parameters()
-        yield from value.buffers()
-    elif isinstance(value, torch.optim.Optimizer):
-        for group in value.param_groups:
-            yield from group["params"]
-    elif isinstance(value, (list, tuple)):
-        for v in value:
-            yield from contained_tensors(v, _depth + 1)
-    elif isinstance(value, dict):
-        for v in value.values():
-            yield from contained_tensors(v, _depth + 1)
-
-
-def _byte_bounds(arr: np.ndarray) -> Tuple[int, int]:
-    try:
-        from numpy.lib.array_utils import byte_bounds  # numpy >= 2
-    except ImportError:  # pragma: no cover - numpy 1.x
-        byte_bounds = np.byte_bounds
-    return byte_bounds(arr)
-
-
-def memory_ranges(value: Any, _depth: int = 0) -> List[Tuple[int, int]]:
-    """Address ranges of the memory a value's tensors and arrays live in.
-
-    Two objects whose ranges overlap may share memory, whatever the op that
-    made them claimed: the owner uses this to find aliases it was not told of.
-    """
-    ranges: List[Tuple[int, int]] = []
-    if _depth > 8:
-        return ranges
-    if isinstance(value, np.ndarray):
-        if value.nbytes:
-            ranges.append(_byte_bounds(value))
-        return ranges
-    if isinstance(value, (list, tuple)):
-        for v in value:
-            ranges.extend(memory_ranges(v, _depth + 1))
-        return ranges
-    if isinstance(value, dict):
-        for v in value.values():
-            ranges.extend(memory_ranges(v, _depth + 1))
-        return ranges
-    for t in contained_tensors(value):
-        storage = t.untyped_storage()
-        if storage.nbytes():
-            start = storage.data_ptr()
-            ranges.append((start, start + storage.nbytes()))
-    return ranges
-
-
-def overlaps(a: List[Tuple[int, int]], b: List[Tuple[int, int]]) -> bool:
-    """Whether any range of a overlaps any range of b."""
-    return any(s1 < e2 and s2 < e1 for s1, e1 in a for s2, e2 in b)
+    def refresh_footprint(self) -> None:
+        self.footprint = footprint(self.value)
 
 
 @dataclass
@@ -137,6 +77,10 @@ class Limits:
     max_bytes: int = 8 * 2**30
     max_queued_actions: int = 100_000
     max_elements_per_object: int = 2**31
+    max_pending_releases: int = 64  # open release requests, each holding a snapshot
+    max_queued_bytes: int = 2 * 2**30  # bytes of messages waiting for the worker
+    max_python_bits: int = 1 << 16  # size of a Python int an action may make (bits)
+    max_sessions_per_key: int = 4  # concurrent sessions of one identity key
 
 
 class ObjectTable:
@@ -146,6 +90,7 @@ class ObjectTable:
         self.limits = limits or Limits()
         self._objects: Dict[int, RemoteObject] = {}
         self.total_bytes = 0
+        self.extra_bytes = 0  # held outside objects (pending release snapshots)
 
     def __len__(self) -> int:
         return len(self._objects)
@@ -166,7 +111,7 @@ class ObjectTable:
         """Raise LimitExceeded before an action that would go over a limit."""
         if len(self._objects) >= self.limits.max_objects:
             raise LimitExceeded(f"object limit reached ({self.limits.max_objects} objects); free some pointers")
-        if self.total_bytes + extra_bytes > self.limits.max_bytes:
+        if self.total_bytes + self.extra_bytes + extra_bytes > self.limits.max_bytes:
             raise LimitExceeded(
                 f"memory limit reached ({self.limits.max_bytes} bytes held for this scientist); free some pointers"
             )
@@ -177,23 +122,22 @@ class ObjectTable:
         value: Any,
         lineage: Iterable[str],
         ops: Iterable[str],
-        shape_public: bool,
+        meta: Iterable[str] = (),
         alias_of: Iterable[int] = (),
+        fp: Optional[Footprint] = None,
     ) -> RemoteObject:
         """Store a value; with alias_of, it joins (and merges) those objects' groups."""
-        nbytes = value_nbytes(value)
+        nbytes = python_nbytes(value)
         self.check_room(nbytes)
         if rid in self._objects:
             self.free(rid)
         groups = _unique_groups(self._objects[a].group for a in alias_of if a in self._objects)
-        if groups:
-            group = self._merge(groups)
-            group.absorb(lineage, ops)
-        else:
-            group = Group()
-            group.absorb(lineage, ops)
+        group = self._merge(groups) if groups else Group()
+        group.absorb(lineage, ops)
         group.members.add(rid)
-        obj = RemoteObject(value=value, group=group, shape_public=shape_public, nbytes=nbytes)
+        meta_set = set(meta)
+        obj = RemoteObject(value=value, group=group, meta=meta_set, nbytes=nbytes,
+                           footprint=fp if fp is not None else footprint(value))
         self._objects[rid] = obj
         self.total_bytes += nbytes
         return obj
@@ -208,28 +152,36 @@ class ObjectTable:
         self._objects.clear()
         self.total_bytes = 0
 
-    def taint(self, rids: Iterable[int], lineage: Iterable[str], ops: Iterable[str]) -> None:
-        """Objects changed in place take on the lineage of what changed them."""
-        lineage = list(lineage)
-        ops = list(ops)
-        for group in _unique_groups(self._objects[r].group for r in rids if r in self._objects):
+    def taint(self, rids: Iterable[int], lineage: Iterable[str], ops: "OpChain | Iterable[str]", meta: Iterable[str] = ()) -> None:
+        """Objects changed by an action take on the lineage of what changed them."""
+        lineage, meta = list(lineage), set(meta)
+        if not isinstance(ops, OpChain):
+            ops = OpChain(ops)
+        objs = [self._objects[r] for r in rids if r in self._objects]
+        for group in _unique_groups(o.group for o in objs):
             group.absorb(lineage, ops)
+        for o in objs:
+            o.meta |= meta
 
-    def taint_holders(self, tensors: Iterable[torch.Tensor], lineage: Iterable[str], ops: Iterable[str]) -> None:
-        """Taint every object that holds one of these tensors (e.g. leaves after backward)."""
-        wanted = {id(t) for t in tensors}
-        if not wanted:
-            return
-        holders = [rid for rid, obj in self._objects.items() if any(id(t) in wanted for t in contained_tensors(obj.value))]
-        self.taint(holders, lineage, ops)
+    def merge(self, rids: Iterable[int]) -> None:
+        """These objects may now share state: one group from here on."""
+        groups = _unique_groups(self._objects[r].group for r in rids if r in self._objects)
+        if len(groups) > 1:
+            self._merge(groups)
+
+    def holders(self, predicate: Any) -> List[int]:
+        """Ids of objects whose footprint satisfies predicate (a scan; used for autograd)."""
+        return [rid for rid, obj in self._objects.items() if predicate(obj)]
 
     def _merge(self, groups: List[Group]) -> Group:
         groups.sort(key=lambda g: len(g.members), reverse=True)
         target = groups[0]
         for other in groups[1:]:
-            target.absorb(other.lineage, other.ops)
+            target.lineage |= other.lineage
+            target.ops.merge(other.ops)
             for rid in other.members:
-                self._objects[rid].group = target
+                if rid in self._objects:
+                    self._objects[rid].group = target
             target.members |= other.members
             other.members = set()
         return target

@@ -128,9 +128,8 @@ class PlanRunner:
                 self.executor.run(real, act["kind"], act["name"], args, kwargs)
             for local, out in zip(plan.outputs, out_ids):
                 src = self.table.get(mapping[local])
-                self.table.put(
-                    out, src.value, lineage=src.group.lineage, ops=(), shape_public=src.shape_public, alias_of=[mapping[local]]
-                )
+                self.table.put(out, src.value, lineage=src.group.lineage, ops=(), meta=src.meta, alias_of=[mapping[local]],
+                               fp=src.footprint)
             plan.uses += 1
         finally:
             for t in temps:

@@ -23,7 +23,7 @@ import logging
 import threading
 from typing import TYPE_CHECKING, Any, Dict, List
 
-from ..errors import ConnectionLost, DuetError, NotAllowed, RequestDenied
+from ..errors import ConnectionLost, DuetError, NotAllowed, RemoteError, RequestDenied
 from ..wire import Ref
 from .datasets import MAX_LOADERS, OwnerLoader
 from .models import build_model
@@ -72,7 +72,7 @@ class TrainingHandlers:
             return
         try:
             model = build_model(msg.get("graph"))
-            self.conn.objects.put(rid, model, lineage=(), ops=["model upload"], shape_public=True)
+            self.conn.objects.put(rid, model, lineage=(), ops=["model upload"])
         except DuetError as exc:
             log.warning("refused a model: %s", exc)
             self.conn._fail(rid, exc, "model upload")
@@ -121,7 +121,7 @@ class TrainingHandlers:
                 self._fail_all(out, exc, current["label"])
             except Exception as exc:
                 log.warning("%s failed", current["label"], exc_info=True)
-                self._fail_all(out, exc, current["label"])
+                self._fail_all(out, conn._withheld(exc, current["label"], arg_ids), current["label"])
         except DuetError as exc:
             self._fail_all(out, exc, label)
 
@@ -160,12 +160,13 @@ class TrainingHandlers:
                 raise NotAllowed(f"a batch of {loader.name!r} has {loader.fields} parts")
             values = loader.next_batch()
             for rid, value in zip(rids, values):
-                self.conn.objects.put(rid, value, lineage={loader.name}, ops=[loader.name, "batch"], shape_public=True)
+                self.conn.objects.put(rid, value, lineage={loader.name}, ops=[loader.name, "batch"])
         except DuetError as exc:
             self._fail_all(rids, exc, "loader batch")
         except Exception as exc:
             log.warning("loader batch failed", exc_info=True)
-            self._fail_all(rids, exc, "loader batch")
+            self._fail_all(rids, RemoteError("loader batch", "Error", "the details are withheld: the dataset is private"),
+                           "loader batch")
 
     # -- requests --------------------------------------------------------------------
     def open_loader(self, msg: Dict[str, Any]) -> Dict[str, Any]:

@@ -204,8 +204,8 @@ def describe(module: torch.nn.Module) -> Described:
                     raise NotAllowed(f"model reads attribute {attr!r}, which is not on the allowlist")
             out = ["call_function", name, arg(node.args), {k: arg(v) for k, v in node.kwargs.items()}]
         elif op == "call_method":
-            if target not in allowlist.TENSOR_METHODS or target in ("backward",):
-                raise NotAllowed(f"model uses Tensor.{target}, which is not on the allowlist")
+            if target not in allowlist.GRAPH_METHODS:
+                raise NotAllowed(f"model uses Tensor.{target}, which is not allowed in a model")
             out = ["call_method", target, arg(node.args), {k: arg(v) for k, v in node.kwargs.items()}]
         elif op == "output":
             out = ["output", None, arg(node.args), {}]

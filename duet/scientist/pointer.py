@@ -82,6 +82,11 @@ class Pointer:
         import torch
 
         meta = self.meta()
+        if meta.get("metadata_private"):
+            raise NotAllowed(
+                "this shape depends on private values (for example a masked selection, or sizes computed "
+                "from private data); request it with .size() and .get()"
+            )
         if meta["shape"] is None:
             if meta["type"] not in ("Tensor", "ndarray"):
                 raise AttributeError(f"a remote {meta['type']} has no shape")
@@ -97,6 +102,8 @@ class Pointer:
         import torch
 
         meta = self.meta()
+        if meta.get("metadata_private"):
+            raise NotAllowed("this value's metadata depends on private values; request it with .get()")
         if meta["dtype"] is None:
             raise AttributeError(f"a remote {meta['type']} has no dtype")
         return getattr(torch, meta["dtype"]) if meta["type"] == "Tensor" else np.dtype(meta["dtype"])
@@ -114,10 +121,10 @@ class Pointer:
     def __getattr__(self, name: str) -> Any:
         if name.startswith("_"):
             raise AttributeError(name)
+        if name in _METHODS:  # (a name that is both, like `size`, is the tensor method)
+            return _RemoteMethod(self, name)
         if name in _ATTRIBUTES and name not in _META:
             return self._client._call("attr", name, [self], {})
-        if name in _METHODS:
-            return _RemoteMethod(self, name)
         raise AttributeError(f"{name!r} is not on the owner's allowlist for remote objects")
 
     def __call__(self, *args: Any, **kwargs: Any) -> "Pointer":

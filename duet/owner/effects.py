@@ -1,0 +1,173 @@
+"""Watching an action run: which memory torch wrote, whether values steered Python, and randomness.
+
+An :class:`Observer` is a ``TorchDispatchMode`` active while one scientist's
+action runs on the owner. It sees every ATen operation below autograd,
+including those inside library code, a model's forward and backward, and:
+
+- records the storage of every argument the operation writes, as torch's own
+  schema says (``Tensor(a!)``), refined by torch's ``SchemaInfo`` for the
+  operations whose writes depend on an argument (batch norm's running
+  statistics are written only when ``training``);
+- notes when tensor values were read back into Python (``item()``, ``bool()``,
+  ``equal``): from then on the action's control flow, and so what it wrote,
+  may depend on values;
+- gives every random operation the action's own generator
+  (:mod:`duet.owner.randomness`), and refuses one that cannot take it.
+
+Nothing here decides lineage; the executor does, from these facts.
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from ..errors import NotAllowed
+from .footprint import Range, tensor_range
+from .randomness import ActionRandomness
+
+aten = torch.ops.aten
+
+# Operations that turn tensor values into Python values (and so can steer control flow).
+_READS_VALUES = {"aten::_local_scalar_dense", "aten::is_nonzero", "aten::equal", "aten::item"}
+
+
+@dataclass(frozen=True)
+class _OpInfo:
+    writes: Tuple[int, ...]  # positions of arguments the schema marks as written
+    value_dependent_writes: bool  # writes depend on argument values (e.g. `training`)
+    names: Tuple[str, ...]
+    random: bool
+    has_generator: bool
+    reads_values: bool
+
+
+_INFO: Dict[Any, _OpInfo] = {}
+_INFO_LOCK = threading.Lock()
+
+
+def _info(func: Any) -> _OpInfo:
+    info = _INFO.get(func)
+    if info is not None:
+        return info
+    schema = func._schema
+    args = schema.arguments
+    writes = tuple(i for i, a in enumerate(args) if a.alias_info is not None and a.alias_info.is_write)
+    info = _OpInfo(
+        writes=writes,
+        value_dependent_writes=any(a.name == "training" or a.name == "train" for a in args),
+        names=tuple(a.name for a in args),
+        random=torch.Tag.nondeterministic_seeded in func.tags,
+        has_generator=any(a.name == "generator" for a in args),
+        reads_values=schema.name in _READS_VALUES,
+    )
+    with _INFO_LOCK:
+        _INFO[func] = info
+    return info
+
+
+def _argument(info: _OpInfo, i: int, args: tuple, kwargs: Dict[str, Any]) -> Any:
+    if i < len(args):
+        return args[i]
+    return kwargs.get(info.names[i])
+
+
+def _written_by_values(func: Any, info: _OpInfo, args: tuple, kwargs: Dict[str, Any]) -> List[int]:
+    """Positions written for this call, for ops whose writes depend on flags like `training`."""
+    schema_info = torch._C._SchemaInfo(func._schema)
+    values = {}
+    for i, name in enumerate(info.names):
+        v = _argument(info, i, args, kwargs)
+        if isinstance(v, (torch.Tensor, bool, int, float)) or v is None:
+            values[name] = v
+    try:
+        schema_info.add_argument_values(values)
+    except Exception:
+        return list(range(len(info.names)))  # cannot tell: every tensor argument may be written
+    arg = torch._C._SchemaArgument
+    kind = torch._C._SchemaArgType.input
+    return [i for i in range(len(info.names)) if schema_info.is_mutable(arg(kind, i))]
+
+
+def _generator_overload(func: Any) -> Optional[Any]:
+    """The `.generator` sibling of an overload that has none (aten.rand.default -> aten.rand.generator)."""
+    packet = getattr(aten, func._schema.name.split("::", 1)[1], None)
+    if packet is None:
+        return None
+    overload = func._overloadname
+    return getattr(packet, "generator" if overload in ("default", "") else f"{overload}_generator", None)
+
+
+class Observer(TorchDispatchMode):
+    """Records one action's writes and value reads, and routes its randomness."""
+
+    def __init__(self, randomness: ActionRandomness, track: bool) -> None:
+        super().__init__()
+        self.randomness = randomness
+        self.track = track
+        self.written: List[Range] = []
+        self.written_tensors: List[torch.Tensor] = []
+        self.read_values = False
+
+    def _record(self, value: Any) -> None:
+        if isinstance(value, torch.Tensor):
+            if value.device.type == "meta":
+                return
+            r = tensor_range(value)
+            if r is not None:
+                self.written.append(r)
+                self.written_tensors.append(value)
+        elif isinstance(value, (list, tuple)):
+            for v in value:
+                self._record(v)
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: Optional[Dict[str, Any]] = None) -> Any:
+        kwargs = dict(kwargs or {})
+        info = _INFO.get(func) or _info(func)
+        if info.reads_values:
+            self.read_values = True
+        if info.random:
+            func, args, kwargs = self._route_random(func, info, args, kwargs)
+            info = _INFO.get(func) or _info(func)
+        if self.track and (info.writes or info.value_dependent_writes):
+            positions = _written_by_values(func, info, args, kwargs) if info.value_dependent_writes else info.writes
+            for i in positions:
+                self._record(_argument(info, i, args, kwargs))
+        return func(*args, **kwargs)
+
+    # -- randomness ----------------------------------------------------------------
+    def _route_random(self, func: Any, info: _OpInfo, args: tuple, kwargs: Dict[str, Any]) -> Tuple[Any, tuple, Dict[str, Any]]:
+        if info.has_generator:
+            kwargs["generator"] = self.randomness.torch_generator
+            return func, args, kwargs
+        sibling = _generator_overload(func)
+        if sibling is not None:
+            kwargs["generator"] = self.randomness.torch_generator
+            return sibling, args, kwargs
+        name = func._schema.name
+        if name in ("aten::rand_like", "aten::randn_like", "aten::randint_like"):
+            return self._like(func, name, args, kwargs)
+        raise NotAllowed(f"random operation {name} cannot draw from your generator on the owner")
+
+    def _like(self, func: Any, name: str, args: tuple, kwargs: Dict[str, Any]) -> Tuple[Any, tuple, Dict[str, Any]]:
+        src = args[0]
+        dtype = kwargs.get("dtype") or src.dtype
+        gen = self.randomness.torch_generator
+        if name == "aten::rand_like":
+            return _draw, (src, dtype, lambda t: t.uniform_(0.0, 1.0, generator=gen)), {}
+        if name == "aten::randn_like":
+            return _draw, (src, dtype, lambda t: t.normal_(0.0, 1.0, generator=gen)), {}
+        rest = list(args[1:])
+        if any(isinstance(v, torch.Tensor) for v in rest):
+            raise NotAllowed("randint_like with a tensor bound cannot draw from your generator on the owner")
+        low, high = (0, rest[0]) if len(rest) == 1 else (rest[0], rest[1])
+        return _draw, (src, dtype, lambda t: t.random_(low, high, generator=gen)), {}
+
+
+def _draw(src: torch.Tensor, dtype: torch.dtype, fill: Any) -> torch.Tensor:
+    out = torch.empty_like(src, dtype=dtype)
+    fill(out)
+    return out

@@ -1,0 +1,162 @@
+"""Whether a result's metadata depends only on metadata: checked, not assumed.
+
+Running an action a second time on *meta* tensors (same shapes, strides,
+dtypes and ``requires_grad``, no data) computes everything about the result
+that can be known without the values. If that shadow run succeeds and
+predicts the real result's structure exactly (types, shapes, dtypes, lengths,
+and any plain Python values such as ``x.size(0)``), then those facts are a
+function of the inputs' metadata and of the Python arguments alone, and can
+carry their lineage instead of the values' lineage. Operations whose output
+shape depends on values (``nonzero``, masked selection, ``bincount``,
+``one_hot`` without ``num_classes``, ``repeat_interleave`` with tensor
+repeats, ``unique``) cannot run on meta tensors, so their results keep the
+values' lineage for their metadata too. Numpy has no meta arrays: numpy
+results are treated the same way (when in doubt, taint).
+
+The shadow run never touches real data or generators: modules are called with
+meta copies of their parameters and buffers swapped in for the duration.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, Dict, Iterator, Optional
+
+import numpy as np
+import torch
+
+from .footprint import MAX_DEPTH, grad_of
+
+UNAVAILABLE = object()  # the shadow run could not be made or failed
+
+
+def _meta_tensor(t: torch.Tensor) -> torch.Tensor:
+    m = torch.empty_strided(tuple(t.shape), t.stride(), dtype=t.dtype, device="meta")
+    if t.requires_grad:
+        m.requires_grad_(True)
+    grad = grad_of(t)
+    if grad is not None and m.is_leaf:
+        m.grad = torch.empty_strided(tuple(grad.shape), grad.stride(), dtype=grad.dtype, device="meta")
+    return m
+
+
+class _Unavailable(Exception):
+    pass
+
+
+def _to_meta(value: Any, depth: int = 0) -> Any:
+    if depth > MAX_DEPTH:
+        raise _Unavailable()
+    if isinstance(value, torch.Tensor):
+        if value.layout != torch.strided or value.device.type != "cpu":
+            raise _Unavailable()
+        return _meta_tensor(value)
+    if isinstance(value, (np.ndarray, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler)):
+        raise _Unavailable()
+    if isinstance(value, torch.nn.Module):
+        return value  # swapped to meta state by _meta_state() around the call
+    if isinstance(value, list):
+        return [_to_meta(v, depth + 1) for v in value]
+    if isinstance(value, tuple) and not hasattr(value, "_fields"):
+        return tuple(_to_meta(v, depth + 1) for v in value)
+    if isinstance(value, dict):
+        return {k: _to_meta(v, depth + 1) for k, v in value.items()}
+    return value
+
+
+def _modules_in(value: Any, out: Dict[int, torch.nn.Module], depth: int = 0) -> None:
+    if depth > MAX_DEPTH:
+        return
+    if isinstance(value, torch.nn.Module):
+        out[id(value)] = value
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            _modules_in(v, out, depth + 1)
+    elif isinstance(value, dict):
+        for v in value.values():
+            _modules_in(v, out, depth + 1)
+
+
+@contextlib.contextmanager
+def _meta_state(modules: Dict[int, torch.nn.Module]) -> Iterator[None]:
+    """Swap meta copies into every module's parameters and buffers, and back."""
+    from torch.nn.utils.stateless import _reparametrize_module
+
+    with contextlib.ExitStack() as stack:
+        for module in modules.values():
+            state = {n: _meta_tensor(p) for n, p in module.named_parameters()}
+            state.update({n: _meta_tensor(b) for n, b in module.named_buffers()})
+            stack.enter_context(_reparametrize_module(module, state))
+        yield
+
+
+def shadow(
+    call: Optional[Callable[..., Any]],
+    args: Any,
+    kwargs: Dict[str, Any],
+    target_method: Optional[str] = None,
+    meter: Any = None,
+    attribute: bool = False,
+) -> Any:
+    """Run an action on meta copies of its arguments; its result's structure, or UNAVAILABLE.
+
+    `call` is the function (or module) to run; with `target_method`, the
+    method (or, with `attribute`, the attribute) of the first argument.
+    `meter`, a dispatch mode, sees every allocation of the shadow run.
+    """
+    try:
+        meta_args = _to_meta(list(args))
+        meta_kwargs = _to_meta(dict(kwargs))
+    except _Unavailable:
+        return UNAVAILABLE
+    modules: Dict[int, torch.nn.Module] = {}
+    _modules_in([call, args, kwargs], modules)
+    try:
+        with _meta_state(modules), (meter if meter is not None else contextlib.nullcontext()):
+            if target_method is not None:
+                member = getattr(meta_args[0], target_method)
+                result = member if attribute else member(*meta_args[1:], **meta_kwargs)
+            else:
+                assert call is not None
+                result = call(*meta_args, **meta_kwargs)
+            return describe(result)
+    except Exception:
+        return UNAVAILABLE
+
+
+def describe(value: Any, depth: int = 0) -> Any:
+    """The structure of a value with tensors reduced to their metadata (comparable, hashable)."""
+    if depth > MAX_DEPTH:
+        raise _Unavailable()
+    if isinstance(value, torch.Tensor):
+        return ("T", tuple(value.shape), value.dtype, bool(value.requires_grad))
+    if isinstance(value, np.ndarray):
+        return ("A", value.shape, value.dtype.str)
+    if isinstance(value, torch.nn.Module):
+        return ("M", type(value).__name__)
+    if isinstance(value, (torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler)):
+        return ("O", type(value).__name__)
+    if isinstance(value, torch.Size):
+        return ("S", tuple(value))
+    if isinstance(value, (list, tuple)):  # a torch.return_types structseq is kept as a tuple
+        return ("list" if isinstance(value, list) else "tuple", tuple(describe(v, depth + 1) for v in value))
+    if isinstance(value, dict):
+        return ("dict", tuple((k, describe(v, depth + 1)) for k, v in value.items()))
+    if isinstance(value, float) and value != value:
+        return ("nan",)
+    if value is None or isinstance(value, (bool, int, float, complex, str, torch.dtype)):
+        return (type(value).__name__, value)
+    return ("?", type(value).__name__)
+
+
+def holds_data(value: Any, depth: int = 0) -> bool:
+    """Whether a result holds tensors, arrays or models (values), not only plain facts."""
+    if depth > MAX_DEPTH:
+        return True
+    if isinstance(value, (torch.Tensor, np.ndarray, np.generic, torch.nn.Module, torch.optim.Optimizer,
+                          torch.optim.lr_scheduler.LRScheduler)):
+        return True
+    if isinstance(value, (list, tuple)):
+        return any(holds_data(v, depth + 1) for v in value)
+    if isinstance(value, dict):
+        return any(holds_data(v, depth + 1) for v in value.values())
+    return False

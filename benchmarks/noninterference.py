@@ -45,7 +45,7 @@ if str(ROOT) not in sys.path:
 import duet  # noqa: E402
 from duet.scientist.pointer import Pointer  # noqa: E402
 
-GET_TIMEOUT = 10.0
+GET_TIMEOUT = 60.0
 
 
 @dataclass
@@ -127,9 +127,15 @@ def _canonical(value: Any, depth: int = 0) -> Any:
     return (type(value).__name__, repr(value))
 
 
+class Infrastructure(RuntimeError):
+    """The harness could not observe (a timeout or a dropped link): neither a leak nor a side channel."""
+
+
 def _outcome(fn: Callable[[], Any]) -> Tuple[str, Any]:
     try:
         return ("ok", fn())
+    except (duet.RequestTimeout, duet.ConnectionLost, TimeoutError) as exc:
+        raise Infrastructure(f"could not observe: {exc}") from exc
     except duet.DuetError as exc:
         return ("error", (type(exc).__name__, str(exc)))
     except Exception as exc:  # client-side Python errors must match too

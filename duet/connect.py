@@ -24,6 +24,7 @@ from .pairing import JoinCode, Sealer, new_session_id, peek_session
 from .scientist.client import Scientist
 from .session import Session
 from .signaling_client import SignalingClient
+from .text import clean
 from .transport.webrtc import IceConfig, RtcPeer
 
 log = logging.getLogger("duet.connect")
@@ -48,9 +49,7 @@ def ice_config(local_only: Optional[bool], ice_servers: Optional[List[Any]]) -> 
 
 
 def _clean_name(name: Any) -> str:
-    text = str(name if name is not None else "")
-    text = "".join(ch for ch in text if ch.isprintable())
-    return text[:MAX_NAME] or "unnamed"
+    return clean(name, limit=MAX_NAME).strip() or "unnamed"
 
 
 @dataclass
@@ -200,10 +199,27 @@ def _advertised_host(bind_host: str, local_only: bool) -> str:
     return socket.getfqdn()
 
 
+def embedded_limits() -> Any:
+    """Limits for a service inside the owner's process: far below its file limit, so that
+    connections others open can never make the owner's own files (audit log, data) fail."""
+    import resource
+
+    from duet_signaling.service import Limits as ServiceLimits
+
+    try:
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (OSError, ValueError):  # pragma: no cover - platforms without rlimits
+        soft = 1024
+    if soft == resource.RLIM_INFINITY or soft <= 0:
+        soft = 65536
+    connections = max(8, min(256, soft // 8))
+    return ServiceLimits(max_connections=connections, max_rooms=max(2, min(64, connections // 2)))
+
+
 async def _start_embedded(host: str, port: int) -> Any:
     import duet_signaling
 
-    return await duet_signaling.start(host=host, port=port)
+    return await duet_signaling.start(host=host, port=port, limits=embedded_limits())
 
 
 def launch(
@@ -248,10 +264,12 @@ def launch(
         embedded = None
         base = url
         if base is None:
-            bind = host or ("127.0.0.1" if is_local else "0.0.0.0")
+            # Loopback unless asked: an embedded service on every interface would let anyone on the
+            # network open rooms in the owner's process. host="0.0.0.0" (or a LAN address) serves others.
+            bind = host or "127.0.0.1"
             embedded = await _start_embedded(bind, port)
             base = f"http://{_advertised_host(bind, is_local)}:{embedded.port}"
-        code = JoinCode.new(base)
+        code = JoinCode.new(base, owner_key=owner.identity.public_key)  # the scientist checks who answers
         try:
             client = await SignalingClient.connect(base, code.room_id, "owner", timeout=timeout)
         except BaseException:
@@ -364,7 +382,7 @@ def join(
     scientist._closers.append(closer)
     scientist._rejoin = pair
     try:
-        scientist.handshake(ctx, join_approval_timeout, reason=reason)
+        scientist.handshake(ctx, join_approval_timeout, reason=reason, code=parsed)
     except BaseException:
         scientist.close()
         raise

@@ -17,13 +17,23 @@ replay an old one.
 
 Code text format (one line, no spaces, copy-paste friendly)::
 
-    XXXXX-XXXXX-XXXXX-XXXXX-XXXXX-XXXXX-X@https://host:port/base
+    XXXXX-XXXXX-XXXXX-XXXXX-XXXXX-XXXXX-XXXXX-XXXXX-XXXXX-XX@https://host:port/base
 
-The part before the first ``@`` is Crockford base32 (31 symbols, 155 bits) of
+The part before the first ``@`` is Crockford base32 (47 symbols, 235 bits) of
 
+* a 10-byte commitment to the owner's long-term identity key (keyed BLAKE2b
+  of the Ed25519 public key, 80 bits),
 * the 16-byte secret,
-* a CRC-24 (OpenPGP polynomial) over ``label || len(url) || url || secret``,
+* a CRC-24 (OpenPGP polynomial) over ``label || len(url) || url || commitment || secret``,
 * ``len(url) % 8`` in the last 3 bits.
+
+The commitment closes room squatting: the code is a bearer secret, so whoever
+holds it could register as the owner with a hosted signaling service (after a
+restart, say) and answer offers. The scientist accepts the pairing only if
+the owner's key, proved by its signature over the handshake transcript,
+matches the commitment; finding another key that matches takes ~2^80 work.
+Codes of 31 symbols (no commitment; made by ``JoinCode.new(url)`` without a
+key, as tests do) are still read, and then only the secret protects the pairing.
 
 Why a CRC and not a truncated hash: the checksum only catches typos (the secret
 is what protects the session) and a CRC gives a *guarantee*: the secret is the
@@ -66,6 +76,7 @@ __all__ = [
 ]
 
 SECRET_BYTES = 16  # >= 128 bits
+COMMITMENT_BYTES = 10  # 80 bits of the owner's identity key
 CHECKSUM_BYTES = 3
 SESSION_ID_BYTES = 16
 ROLES = ("owner", "scientist")
@@ -80,10 +91,15 @@ _ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"  # Crockford base32
 _DECODE = {c: i for i, c in enumerate(_ALPHABET)}
 _DECODE.update({"O": 0, "I": 1, "L": 1})
 _CODE_BITS = (SECRET_BYTES + CHECKSUM_BYTES) * 8 + 3  # + len(url) % 8
-_CODE_SYMBOLS = _CODE_BITS // 5
+_CODE_SYMBOLS = _CODE_BITS // 5  # a code without a commitment
 assert _CODE_SYMBOLS * 5 == _CODE_BITS
+_COMMITTED_BITS = _CODE_BITS + COMMITMENT_BYTES * 8
+_COMMITTED_SYMBOLS = _COMMITTED_BITS // 5
+assert _COMMITTED_SYMBOLS * 5 == _COMMITTED_BITS
 _GROUP = 5
 _CRC_LABEL = b"duet-join-v1"
+_CRC_LABEL_COMMITTED = b"duet-join-v2"
+_OWNER_PERSON = b"duet-owner-v1"
 _ROOM_PERSON = b"duet-room-v1"
 _SEAL_PERSON = b"duet-seal-v1"
 
@@ -108,17 +124,27 @@ def _crc24(data: bytes) -> int:
     return crc & 0xFFFFFF
 
 
-def _checksum(secret: bytes, url_bytes: bytes) -> int:
-    # The secret goes last so that, in the code text, secret || crc is one CRC codeword tail.
-    return _crc24(_CRC_LABEL + len(url_bytes).to_bytes(2, "big") + url_bytes + secret)
+def _checksum(secret: bytes, url_bytes: bytes, commitment: bytes | None = None) -> int:
+    # The secret goes last so that, in the code text, [commitment ||] secret || crc is one CRC codeword tail.
+    if commitment is None:
+        return _crc24(_CRC_LABEL + len(url_bytes).to_bytes(2, "big") + url_bytes + secret)
+    return _crc24(_CRC_LABEL_COMMITTED + len(url_bytes).to_bytes(2, "big") + url_bytes + commitment + secret)
 
 
-def _encode_code_part(secret: bytes, url: str) -> str:
+def owner_commitment(public_key: bytes) -> bytes:
+    """What a join code commits to: 80 bits of a keyed hash of the owner's Ed25519 public key."""
+    return nacl.hash.blake2b(public_key, digest_size=COMMITMENT_BYTES, person=_OWNER_PERSON,
+                             encoder=nacl.encoding.RawEncoder)
+
+
+def _encode_code_part(secret: bytes, url: str, commitment: bytes | None = None) -> str:
     url_bytes = url.encode("ascii")
-    n = int.from_bytes(secret, "big")
-    n = (n << 24) | _checksum(secret, url_bytes)
+    n = int.from_bytes(commitment, "big") if commitment is not None else 0
+    n = (n << (8 * SECRET_BYTES)) | int.from_bytes(secret, "big")
+    n = (n << 24) | _checksum(secret, url_bytes, commitment)
     n = (n << 3) | (len(url_bytes) & 7)
-    symbols = [_ALPHABET[(n >> (5 * (_CODE_SYMBOLS - 1 - i))) & 31] for i in range(_CODE_SYMBOLS)]
+    count = _CODE_SYMBOLS if commitment is None else _COMMITTED_SYMBOLS
+    symbols = [_ALPHABET[(n >> (5 * (count - 1 - i))) & 31] for i in range(count)]
     text = "".join(symbols)
     return "-".join(text[i : i + _GROUP] for i in range(0, len(text), _GROUP))
 
@@ -179,10 +205,13 @@ class JoinCode:
 
     secret: bytes = field(repr=False)
     signaling_url: str
+    owner: bytes | None = None  # commitment to the owner's identity key (see owner_commitment)
 
     def __post_init__(self) -> None:
         if not isinstance(self.secret, bytes) or len(self.secret) != SECRET_BYTES:
             raise PairingError(f"a join code secret must be {SECRET_BYTES} bytes")
+        if self.owner is not None and (not isinstance(self.owner, bytes) or len(self.owner) != COMMITMENT_BYTES):
+            raise PairingError(f"a join code's owner commitment must be {COMMITMENT_BYTES} bytes")
         if not isinstance(self.signaling_url, str):
             raise PairingError("the signaling URL must be text")
         problem = _url_problem(self.signaling_url)
@@ -190,11 +219,24 @@ class JoinCode:
             raise PairingError(f"invalid signaling URL {self.signaling_url!r}: {problem}")
 
     @classmethod
-    def new(cls, signaling_url: str) -> "JoinCode":
-        """A fresh code with a random secret, for an owner starting a session (URL used as given, stripped)."""
+    def new(cls, signaling_url: str, owner_key: bytes | None = None) -> "JoinCode":
+        """A fresh code with a random secret, committed to the owner's public key when given."""
         if isinstance(signaling_url, str):
             signaling_url = signaling_url.strip()
-        return cls(nacl.utils.random(SECRET_BYTES), signaling_url)
+        commitment = owner_commitment(owner_key) if owner_key is not None else None
+        return cls(nacl.utils.random(SECRET_BYTES), signaling_url, commitment)
+
+    def check_owner(self, public_key: bytes) -> None:
+        """Refuse an answer from anyone but the owner the code was made for (room squatting)."""
+        if self.owner is None:
+            return
+        import hmac
+
+        if not hmac.compare_digest(owner_commitment(public_key), self.owner):
+            raise PairingError(
+                "the party that answered is not the owner who made this join code (their key does not match "
+                "the code); someone else may hold the code and have taken over the room. Ask the owner for a new code."
+            )
 
     @classmethod
     def parse(cls, text: str) -> "JoinCode":
@@ -225,10 +267,10 @@ class JoinCode:
             if value is None:
                 raise PairingError(f"{_TYPO}: {ch!r} is not a valid character in its code part")
             symbols.append(value)
-        if len(symbols) != _CODE_SYMBOLS:
+        if len(symbols) not in (_CODE_SYMBOLS, _COMMITTED_SYMBOLS):
             raise PairingError(
                 f"{_TYPO}: its code part has {len(symbols)} characters instead of "
-                f"{_CODE_SYMBOLS}; copy the whole code again"
+                f"{_COMMITTED_SYMBOLS}; copy the whole code again"
             )
         if not url:
             raise PairingError("the join code has no signaling URL after the '@'")
@@ -244,8 +286,11 @@ class JoinCode:
         url_bytes = url.encode("ascii")
         length_bits = n & 7
         crc = (n >> 3) & 0xFFFFFF
-        secret = (n >> 27).to_bytes(SECRET_BYTES, "big")
-        if length_bits != len(url_bytes) & 7 or crc != _checksum(secret, url_bytes):
+        secret = ((n >> 27) & ((1 << (8 * SECRET_BYTES)) - 1)).to_bytes(SECRET_BYTES, "big")
+        commitment = None
+        if len(symbols) == _COMMITTED_SYMBOLS:
+            commitment = (n >> (27 + 8 * SECRET_BYTES)).to_bytes(COMMITMENT_BYTES, "big")
+        if length_bits != len(url_bytes) & 7 or crc != _checksum(secret, url_bytes, commitment):
             hint = ""
             if url[-1] in _TRAILING_PUNCT:
                 hint = f" (is the {url[-1]!r} at the end part of the sentence, not of the code?)"
@@ -256,11 +301,11 @@ class JoinCode:
         if problem:
             # The checksum matched, so this is what the owner shared; say so.
             raise PairingError(f"the join code's signaling URL {url!r} is not usable: {problem}")
-        return cls(secret, url)
+        return cls(secret, url, commitment)
 
     def __str__(self) -> str:
         """The single-line text users copy-paste."""
-        return f"{_encode_code_part(self.secret, self.signaling_url)}@{self.signaling_url}"
+        return f"{_encode_code_part(self.secret, self.signaling_url, self.owner)}@{self.signaling_url}"
 
     @property
     def room_id(self) -> str:

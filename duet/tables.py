@@ -8,10 +8,11 @@ from __future__ import annotations
 import html
 from typing import Any, Optional, Sequence
 
+from .text import clean
+
 
 def _cell(value: Any, width: int = 60) -> str:
-    text = "" if value is None else str(value)
-    text = text.replace("\n", " ").replace("\r", " ")
+    text = clean(value, limit=10_000)  # one line, no control or bidi characters
     return text if len(text) <= width else text[: width - 1] + "…"
 
 

@@ -31,7 +31,9 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional
 
+from .owner.opchain import is_selecting
 from .tables import STORE_HEADERS, html_table, human_bytes, store_rows, text_table
+from .text import clean
 
 if TYPE_CHECKING:
     from .owner.host import Owner
@@ -43,10 +45,11 @@ log = logging.getLogger("duet.widgets")
 HANDOFF_ENV = "DUET_HANDOFF_FILE"
 HISTORY_SHOWN = 50
 PREVIEW_CHARS = 4000
-OPS_SHOWN = 24
 STATUS_GRACE = 0.25  # a get() answered faster than this shows no status at all
 
-_esc = html.escape
+def _esc(text: Any) -> str:
+    """Escaped for HTML, with control and bidi characters replaced (see duet.text)."""
+    return html.escape(clean(text, limit=20_000, newlines=True))
 
 
 def in_kernel() -> bool:
@@ -104,17 +107,26 @@ _STYLE = (
     "<style>"
     ".duet-panel table.duet-table{border-collapse:collapse;margin:2px 0 8px 0}"
     ".duet-panel table.duet-table td,.duet-panel table.duet-table th{border:1px solid #ccc;padding:2px 6px;text-align:left}"
-    ".duet-words{border-left:3px solid #b58900;margin:4px 0;padding:2px 8px;background:#fdf6e3;white-space:pre-wrap}"
+    ".duet-words{border-left:3px solid #b58900;margin:4px 0;padding:2px 8px;background:#fdf6e3;white-space:pre-wrap;"
+    "max-height:8em;overflow:auto;overflow-wrap:anywhere}"
+    ".duet-ops{max-height:8em;overflow:auto;overflow-wrap:anywhere}"
     ".duet-muted{color:#666}"
     "</style>"
 )
 
 
 def _ops_text(ops: Any) -> str:
-    ops = list(ops)
-    if len(ops) > OPS_SHOWN:
-        ops = ops[: OPS_SHOWN // 2] + [f"… {len(ops) - OPS_SHOWN} more …"] + ops[-OPS_SHOWN // 2 :]
+    """Every distinct operation, in first-use order; nothing is dropped (see duet.owner.opchain)."""
     return " → ".join(str(o) for o in ops)
+
+
+def _ops_html(ops: Any) -> str:
+    """The same, with operations that pick out single values in bold so they cannot hide in a long chain."""
+    parts = []
+    for op in ops:
+        text = _esc(str(op))
+        parts.append(f"<b title='picks out individual values'>{text}</b>" if is_selecting(str(op).split(" ×", 1)[0]) else text)
+    return " → ".join(parts)
 
 
 def _what_text(req: "Request") -> str:
@@ -147,7 +159,7 @@ def request_html(req: "Request") -> str:
     ]
     if req.kind != "join":
         rows.append(("Assets", _esc(", ".join(req.lineage)) or "<i>none</i>"))
-        rows.append(("Operations", _esc(_ops_text(req.ops)) or "<i>none</i>"))
+        rows.append(("Operations", f"<div class='duet-ops'>{_ops_html(req.ops)}</div>" if req.ops else "<i>none</i>"))
         what = _what_text(req)
         if what:
             rows.append(("What", _esc(what)))

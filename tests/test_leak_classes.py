@@ -322,3 +322,63 @@ def test_random_numbers_after_private_sampling_do_not_depend_on_private_data(tmp
     a = _public_random_after(torch.tensor([1.0, 2.0]), tmp_path, op)
     b = _public_random_after(torch.tensor([90.0, 2.0**40]), tmp_path, op)
     assert torch.equal(a, b)
+
+
+# -- the same attacks, as data, for the run between two processes over WebRTC -------------------
+def _attack_batch_norm(s):
+    rm, rv = s.send(torch.zeros(2)), s.send(torch.ones(2))
+    s.torch.nn.functional.batch_norm(s.store["x"].view(5, 2), rm, rv, training=True)
+    return rm
+
+
+def _attack_sizes(s):
+    return s.torch.zeros([0] + s.store["x"][6:10].long().tolist())
+
+
+def _attack_backward_keyword(s):
+    w = s.send(torch.ones(10)).requires_grad_()
+    s.torch.autograd.backward(tensors=[(w * s.store["x"]).sum()])
+    return w.grad
+
+
+def _attack_model_writes_input(s):
+    dst = s.send(torch.zeros(10))
+    s.send(CopyInto())(s.store["x"], dst)
+    return dst
+
+
+def _attack_load_assign(s):
+    model = s.torch.nn.Linear(10, 1)
+    w, b = s.send(torch.zeros(1, 10)), s.send(torch.zeros(1))
+    model.load_state_dict({"weight": w, "bias": b}, assign=True)
+    opt = s.torch.optim.SGD(model.parameters(), lr=0.1)
+    model(s.store["x"].view(1, 10)).sum().backward()
+    opt.step()
+    return w
+
+
+def _attack_numpy_in_place(s):
+    mine = s.send(np.zeros(10, dtype=np.float32))
+    mine[0] = s.store["xn"][4]
+    return mine
+
+
+# name -> (attack, what must hold: "value" needs approval, "shape" is hidden too)
+ATTACKS = {
+    "batch_norm running stats": (_attack_batch_norm, "value"),
+    "sizes from private values": (_attack_sizes, "shape"),
+    "backward(tensors=...)": (_attack_backward_keyword, "value"),
+    "sent model writes its input": (_attack_model_writes_input, "value"),
+    "load_state_dict(assign=True)": (_attack_load_assign, "value"),
+    "numpy in-place write": (_attack_numpy_in_place, "value"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ATTACKS))
+def test_attack_table_holds_locally(spair, name):
+    _, s = spair
+    attack, what = ATTACKS[name]
+    ptr = attack(s)
+    assert ptr.private and needs_approval(ptr)
+    if what == "shape":
+        assert shape_hidden(ptr)

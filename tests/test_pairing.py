@@ -40,7 +40,9 @@ url_strategy = st.builds(
     st.one_of(st.just(""), st.integers(1, 65535).map(lambda p: f":{p}")),
     st.from_regex(r"(/[A-Za-z0-9._~-]{1,10}){0,3}/?", fullmatch=True),
 )
-code_strategy = st.builds(JoinCode, st.binary(min_size=16, max_size=16), url_strategy)
+code_strategy = st.builds(
+    JoinCode, st.binary(min_size=16, max_size=16), url_strategy, st.one_of(st.none(), st.binary(min_size=10, max_size=10))
+)
 
 
 def symbol_value(ch: str) -> int | None:
@@ -65,6 +67,22 @@ def test_code_round_trip_and_format(url: str) -> None:
 @given(code_strategy)
 def test_code_round_trip_any(code: JoinCode) -> None:
     assert JoinCode.parse(str(code)) == code
+
+
+def test_codes_commit_to_the_owners_key() -> None:
+    """Room squatting: only the key the code was made for is accepted as the owner."""
+    owner, squatter = Identity.ephemeral(), Identity.ephemeral()
+    code = JoinCode.new("https://duet.example.org", owner_key=owner.public_key)
+    text = str(code)
+    assert re.fullmatch(r"([0-9A-HJKMNP-TV-Z]{5}-){9}[0-9A-HJKMNP-TV-Z]{2}@\S+", text), text
+    parsed = JoinCode.parse(text)
+    assert parsed == code and parsed.owner == pairing.owner_commitment(owner.public_key)
+    parsed.check_owner(owner.public_key)
+    with pytest.raises(PairingError, match="not the owner who made this join code"):
+        parsed.check_owner(squatter.public_key)
+    legacy = JoinCode.parse(str(JoinCode.new("https://duet.example.org")))
+    assert legacy.owner is None
+    legacy.check_owner(squatter.public_key)  # no commitment: only the secret protects it (documented)
 
 
 def test_new_codes_have_fresh_secrets() -> None:
@@ -105,10 +123,11 @@ def test_single_substitution_never_accepted(code: JoinCode, data: st.DataObject)
         assert parsed == code  # never a different secret or URL
 
 
+@pytest.mark.parametrize("owner", [None, bytes(range(200, 210))])
 @pytest.mark.parametrize("url", URLS)
-def test_every_single_symbol_and_url_substitution_is_rejected(url: str) -> None:
+def test_every_single_symbol_and_url_substitution_is_rejected(url: str, owner: bytes | None) -> None:
     """Exhaustive for one code: the CRC guarantee, not luck."""
-    code = JoinCode(bytes(range(16)), url)
+    code = JoinCode(bytes(range(16)), url, owner)
     text = str(code)
     at = text.index("@")
     rejected = 0

@@ -104,3 +104,40 @@ def test_dropped_answer_times_out_clearly(hostile):
     with pytest.raises(TimeoutError, match="did not answer within 2"):
         duet.join(owner.code, local_only=True, timeout=2)
     assert time.perf_counter() - start < 4
+
+
+def test_room_squatter_with_the_code_is_refused(tmp_path):
+    """Anyone holding the code could register its room first (a hosted service restarted) and answer offers.
+
+    The code commits to the owner's identity key, so the scientist refuses an
+    answer signed by any other key, even though the squatter's messages are
+    sealed correctly with the secret from the code.
+    """
+    import asyncio
+
+    from duet.connect import OwnerSignaling, ice_config
+    from duet.owner.host import Owner
+    from duet.pairing import JoinCode
+    from duet.signaling_client import SignalingClient
+
+    service = runtime.run(duet_signaling.start(host="127.0.0.1", port=0), timeout=10)
+    real_owner = duet.identity.Identity.ephemeral()
+    code = JoinCode.new(service.url, owner_key=real_owner.public_key)  # what the real owner read out
+    squatter = Owner(name="squatter", audit_log=tmp_path / "s.jsonl", identity=duet.identity.Identity.ephemeral())
+
+    async def squat() -> OwnerSignaling:
+        client = await SignalingClient.connect(code.signaling_url, code.room_id, "owner", timeout=10)
+        sig = OwnerSignaling(owner=squatter, code=code, client=client, ice=ice_config(True, None))
+        sig.task = asyncio.ensure_future(sig.serve())
+        return sig
+
+    sig = runtime.run(squat(), timeout=15)
+    try:
+        start = time.perf_counter()
+        with pytest.raises(duet.PairingError, match="not the owner who made this join code"):
+            duet.join(str(code), name="victim", local_only=True, timeout=15)
+        assert time.perf_counter() - start < 15
+    finally:
+        runtime.run(sig.close(), timeout=10)
+        squatter.close()
+        runtime.run(service.stop(), timeout=10)

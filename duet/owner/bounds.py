@@ -267,6 +267,10 @@ def check_elements(n: int, limit: int, label: str) -> None:
 class SizeMeter(TorchDispatchMode):
     """During a shadow run on meta tensors: the largest single allocation and the total, in bytes."""
 
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        return False  # nothing is compiled on the owner; torch's guard costs ~15 us per operation
+
     def __init__(self) -> None:
         super().__init__()
         self.largest = 0

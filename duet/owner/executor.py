@@ -45,7 +45,7 @@ from ..allowlist import Entry
 from ..errors import LimitExceeded, NotAllowed
 from ..wire import Ref
 from . import bounds, shapes
-from .effects import Observer
+from .effects import Observer, active
 from .footprint import Footprint, arrays_in, footprint, ranges_overlap, structure, tensor_range, tensors_in, walk
 from .objects import ObjectTable, RemoteObject
 from .opchain import OpChain
@@ -401,6 +401,7 @@ class Executor:
     def __init__(self, table: ObjectTable, randomness: Optional[Randomness] = None) -> None:
         self.table = table
         self.randomness = randomness or Randomness()
+        self._shadows: Dict[Any, Tuple[Any, int, int]] = {}  # signature -> (prediction, largest elements, bytes)
 
     def describe(self, kind: str, name: str, args: List[Any]) -> str:
         """A label for an action, for errors and the permission queue: only names Duet knows."""
@@ -476,7 +477,7 @@ class Executor:
         failure: Optional[BaseException] = None
         result: Any = None
         try:
-            with observer:
+            with active(observer):
                 result = fn() if kind == "attr" else fn(*call_args, **kw)
         except Exception as exc:  # effects count even when the action fails half way (index_put_ out of range)
             failure = exc
@@ -532,7 +533,11 @@ class Executor:
         return doubt
 
     def _shadow(self, kind: str, name: str, fn: Any, target: Any, call_args: List[Any], kw: Dict[str, Any]) -> Any:
-        """The result's structure as predicted on meta tensors, with the sizes it would allocate checked."""
+        """The result's structure as predicted on meta tensors, with the sizes it would allocate checked.
+
+        The outcome depends only on the arguments' metadata, so it is kept per signature:
+        a training loop pays for one shadow run per distinct shape.
+        """
         if kind == "func" and (name.startswith("numpy.") or name in allowlist.NN_MODULES or name in allowlist.OPTIMIZERS
                                or name in allowlist.LR_SCHEDULERS):
             return shapes.UNAVAILABLE
@@ -540,21 +545,35 @@ class Executor:
             return shapes.UNAVAILABLE
         if kind == "method" and isinstance(target, torch.nn.Module) and name not in _MODULE_READS:
             return shapes.UNAVAILABLE
-        if not any(isinstance(t, torch.Tensor) for t in _flat([target, call_args, kw])) and not isinstance(target, torch.nn.Module):
+        if not isinstance(target, torch.nn.Module) and not any(isinstance(t, torch.Tensor) for t in _flat([call_args, kw])) \
+                and not isinstance(target, torch.Tensor):
             return shapes.UNAVAILABLE
-        meter = bounds.SizeMeter()
-        if kind == "call":
-            predicted = shapes.shadow(target, call_args, kw, meter=meter)
-        elif kind == "method":
-            predicted = shapes.shadow(None, [target] + list(call_args), kw, target_method=ZEROED_METHODS.get(name, name), meter=meter)
-        elif kind == "attr":
-            predicted = shapes.shadow(None, [target], {}, target_method=name, meter=meter, attribute=True)
-        else:
-            predicted = shapes.shadow(fn, call_args, kw, meter=meter)
+        try:
+            key: Any = (kind, name, shapes.signature([target, call_args, kw]))
+        except shapes.Uncacheable:
+            key = None
+        cached = self._shadows.get(key) if key is not None else None
+        if cached is None:
+            meter = bounds.SizeMeter()
+            if kind == "call":
+                predicted = shapes.shadow(target, call_args, kw, meter=meter)
+            elif kind == "method":
+                predicted = shapes.shadow(None, [target] + list(call_args), kw, target_method=ZEROED_METHODS.get(name, name),
+                                          meter=meter)
+            elif kind == "attr":
+                predicted = shapes.shadow(None, [target], {}, target_method=name, meter=meter, attribute=True)
+            else:
+                predicted = shapes.shadow(fn, call_args, kw, meter=meter)
+            cached = (predicted, meter.largest_elements, meter.largest)
+            if key is not None:
+                self._shadows[key] = cached
+                while len(self._shadows) > SHADOW_CACHE:
+                    self._shadows.pop(next(iter(self._shadows)))
+        predicted, largest_elements, largest_bytes = cached
         limit = self.table.limits.max_elements_per_object
-        if meter.largest_elements > limit:
-            raise LimitExceeded(f"{name if kind == 'func' else name} would allocate more than {limit} elements")
-        self.table.check_room(meter.largest)
+        if largest_elements > limit:
+            raise LimitExceeded(f"{name} would allocate more than {limit} elements")
+        self.table.check_room(largest_bytes)
         return predicted
 
     def _check_arguments(self, fn: Any, label: str, call_args: List[Any], kw: Dict[str, Any]) -> None:
@@ -639,6 +658,7 @@ class Executor:
         return self.table.put(rid, None, lineage=(), ops=["torch.manual_seed"])
 
 
+SHADOW_CACHE = 4096
 _MODULE_READS = frozenset({"parameters", "buffers", "children", "modules", "state_dict"})
 
 

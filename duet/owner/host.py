@@ -24,16 +24,18 @@ from .. import wire
 from ..errors import ConnectionLost, DuetError, LimitExceeded, NotAllowed, PairingError, RemoteError, RequestDenied
 from ..session import Session, error_to_wire
 from ..tables import html_table, text_table
+from ..text import clean
 from .audit import AuditLog
 from .executor import Executor, type_name
-from .objects import Limits, ObjectTable, RemoteObject
+from .objects import Budget, Limits, ObjectTable, RemoteObject
 from .requests import ACCEPTED, Request, RequestQueue, Requester
 from .store import AssetStore
 
 log = logging.getLogger("duet.owner")
 
 APPROVE_MODES = ("auto", "everything")
-REFUSED_LABELS = ("refused action", "action")  # what Executor.describe says of names it does not know
+REFUSED_LABELS = ("refused action", "action")
+HANDSHAKE_TIMEOUT = 30.0  # seconds a new link has to send a verified hello  # what Executor.describe says of names it does not know
 MAX_FAILURES_KEPT = 10_000
 _STOP = object()
 
@@ -140,6 +142,9 @@ class ScientistConnection:
         self._worker.start()
         session.set_handler(self._on_message)
         session.on_close(self._on_close)
+        from .. import runtime
+
+        runtime.call_soon(lambda: runtime.loop().call_later(HANDSHAKE_TIMEOUT, self._handshake_deadline))
 
     # -- inbound (runtime loop thread) -------------------------------------------
     def _on_message(self, msg: Dict[str, Any]) -> None:
@@ -184,21 +189,47 @@ class ScientistConnection:
             log.warning("scientist identity did not verify: %s", exc)
             self._drop(f"identity verification failed: {exc}")
             return
-        self.requester = Requester(name=self.ctx.scientist_name, fingerprint=identity_mod.fingerprint(pub))
+        self.requester = Requester(name=clean(self.ctx.scientist_name, limit=80), fingerprint=identity_mod.fingerprint(pub))
         token = msg.get("resume")
         if isinstance(token, bytes):
             self._resume(token)
             return
+        others = self.owner.sessions_of(self.requester.fingerprint, besides=self)
+        if others >= self.owner.limits.max_sessions_per_key:
+            log.warning("refused a session: key %s already has %d", self.requester.fingerprint, others)
+            self._reject(f"this identity key already has {others} sessions with this owner "
+                         f"(at most {self.owner.limits.max_sessions_per_key}); close one first")
+            return
+        self.objects.share_budget(self.owner.budget_of(self.requester.fingerprint))
         if self.owner.approve_joins:
             self.state = "joining"
             self._requests.append(
                 self.owner.requests.submit(
-                    {"kind": "join", "requester": self.requester, "reason": str(msg.get("reason") or "")[:2000]},
+                    {"kind": "join", "requester": self.requester, "reason": clean(msg.get("reason") or "", newlines=True)},
                     self._on_join_decided,
                 )
             )
         else:
             self._welcome()
+
+    def _reject(self, reason: str) -> None:
+        try:
+            self.session.send({"t": "rejected", "reason": reason})
+        except ConnectionLost:
+            pass
+        self.state = "rejected"
+        self.owner._forget(self)
+        self.stop_worker(0)
+        from .. import runtime
+
+        runtime.submit(self.session.close())
+
+    def _handshake_deadline(self) -> None:
+        """A link that never proves who it is must not hold a worker and a queue forever."""
+        if self.state == "handshake":
+            log.warning("no verified hello within %g s; closing the link", HANDSHAKE_TIMEOUT)
+            self._drop(f"no verified hello within {HANDSHAKE_TIMEOUT:g} s")
+            self._finish("the handshake timed out")
 
     def _on_join_decided(self, req: Request) -> None:
         if req.status == ACCEPTED:
@@ -503,7 +534,7 @@ class ScientistConnection:
                 self._deliver(earlier)
             return
         obj = self._object(rid)
-        reason = str(msg.get("reason") or "")[:2000]
+        reason = clean(msg.get("reason") or "", newlines=True)  # shown to the owner: no control or bidi characters
         value = snapshot(obj.value)
         numel, nbytes = size_of(value)
         if not obj.private:
@@ -620,6 +651,7 @@ class Owner:
         self.requests = RequestQueue(self.audit, default_expiry=request_expiry)
         self.code: Optional[str] = None
         self._connections: List[ScientistConnection] = []
+        self._budgets: Dict[str, Budget] = {}  # per identity key, shared by its sessions
         self._lock = threading.Lock()
         self._listeners: List[Callable[[], None]] = []
         self._closers: List[Callable[[], None]] = []
@@ -670,6 +702,23 @@ class Owner:
                 return active[0]
             self.requests.wait_changed(min(0.25, max(deadline - time.monotonic(), 0)))
         raise TimeoutError(f"no scientist joined within {timeout} s")
+
+    def sessions_of(self, fingerprint: str, besides: Optional[ScientistConnection] = None) -> int:
+        """How many live sessions (active, joining or suspended) one identity key has."""
+        with self._lock:
+            return sum(
+                1 for c in self._connections
+                if c is not besides and c.requester is not None and c.requester.fingerprint == fingerprint
+                and c.state in ("active", "joining", "suspended", "resuming")
+            )
+
+    def budget_of(self, fingerprint: str) -> Budget:
+        """The object and byte budget all sessions of one identity key share."""
+        with self._lock:
+            budget = self._budgets.get(fingerprint)
+            if budget is None:
+                budget = self._budgets[fingerprint] = Budget()
+            return budget
 
     @property
     def suspended(self) -> List[ScientistConnection]:

@@ -83,14 +83,36 @@ class Limits:
     max_sessions_per_key: int = 4  # concurrent sessions of one identity key
 
 
+@dataclass
+class Budget:
+    """What all sessions of one identity key hold together, so a second session adds no room."""
+
+    objects: int = 0
+    bytes: int = 0
+
+
 class ObjectTable:
     """The objects one scientist created, keyed by the ids the scientist allocated."""
 
-    def __init__(self, limits: Optional[Limits] = None) -> None:
+    def __init__(self, limits: Optional[Limits] = None, budget: Optional[Budget] = None) -> None:
         self.limits = limits or Limits()
         self._objects: Dict[int, RemoteObject] = {}
         self.total_bytes = 0
         self.extra_bytes = 0  # held outside objects (pending release snapshots)
+        self.budget = budget or Budget()
+
+    def share_budget(self, budget: Budget) -> None:
+        """Count this table against a budget shared with the identity's other sessions."""
+        budget.objects += len(self._objects)
+        budget.bytes += self.total_bytes + self.extra_bytes
+        self.budget.objects -= len(self._objects)
+        self.budget.bytes -= self.total_bytes + self.extra_bytes
+        self.budget = budget
+
+    def hold(self, nbytes: int) -> None:
+        """Memory held outside objects (a pending release's snapshot); negative to give it back."""
+        self.extra_bytes += nbytes
+        self.budget.bytes += nbytes
 
     def __len__(self) -> int:
         return len(self._objects)
@@ -109,9 +131,9 @@ class ObjectTable:
 
     def check_room(self, extra_bytes: int = 0) -> None:
         """Raise LimitExceeded before an action that would go over a limit."""
-        if len(self._objects) >= self.limits.max_objects:
+        if self.budget.objects >= self.limits.max_objects:
             raise LimitExceeded(f"object limit reached ({self.limits.max_objects} objects); free some pointers")
-        if self.total_bytes + self.extra_bytes + extra_bytes > self.limits.max_bytes:
+        if self.budget.bytes + extra_bytes > self.limits.max_bytes:
             raise LimitExceeded(
                 f"memory limit reached ({self.limits.max_bytes} bytes held for this scientist); free some pointers"
             )
@@ -140,6 +162,8 @@ class ObjectTable:
                            footprint=fp if fp is not None else footprint(value))
         self._objects[rid] = obj
         self.total_bytes += nbytes
+        self.budget.objects += 1
+        self.budget.bytes += nbytes
         return obj
 
     def free(self, rid: int) -> None:
@@ -147,10 +171,15 @@ class ObjectTable:
         if obj is not None:
             obj.group.members.discard(rid)
             self.total_bytes -= obj.nbytes
+            self.budget.objects -= 1
+            self.budget.bytes -= obj.nbytes
 
     def clear(self) -> None:
+        self.budget.objects -= len(self._objects)
+        self.budget.bytes -= self.total_bytes + self.extra_bytes
         self._objects.clear()
         self.total_bytes = 0
+        self.extra_bytes = 0
 
     def taint(self, rids: Iterable[int], lineage: Iterable[str], ops: "OpChain | Iterable[str]", meta: Iterable[str] = ()) -> None:
         """Objects changed by an action take on the lineage of what changed them."""

@@ -14,7 +14,9 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Set
 
+from .. import allowlist
 from ..errors import NotAllowed
+from ..text import clean as clean_text
 from ..wire import Ref
 from .executor import Executor, collect_refs
 
@@ -66,6 +68,8 @@ def validate(msg: Dict[str, Any]) -> Plan:
         args, kwargs = act.get("args", []), act.get("kwargs", {})
         if kind not in ACTION_KINDS or not isinstance(name, str) or not isinstance(args, list) or not isinstance(kwargs, dict):
             raise NotAllowed(f"plan action #{i} is malformed")
+        if not _known(kind, name):  # the owner is shown these names when approving: only ones Duet knows
+            raise NotAllowed(f"plan action #{i}, {clean_text(name, limit=80)}, is not on the owner's allowlist")
         used: List[int] = []
         collect_refs(args, used)
         collect_refs(kwargs, used)
@@ -81,8 +85,22 @@ def validate(msg: Dict[str, Any]) -> Plan:
     for o in outputs:
         if type(o) is not int or o not in defined:
             raise NotAllowed("a plan output is not computed by the plan")
-    name = msg.get("name") if isinstance(msg.get("name"), str) else "plan"
-    return Plan(pid=pid, name=name[:80], n_inputs=n_inputs, actions=clean, outputs=list(outputs), ops=ops)
+    name = clean_text(msg.get("name") if isinstance(msg.get("name"), str) else "plan", limit=80)
+    return Plan(pid=pid, name=name, n_inputs=n_inputs, actions=clean, outputs=list(outputs), ops=ops)
+
+
+_METHOD_NAMES = allowlist.all_method_names()
+_ATTRIBUTE_NAMES = allowlist.all_attribute_names()
+
+
+def _known(kind: str, name: str) -> bool:
+    if kind == "func":
+        return name in allowlist.FUNCTIONS
+    if kind == "method":
+        return name in _METHOD_NAMES
+    if kind == "attr":
+        return name in _ATTRIBUTE_NAMES
+    return name == "forward"
 
 
 class PlanRunner:

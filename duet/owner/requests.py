@@ -14,6 +14,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 
 from ..tables import html_table, human_bytes, text_table
 from .audit import AuditLog
+from .opchain import describe_ops
 
 KINDS = ("join", "release", "compute")
 PENDING, ACCEPTED, DENIED, EXPIRED, CANCELLED = "pending", "accepted", "denied", "expired", "cancelled"
@@ -96,7 +97,7 @@ class Request:
             self.kind,
             f"{self.requester.name} ({self.requester.fingerprint[:19]})",
             ", ".join(self.lineage),
-            " → ".join(self.ops[-6:]),
+            describe_ops(self.ops, width=120),
             " ".join(x for x in (self.type_name, shape, self.dtype or "", human_bytes(self.nbytes)) if x),
             f"“{self.reason}” (their words)" if self.reason else "",
             self.status + (f" by {self.decided_by}" if self.decided_by and self.decided_by != "owner" else ""),

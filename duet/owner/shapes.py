@@ -111,7 +111,9 @@ def shadow(
     modules: Dict[int, torch.nn.Module] = {}
     _modules_in([call, args, kwargs], modules)
     try:
-        with _meta_state(modules), (meter if meter is not None else contextlib.nullcontext()):
+        from .effects import active
+
+        with _meta_state(modules), (active(meter) if meter is not None else contextlib.nullcontext()):
             if target_method is not None:
                 member = getattr(meta_args[0], target_method)
                 result = member if attribute else member(*meta_args[1:], **meta_kwargs)
@@ -146,6 +148,38 @@ def describe(value: Any, depth: int = 0) -> Any:
     if value is None or isinstance(value, (bool, int, float, complex, str, torch.dtype)):
         return (type(value).__name__, value)
     return ("?", type(value).__name__)
+
+
+class Uncacheable(Exception):
+    """A value whose shadow-run outcome cannot be keyed by its metadata."""
+
+
+def signature(value: Any, depth: int = 0) -> Any:
+    """Everything a shadow run can depend on, as a hashable key (raises Uncacheable otherwise)."""
+    if depth > MAX_DEPTH:
+        raise Uncacheable()
+    if isinstance(value, torch.Tensor):
+        grad = grad_of(value)
+        return ("T", tuple(value.shape), value.stride(), value.dtype, value.requires_grad, value.layout, value.device.type,
+                None if grad is None else (tuple(grad.shape), grad.stride(), grad.dtype))
+    if isinstance(value, torch.nn.Module):
+        return ("M", id(value), type(value).__name__,
+                tuple((n, signature(p, depth + 1)) for n, p in value.named_parameters()),
+                tuple((n, signature(b, depth + 1)) for n, b in value.named_buffers()),
+                tuple(m.training for m in value.modules()))
+    if isinstance(value, (list, tuple)):
+        return ("list" if isinstance(value, list) else "tuple", tuple(signature(v, depth + 1) for v in value))
+    if isinstance(value, dict):
+        return ("dict", tuple((k, signature(v, depth + 1)) for k, v in value.items()))
+    if isinstance(value, slice):
+        return ("slice", signature(value.start, depth + 1), signature(value.stop, depth + 1), signature(value.step, depth + 1))
+    if isinstance(value, torch.Size):
+        return ("S", tuple(value))
+    if isinstance(value, float) and value != value:
+        return ("nan",)
+    if value is None or value is Ellipsis or isinstance(value, (bool, int, float, complex, str, torch.dtype)):
+        return (type(value).__name__, value)
+    raise Uncacheable()
 
 
 def holds_data(value: Any, depth: int = 0) -> bool:

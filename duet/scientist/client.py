@@ -177,12 +177,13 @@ class Scientist:
         self._rejoin: Optional[Any] = None  # set by duet.join: pairs again with the same code
         self._closers: List[Any] = []
         self._recorder: Any = None  # a duet.plan being recorded on this session
+        self._code: Any = None  # the join code, whose owner commitment every (re)handshake is checked against
         session.set_handler(self._on_message)
         session.on_close(self._on_close)
 
     # -- handshake -------------------------------------------------------------------
-    def handshake(self, ctx: Any, timeout: float, reason: str = "", resume: Optional[bytes] = None) -> None:
-        """Prove our identity, and verify the owner's, bound to this session."""
+    def handshake(self, ctx: Any, timeout: float, reason: str = "", resume: Optional[bytes] = None, code: Any = None) -> None:
+        """Prove our identity, and verify the owner's, bound to this session (and to the join code's owner)."""
         pub = self.identity.public_key
         self.owner_name = ctx.owner_name
         hello = {"t": "hello", "pub": pub, "sig": self.identity.sign(ctx.transcript("scientist", pub)), "reason": reason}
@@ -199,6 +200,9 @@ class Scientist:
         if not isinstance(owner_pub, bytes) or not isinstance(sig, bytes):
             raise PairingError("the owner's welcome is malformed")
         identity_mod.verify(owner_pub, ctx.transcript("owner", owner_pub), sig)
+        if code is not None:
+            code.check_owner(owner_pub)  # the owner who made the code, not whoever registered the room first
+            self._code = code
         fingerprint = identity_mod.fingerprint(owner_pub)
         if resume is not None and fingerprint != self.owner_fingerprint:
             raise PairingError("a different owner answered the resume; refusing to continue")
@@ -437,7 +441,7 @@ class Scientist:
         session.on_close(self._on_close)
         self._closers = [closer]
         try:
-            self.handshake(ctx, timeout, resume=self._resume_token)
+            self.handshake(ctx, timeout, resume=self._resume_token, code=self._code)
         except BaseException:
             self.close()
             raise

@@ -31,6 +31,7 @@ def main(argv: list | None = None) -> int:
     ap.add_argument("--big-mb", type=int, default=0, help="publish a seeded float32 tensor 'big' of this many MiB")
     ap.add_argument("--accept-all", action="store_true", help="auto-approve every release")
     ap.add_argument("--approve-joins", action="store_true")
+    ap.add_argument("--leak-assets", action="store_true", help="publish the private assets of tests/test_leak_classes.py")
     args = ap.parse_args(argv)
 
     owner = duet.launch(name=args.name, signaling=args.signaling, local_only=True, display=False, approve_joins=args.approve_joins)
@@ -38,6 +39,12 @@ def main(argv: list | None = None) -> int:
     if args.big_mb:
         gen = torch.Generator().manual_seed(1234)
         owner.store.add(torch.rand(args.big_mb * 2**18, generator=gen), name="big", description="seeded noise")
+    if args.leak_assets:
+        from tests.test_leak_classes import SECRET
+
+        owner.store.add(SECRET.clone(), name="x", description="private")
+        owner.store.add(SECRET.numpy().copy(), name="xn", description="private, as numpy")
+        owner.store.add(torch.tensor([1, 3, 0, 2, 3, 1]), name="ids", description="private indices")
     if args.accept_all:
         owner.requests.add_handler(action="accept", kind=("release", "join"))
     emit(code=owner.code, fingerprint=owner.fingerprint)

@@ -1,0 +1,50 @@
+"""The leak classes of tests/test_leak_classes.py between two real processes over real WebRTC.
+
+The owner process publishes the same private assets and decides nothing; the
+scientist (this process) runs each attack and must find every result private.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import duet
+from tests.procs.helpers import start_owner, start_signaling
+from tests.test_leak_classes import ATTACKS, needs_approval, shape_hidden
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def remote_scientist():
+    sig, url = start_signaling()
+    owner_proc, info = start_owner("--signaling", url, "--leak-assets")
+    scientist = duet.join(info["code"], name="hostile", local_only=True)
+    try:
+        yield scientist
+    finally:
+        scientist.close()
+        rc = owner_proc.stop()
+        sig.stop()
+        assert rc == 0, "".join(owner_proc.stderr[-40:])
+
+
+@pytest.mark.parametrize("name", sorted(ATTACKS))
+def test_attack_holds_over_webrtc(remote_scientist, name):
+    attack, what = ATTACKS[name]
+    ptr = attack(remote_scientist)
+    assert ptr.private and needs_approval(ptr)
+    if what == "shape":
+        assert shape_hidden(ptr)
+
+
+def test_random_numbers_over_webrtc_do_not_carry_what_an_earlier_draw_consumed(remote_scientist):
+    """poisson draws as many numbers as its private rates demand; later public draws must not notice."""
+    s = remote_scientist
+    x = s.store["x"]
+    draws = []
+    for scale in (1.0, 1000.0):  # the same sequence of actions, with very different rates
+        s.torch.manual_seed(11)
+        s.torch.poisson(x * scale)
+        draws.append(s.torch.rand(3).get(timeout=30))
+    assert torch.equal(draws[0], draws[1])

@@ -86,6 +86,7 @@ class Session:
         self._handler: Optional[MessageHandler] = None
         self._close_callbacks: list = []
         self.close_reason: Optional[BaseException] = None
+        self.last_message_bytes = 0
         self._closed = threading.Event()
         transport.set_handlers(self._on_bytes, self._on_close)
 
@@ -149,6 +150,7 @@ class Session:
             callback(self.close_reason)
 
     def _on_bytes(self, data: bytes) -> None:
+        self.last_message_bytes = len(data)  # for handlers that account queued bytes
         try:
             msg = wire.decode(data, self.limits)
             if not isinstance(msg, dict) or not isinstance(msg.get("t"), str):

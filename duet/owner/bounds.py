@@ -21,6 +21,7 @@ from __future__ import annotations
 import inspect
 import math
 import operator
+import weakref
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import numpy as np
@@ -66,6 +67,13 @@ def size_ints(obj: Any, depth: int = 0) -> List[int]:
 
 def elements(size: Any) -> int:
     return _product(size_ints(size))
+
+
+def itemsize_of(dtype: Any) -> int:
+    """Bytes per element of a requested dtype; 8 when none is given (int64 and float64 are the widest defaults)."""
+    if dtype is None:
+        return 8
+    return _itemsize(dtype)
 
 
 def _itemsize(dtype: Any) -> int:
@@ -247,7 +255,7 @@ def numpy_elements(name: str, fn: Callable[..., Any], args: Tuple[Any, ...], kwa
         n = sizes[0] if sizes else 1
         return n * n
     if short in ("tensordot", "einsum", "dot", "matmul", "inner", "vdot"):
-        return _product(sizes) if short in ("tensordot", "einsum") else max(sizes + [1]) ** 2
+        return _contraction_elements(short, args, kwargs)
     if short in ("zeros", "ones", "empty", "full"):
         return elements(args[0] if args else kwargs.get("shape"))
     if isinstance(fn, np.ufunc) and arrays:
@@ -258,6 +266,43 @@ def numpy_elements(name: str, fn: Callable[..., Any], args: Tuple[Any, ...], kwa
     return 0
 
 
+def _contraction_elements(short: str, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> int:
+    """Output size of numpy's contractions, by numpy's shape rules (torch's meta kernels for einsum/tensordot)."""
+    if short == "vdot":
+        return 1
+    arrays = [a for a in args if hasattr(a, "shape")]
+    if short == "einsum" or short == "tensordot":
+        def meta(a: Any) -> torch.Tensor:
+            return torch.empty(_shape_of(a), device="meta")
+        try:
+            if short == "einsum":
+                out = torch.einsum(args[0], *[meta(a) for a in arrays])
+            else:
+                axes = kwargs.get("axes", args[2] if len(args) > 2 else 2)
+                out = torch.tensordot(meta(arrays[0]), meta(arrays[1]), dims=axes)
+            return out.numel()
+        except Exception:
+            return _product(_numel(a) for a in arrays)  # could not tell: assume the outer product
+    if len(arrays) < 2:
+        return 0
+    a, b = _shape_of(arrays[0]), _shape_of(arrays[1])
+    if not a or not b:
+        return _product(a or b)
+    if short == "inner":
+        return _product(a[:-1] + b[:-1])
+    if short == "dot" and len(b) >= 2:
+        return _product(a[:-1] + b[:-2] + b[-1:])
+    if short == "dot":
+        return _product(a[:-1])
+    if len(a) == 1 or len(b) == 1:  # matmul with a vector
+        return _product((a[:-1] if len(b) == 1 else b[:-2] + b[-1:]) or (1,))
+    try:
+        batch = np.broadcast_shapes(a[:-2], b[:-2])
+    except ValueError:
+        return 0
+    return _product(tuple(batch) + (a[-2], b[-1]))
+
+
 def check_elements(n: int, limit: int, label: str) -> None:
     if n > limit:
         raise LimitExceeded(f"{label} would allocate more than {limit} elements")
@@ -265,7 +310,7 @@ def check_elements(n: int, limit: int, label: str) -> None:
 
 # -- the shadow run's allocations ------------------------------------------------------------
 class SizeMeter(TorchDispatchMode):
-    """During a shadow run on meta tensors: the largest single allocation and the total, in bytes."""
+    """During a shadow run on meta tensors: the largest single allocation and the peak held at once, in bytes."""
 
     @classmethod
     def _should_skip_dynamo(cls) -> bool:
@@ -276,15 +321,26 @@ class SizeMeter(TorchDispatchMode):
         self.largest = 0
         self.largest_elements = 0
         self.total = 0
+        self.live = 0
+        self.peak = 0  # what the real run would hold at its fullest (intermediates freed as they die)
+        self.random = False  # the run drew random numbers (so the real one must get the scientist's generator)
+
+    def _freed(self, nbytes: int) -> None:
+        self.live -= nbytes
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: Optional[Dict[str, Any]] = None) -> Any:
         out = func(*args, **(kwargs or {}))
+        if torch.Tag.nondeterministic_seeded in func.tags:
+            self.random = True
         returns = func._schema.returns
         for i, t in enumerate(_tensors(out)):
             if i < len(returns) and returns[i].alias_info is None:  # views and in-place results allocate nothing
                 n = t.nelement()
                 b = n * t.element_size()
                 self.total += b
+                self.live += b
+                self.peak = max(self.peak, self.live)
+                weakref.finalize(t, self._freed, b)
                 if b > self.largest:
                     self.largest = b
                 if n > self.largest_elements:

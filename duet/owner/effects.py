@@ -26,7 +26,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ..errors import NotAllowed
+from ..errors import LimitExceeded, NotAllowed
 from .footprint import Range, tensor_range
 from .randomness import ActionRandomness
 
@@ -39,6 +39,7 @@ _READS_VALUES = {"aten::_local_scalar_dense", "aten::is_nonzero", "aten::equal",
 @dataclass(frozen=True)
 class _OpInfo:
     writes: Tuple[int, ...]  # positions of arguments the schema marks as written
+    sizes: Tuple[int, ...]  # positions of int-list arguments that size a new tensor
     value_dependent_writes: bool  # writes depend on argument values (e.g. `training`)
     names: Tuple[str, ...]
     random: bool
@@ -57,8 +58,11 @@ def _info(func: Any) -> _OpInfo:
     schema = func._schema
     args = schema.arguments
     writes = tuple(i for i, a in enumerate(args) if a.alias_info is not None and a.alias_info.is_write)
+    sizes = tuple(i for i, a in enumerate(args)
+                  if a.name in ("size", "sizes", "repeats") and str(a.type).lower() in ("list[int]", "int[]", "symint[]"))
     info = _OpInfo(
         writes=writes,
+        sizes=sizes,
         value_dependent_writes=any(a.name == "training" or a.name == "train" for a in args),
         names=tuple(a.name for a in args),
         random=torch.Tag.nondeterministic_seeded in func.tags,
@@ -129,10 +133,11 @@ class Observer(TorchDispatchMode):
     def _should_skip_dynamo(cls) -> bool:
         return False  # nothing is compiled on the owner; torch's guard costs ~15 us per operation
 
-    def __init__(self, randomness: ActionRandomness, track: bool) -> None:
+    def __init__(self, randomness: ActionRandomness, track: bool, max_elements: Optional[int] = None) -> None:
         super().__init__()
         self.randomness = randomness
         self.track = track
+        self.max_elements = max_elements  # set when no shadow run could check sizes beforehand
         self.written: List[Range] = []
         self.written_tensors: List[torch.Tensor] = []
         self.read_values = False
@@ -154,6 +159,8 @@ class Observer(TorchDispatchMode):
         info = _INFO.get(func) or _info(func)
         if info.reads_values:
             self.read_values = True
+        if self.max_elements is not None:
+            self._check_size(func, info, args, kwargs)
         if info.random:
             func, args, kwargs = self._route_random(func, info, args, kwargs)
             info = _INFO.get(func) or _info(func)
@@ -162,6 +169,35 @@ class Observer(TorchDispatchMode):
             for i in positions:
                 self._record(_argument(info, i, args, kwargs))
         return func(*args, **kwargs)
+
+    # -- sizes, when nothing could check them before the action ran ---------------------------
+    def _check_size(self, func: Any, info: _OpInfo, args: tuple, kwargs: Dict[str, Any]) -> None:
+        """Refuse an operation that would allocate more than the limit, before it does (one-bit channel)."""
+        n = 0
+        name = func._schema.name
+        for i in info.sizes:
+            value = _argument(info, i, args, kwargs)
+            if isinstance(value, (list, tuple)):
+                n = max(n, _product(value) * (args[0].numel() if name == "aten::repeat" and args else 1))
+        if name == "aten::bincount" and args:
+            data = args[0]
+            minlength = _argument(info, 2, args, kwargs) or 0
+            top = int(data.max()) + 1 if data.numel() else 0
+            n = max(n, top, int(minlength))
+        elif name == "aten::repeat_interleave" and args:
+            if func._overloadname == "Tensor":  # repeat_interleave(repeats)
+                repeats, per = args[0], 1
+            else:  # (self, repeats, dim): each repeat copies a slice of self
+                repeats = _argument(info, 1, args, kwargs)
+                count = repeats.numel() if isinstance(repeats, torch.Tensor) else 1
+                per = max(args[0].numel() // max(count, 1), 1)
+            if isinstance(repeats, torch.Tensor) and repeats.numel():
+                n = max(n, int(repeats.sum()) * per)
+            elif isinstance(repeats, int):
+                n = max(n, repeats * args[0].numel())
+        assert self.max_elements is not None
+        if n > self.max_elements:
+            raise LimitExceeded(f"{name.split('::')[-1]} would allocate more than {self.max_elements} elements")
 
     # -- randomness ----------------------------------------------------------------
     def _route_random(self, func: Any, info: _OpInfo, args: tuple, kwargs: Dict[str, Any]) -> Tuple[Any, tuple, Dict[str, Any]]:
@@ -190,6 +226,15 @@ class Observer(TorchDispatchMode):
             raise NotAllowed("randint_like with a tensor bound cannot draw from your generator on the owner")
         low, high = (0, rest[0]) if len(rest) == 1 else (rest[0], rest[1])
         return _draw, (src, dtype, lambda t: t.random_(low, high, generator=gen)), {}
+
+
+def _product(values: Any) -> int:
+    total = 1
+    for v in values:
+        total *= max(int(v), 0)
+        if total > 2**62:
+            return 2**62
+    return total
 
 
 def _draw(src: torch.Tensor, dtype: torch.dtype, fill: Any) -> torch.Tensor:

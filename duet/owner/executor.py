@@ -30,6 +30,7 @@ the scientist's own generator (`duet.owner.randomness`).
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 import operator as _operator  # noqa: F401  (resolved through allowlist.import_dotted)
@@ -278,6 +279,14 @@ def _is_builtin(fn: Any) -> bool:
                            types.WrapperDescriptorType, np.ufunc)) or getattr(fn, "__module__", "") == "_operator"
 
 
+@dataclass(frozen=True)
+class _Prediction:
+    """What the shadow run on meta tensors said of an action."""
+
+    description: Any  # the result's structure (shapes.describe)
+    random: bool  # it drew random numbers
+
+
 # -- flow ----------------------------------------------------------------------------
 @dataclass
 class Flow:
@@ -401,7 +410,7 @@ class Executor:
     def __init__(self, table: ObjectTable, randomness: Optional[Randomness] = None) -> None:
         self.table = table
         self.randomness = randomness or Randomness()
-        self._shadows: Dict[Any, Tuple[Any, int, int]] = {}  # signature -> (prediction, largest elements, bytes)
+        self._shadows: Dict[Any, Tuple[Any, int, int, bool]] = {}  # signature -> (prediction, elements, bytes, random)
 
     def describe(self, kind: str, name: str, args: List[Any]) -> str:
         """A label for an action, for errors and the permission queue: only names Duet knows."""
@@ -466,18 +475,24 @@ class Executor:
         elif kind == "func" and name.startswith("numpy."):
             n = bounds.numpy_elements(name, fn, tuple(call_args), kw)
         bounds.check_elements(n, self.table.limits.max_elements_per_object, label)
-        self.table.check_room(n)  # at least one byte per element
+        self.table.check_room(n * bounds.itemsize_of(kw.get("dtype")))
 
         watch = Watch(self.table, flow, input_ids, [values, kw]) if flow.private else None
         declared = self._declared_writes(kind, name, entry, target, input_ids, values)
         tracking = watch is not None and watch.active
         if tracking:
             watch.protect_arrays(self.table.get(r).value for r in declared)
-        observer = Observer(rng, track=tracking)
+        # Without a shadow run nothing has checked the sizes of what runs inside: check them op by op.
+        unpredicted = predicted is shapes.UNAVAILABLE
+        guard = self.table.limits.max_elements_per_object if unpredicted else None
+        observer = Observer(rng, track=tracking, max_elements=guard)
+        # The observer is needed to watch writes, to give random operations the scientist's generator,
+        # or to check sizes; a shadow run that drew nothing proves the real one draws nothing either.
+        observe = tracking or unpredicted or predicted.random
         failure: Optional[BaseException] = None
         result: Any = None
         try:
-            with active(observer):
+            with (active(observer) if observe else contextlib.nullcontext()):
                 result = fn() if kind == "attr" else fn(*call_args, **kw)
         except Exception as exc:  # effects count even when the action fails half way (index_put_ out of range)
             failure = exc
@@ -494,7 +509,7 @@ class Executor:
 
         if rid is None:
             return None
-        return self._store(rid, safe, flow, label, input_ids, predicted)
+        return self._store(rid, safe, flow, label, input_ids, predicted.description if not unpredicted else predicted)
 
     # -- pieces of run ------------------------------------------------------------------
     def _apply_effects(self, watch: Optional[Watch], observer: Observer, flow: Flow, label: str, kind: str, fn: Any,
@@ -564,17 +579,17 @@ class Executor:
                 predicted = shapes.shadow(None, [target], {}, target_method=name, meter=meter, attribute=True)
             else:
                 predicted = shapes.shadow(fn, call_args, kw, meter=meter)
-            cached = (predicted, meter.largest_elements, meter.largest)
+            cached = (predicted, meter.largest_elements, meter.peak, meter.random)
             if key is not None:
                 self._shadows[key] = cached
                 while len(self._shadows) > SHADOW_CACHE:
                     self._shadows.pop(next(iter(self._shadows)))
-        predicted, largest_elements, largest_bytes = cached
+        predicted, largest_elements, peak_bytes, random = cached
         limit = self.table.limits.max_elements_per_object
         if largest_elements > limit:
             raise LimitExceeded(f"{name} would allocate more than {limit} elements")
-        self.table.check_room(largest_bytes)
-        return predicted
+        self.table.check_room(peak_bytes)
+        return _Prediction(predicted, random) if predicted is not shapes.UNAVAILABLE else predicted
 
     def _check_arguments(self, fn: Any, label: str, call_args: List[Any], kw: Dict[str, Any]) -> None:
         """Refuse writes into arguments by position: numpy's `out` (dot(a, b, out), add(a, b, out))."""
@@ -596,7 +611,7 @@ class Executor:
     def _check_python(self, label: str, name: str, kind: str, call_args: List[Any]) -> None:
         if kind == "func" and name.startswith("operator."):
             limits = self.table.limits
-            bounds.check_python_arithmetic(name, call_args, limits.max_python_bits, max(limits.max_elements_per_object // 8, 1))
+            bounds.check_python_arithmetic(name, call_args, limits.max_python_bits, MAX_PYTHON_ITEMS)
 
     def _declared_writes(self, kind: str, name: str, entry: Entry, target: Any, input_ids: List[int], values: List[Any]) -> Set[int]:
         """numpy has no write counters: an in-place numpy operation's target is written by definition."""
@@ -659,6 +674,7 @@ class Executor:
 
 
 SHADOW_CACHE = 4096
+MAX_PYTHON_ITEMS = 1_000_000  # a Python list or string an action may build (strings over 4096 are refused anyway)
 _MODULE_READS = frozenset({"parameters", "buffers", "children", "modules", "state_dict"})
 
 

@@ -133,10 +133,12 @@ class ScientistConnection:
         # queue request id -> (session, request id there) to answer; a reply meant for a dropped
         # link waits for the scientist's next ask of the same object
         self._reply_to: Dict[int, Tuple[Session, int]] = {}
+        self._held: Dict[int, int] = {}  # queue request id -> bytes its snapshot holds, until sent or dropped
         self._delivered: Dict[int, None] = {}  # queue request ids whose outcome reached the scientist (recent ones)
         self._requests: List[Request] = []
         self._inbox: "queue.SimpleQueue[Any]" = queue.SimpleQueue()
         self._queued = 0
+        self._queued_bytes = 0  # bytes of the messages waiting for the worker
         self._queued_lock = threading.Lock()
         self._worker = threading.Thread(target=self._work, name="duet-owner-worker", daemon=True)
         self._worker.start()
@@ -163,21 +165,27 @@ class ScientistConnection:
         if kind == "leave":
             self._left = True
             return
+        size = getattr(self.session, "last_message_bytes", 0)
         with self._queued_lock:
             # Round trips (get, ping, listings) get a higher ceiling: an honest
             # scientist waits for each, and refusing them would fail a get()
             # merely because actions are backed up.
             ceiling = self.owner.limits.max_queued_actions * (10 if kind == "req" else 1)
-            if self._queued >= ceiling and kind != "free":
+            too_many = self._queued >= ceiling
+            too_big = self._queued_bytes + size > self.owner.limits.max_queued_bytes and self._queued > 0
+            if (too_many or too_big) and kind != "free":
                 rid = msg.get("rid")
-                error = LimitExceeded(f"too many queued actions ({self.owner.limits.max_queued_actions}); wait for earlier ones")
+                error = LimitExceeded(
+                    f"too many queued actions ({self.owner.limits.max_queued_actions}); wait for earlier ones" if too_many
+                    else f"too many bytes queued ({self.owner.limits.max_queued_bytes}); wait for earlier actions")
                 if kind == "req" and isinstance(msg.get("id"), int):
                     self.session.reply(msg["id"], error=error)
                 else:  # reported even without a result id, so nothing is lost silently
                     self._fail(rid if isinstance(rid, int) else None, error, "queue")
                 return
             self._queued += 1
-        self._inbox.put(msg)
+            self._queued_bytes += size
+        self._inbox.put((msg, size))
 
     def _on_hello(self, msg: Dict[str, Any]) -> None:
         pub, sig = msg.get("pub"), msg.get("sig")
@@ -338,12 +346,14 @@ class ScientistConnection:
 
     def _work(self) -> None:
         while True:
-            msg = self._inbox.get()
-            if msg is _STOP:
+            item = self._inbox.get()
+            if item is _STOP:
                 self.objects.clear()
                 return
+            msg, size = item
             with self._queued_lock:
                 self._queued -= 1
+                self._queued_bytes -= size
             try:
                 self._handle(msg)
             except Exception:  # the worker must survive anything a scientist sends
@@ -532,9 +542,17 @@ class ScientistConnection:
                 self.session.send({"t": "queued", "id": req_id, "request": earlier.id})
             else:
                 self._deliver(earlier)
+                self._drop_snapshot_if_done(earlier)
             return
         obj = self._object(rid)
         reason = clean(msg.get("reason") or "", newlines=True)  # shown to the owner: no control or bidi characters
+        if obj.private:
+            # Each pending release holds a snapshot until decided: bounded in number and in bytes.
+            pending = sum(1 for r in self._releases.values() if r.pending)
+            if pending >= self.owner.limits.max_pending_releases:
+                raise LimitExceeded(f"too many releases waiting for the owner ({self.owner.limits.max_pending_releases}); "
+                                    "wait for a decision")
+            self.objects.check_room(obj.nbytes)
         value = snapshot(obj.value)
         numel, nbytes = size_of(value)
         if not obj.private:
@@ -556,12 +574,30 @@ class ScientistConnection:
             "value": value,
         }
 
-        req = self._submit(fields, self._deliver, reply_to=req_id, obj=rid)
+        self.objects.hold(nbytes)
+        holder: Dict[str, int] = {}
+
+        def deliver(decided: Request) -> None:
+            holder.setdefault("id", decided.id)
+            self._held.setdefault(decided.id, nbytes)
+            self._deliver(decided)
+            self._drop_snapshot_if_done(decided)
+
+        req = self._submit(fields, deliver, reply_to=req_id, obj=rid)
+        if "id" not in holder:
+            self._held[req.id] = nbytes
         if req.pending:
             try:
                 self.session.send({"t": "queued", "id": req_id, "request": req.id})
             except ConnectionLost:
                 pass
+
+    def _drop_snapshot_if_done(self, req: Request) -> None:
+        """A snapshot stops counting once it was sent, or the request was denied, expired or cancelled."""
+        if not req.pending and (req.status != ACCEPTED or req.value is None):
+            n = self._held.pop(req.id, 0)
+            if n:
+                self.objects.hold(-n)
 
     def _submit(self, fields: Dict[str, Any], on_decided: Callable[[Request], None], reply_to: int, obj: int) -> Request:
         """Queue a release request, remembered per object until its outcome reaches the scientist."""

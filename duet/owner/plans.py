@@ -19,6 +19,7 @@ from ..errors import NotAllowed
 from ..text import clean as clean_text
 from ..wire import Ref
 from .executor import Executor, collect_refs
+from .footprint import python_nbytes
 
 MAX_PLANS = 1_000
 MAX_ACTIONS = 10_000
@@ -36,6 +37,7 @@ class Plan:
     ops: List[str]
     approved_lineage: Optional[Set[str]] = None  # strict mode: what the owner approved it for
     uses: int = field(default=0)
+    nbytes: int = 0
 
 
 def remap(obj: Any, mapping: Dict[int, int]) -> Any:
@@ -116,6 +118,12 @@ class PlanRunner:
         if len(self.plans) >= MAX_PLANS:
             raise NotAllowed(f"at most {MAX_PLANS} plans per scientist")
         plan = validate(msg)
+        plan.nbytes = python_nbytes(plan.actions)  # literals in a plan are memory the scientist holds
+        self.table.check_room(plan.nbytes)
+        old = self.plans.pop(plan.pid, None)
+        if old is not None:
+            self.table.hold(-old.nbytes)
+        self.table.hold(plan.nbytes)
         self.plans[plan.pid] = plan
         return plan
 

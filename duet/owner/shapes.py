@@ -163,10 +163,9 @@ def signature(value: Any, depth: int = 0) -> Any:
         return ("T", tuple(value.shape), value.stride(), value.dtype, value.requires_grad, value.layout, value.device.type,
                 None if grad is None else (tuple(grad.shape), grad.stride(), grad.dtype))
     if isinstance(value, torch.nn.Module):
-        return ("M", id(value), type(value).__name__,
+        return ("M", _module_token(value), tuple(m.training for m in value.modules()),
                 tuple((n, signature(p, depth + 1)) for n, p in value.named_parameters()),
-                tuple((n, signature(b, depth + 1)) for n, b in value.named_buffers()),
-                tuple(m.training for m in value.modules()))
+                tuple((n, signature(b, depth + 1)) for n, b in value.named_buffers()))
     if isinstance(value, (list, tuple)):
         return ("list" if isinstance(value, list) else "tuple", tuple(signature(v, depth + 1) for v in value))
     if isinstance(value, dict):
@@ -180,6 +179,20 @@ def signature(value: Any, depth: int = 0) -> Any:
     if value is None or value is Ellipsis or isinstance(value, (bool, int, float, complex, str, torch.dtype)):
         return (type(value).__name__, value)
     raise Uncacheable()
+
+
+class _Token:
+    """Stands for one module object in cache keys; kept alive by the key, so never reused for another."""
+
+    __slots__ = ("__weakref__",)
+
+
+def _module_token(module: torch.nn.Module) -> _Token:
+    token = module.__dict__.get("_duet_shadow_token")
+    if token is None:
+        token = _Token()
+        object.__setattr__(module, "_duet_shadow_token", token)  # not a submodule, parameter or buffer
+    return token
 
 
 def holds_data(value: Any, depth: int = 0) -> bool:

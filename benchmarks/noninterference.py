@@ -85,7 +85,21 @@ def _secrets(seed: int) -> Dict[str, Any]:
         "ids": torch.randint(0, 5, (6,), generator=g),
         "xn": np.random.default_rng(seed).integers(0, 100, 6).astype(np.float64),
         "ds": torch.utils.data.TensorDataset(torch.randn(16, 4, generator=g), torch.randint(0, 3, (16,), generator=g)),
+        "recs": Records(torch.randint(1, 6, (6,), generator=g).tolist()),  # records of private lengths
     }
+
+
+class Records(torch.utils.data.Dataset):
+    """A dataset whose samples' shapes are private (visits per patient)."""
+
+    def __init__(self, lengths: List[int]) -> None:
+        self.lengths = lengths
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return torch.ones(self.lengths[i])
 
 
 class World:
@@ -188,6 +202,76 @@ NUMPY = ["add", "sum", "nonzero", "unique", "dot_out", "mean", "asarray", "rando
          "sort", "flatnonzero", "clip", "maximum"]
 LITERALS = st.one_of(st.integers(-3, 10), st.floats(-3, 3, allow_nan=False, width=32), st.booleans(),
                      st.just(slice(0, 3)), st.just(slice(None, None, 2)))
+
+
+def _case_empty_grow(s: Any, x: Any) -> Any:
+    lst = s.send([torch.zeros(0)])
+    e = lst[0]
+    e.resize_as_(s.torch.zeros(8))
+    e.copy_(x.float().reshape(-1)[:8])
+    return lst
+
+
+def _case_overwrite(s: Any, x: Any) -> Any:
+    q = s.send(np.zeros(1))
+    q[:] = x.float().reshape(-1)[:1]
+    pub = s.send(torch.arange(99.0, -1.0, -1.0, dtype=torch.float64))
+    s.numpy.percentile(pub, q.clip(0, 100), overwrite_input=True, method="lower")
+    return pub
+
+
+def _case_module_midway(s: Any, x: Any) -> Any:
+    nn = s.torch.nn
+    bn = nn.BatchNorm1d(4)
+    nn.Sequential(nn.Embedding(50, 4), bn, nn.Linear(5, 1))(x.long().reshape(-1).abs())
+    return bn
+
+
+def _case_dtype_message(s: Any, x: Any) -> Any:
+    words = s.send(["a" * (k + 1) for k in range(20)])
+    return s.numpy.array(words[x.long().reshape(-1)[0].clamp(0, 19).item()])
+
+
+def _case_small_int(s: Any, x: Any) -> Any:
+    lst = s.send([0, 0, 0])
+    lst[0] = (x.float().reshape(-1)[0] > 50).long().item()
+    return lst
+
+
+def _case_two_pointers(s: Any, x: Any) -> Any:
+    lst = s.send([torch.zeros(1)])
+    lst[0].resize_as_(x[x > 0])
+    return lst[0]
+
+
+def _case_module_flag(s: Any, x: Any) -> Any:
+    child = s.torch.nn.Linear(2, 2)
+    s.torch.nn.Sequential(child).train((x.float().reshape(-1)[0] > 50).item())
+    return child.training
+
+
+def _case_records(s: Any, x: Any) -> Any:
+    return next(iter(s.loader("recs", batch_size=1, progress=False)))
+
+
+@duet.plan
+def _plan_midway(x, w, torch_ns):
+    torch_ns.index_select(w, 0, x[0:1].long().abs())
+    torch_ns.index_select(w, 0, (x[1:2] * 2).long().abs())
+    return torch_ns.nn.functional.embedding(x[0:1].long() * 0 + 1000, w)
+
+
+def _case_plan_midway(s: Any, x: Any) -> Any:
+    w = s.send(torch.zeros(50, 1))
+    _plan_midway(x.float().reshape(-1), w, s.torch)
+    return w
+
+
+REVIEW_CASES = {
+    "empty_grow": _case_empty_grow, "overwrite_input": _case_overwrite, "module_midway": _case_module_midway,
+    "dtype_message": _case_dtype_message, "small_int": _case_small_int, "two_pointers": _case_two_pointers,
+    "module_flag": _case_module_flag, "records": _case_records, "plan_midway": _case_plan_midway,
+}
 
 
 class Noninterference(RuleBasedStateMachine):
@@ -375,7 +459,7 @@ class Noninterference(RuleBasedStateMachine):
         return self._apply(f"numpy.{f}", go, a, b)
 
     @precondition(lambda self: not self.diverged)
-    @rule(target=handles, a=handles, b=handles, kind=st.sampled_from(["pick", "concat", "tolist", "sizes"]))
+    @rule(target=handles, a=handles, b=handles, kind=st.sampled_from(["pick", "pick_mixed", "concat", "tolist", "sizes"]))
     def python_list(self, a: int, b: int, kind: str) -> Any:
         return self._apply(f"list.{kind}", lambda s, x, y: _remote_list(s, x, y, kind), a, b)
 
@@ -478,6 +562,12 @@ class Noninterference(RuleBasedStateMachine):
         return self._apply(f"nn.{kind}", go, a)
 
     @precondition(lambda self: not self.diverged)
+    @rule(target=handles, a=handles, kind=st.sampled_from(sorted(REVIEW_CASES)))
+    def review_case(self, a: int, kind: str) -> Any:
+        """Shapes of attack a hostile review found (each one closed), with the fuzzer's operands."""
+        return self._apply(f"case.{kind}", REVIEW_CASES[kind], a)
+
+    @precondition(lambda self: not self.diverged)
     @rule(a=handles, what=st.sampled_from(["shape", "dtype", "private"]))
     def metadata(self, a: int, what: str) -> None:
         self._apply(f".{what}", lambda s, x: getattr(x, what) if isinstance(x, Pointer) else None, a)
@@ -516,6 +606,10 @@ def _remote_list(s: Any, x: Any, y: Any, kind: str) -> Any:
     if kind == "pick":
         choices = s.send([torch.zeros(1), torch.zeros(5)])
         return choices[(x.float().sum() > 50).long().item()]
+    if kind == "pick_mixed":  # a tensor in one run, an array or a number in the other
+        choices = s.send([torch.zeros(2), np.zeros(2), 3])
+        picked = choices[(x.float().sum() > 50).long().item() + (y.float().sum() > 50).long().item()]
+        return picked.sum()
     if kind == "concat":
         return operator.add(s.send([0]), x.long().reshape(-1)[:2].tolist())
     if kind == "tolist":
@@ -561,8 +655,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     import json
     import logging
     import tempfile
+    import warnings
 
     logging.disable(logging.WARNING)
+    warnings.filterwarnings("ignore")  # torch and numpy warn about the odd arguments random programs pass
     with tempfile.TemporaryDirectory() as tmp:
         try:
             result = run(args.examples, args.steps, Path(tmp), args.seed)

@@ -337,4 +337,5 @@ GRAPH_FUNCTIONS: FrozenSet[str] = frozenset(
 # (new_empty is rebuilt as new_zeros; sizes inside a forward are checked by its shadow run.)
 GRAPH_METHODS: FrozenSet[str] = frozenset(TENSOR_METHODS) - {
     "backward", "requires_grad_", "retain_grad", "detach_", "resize_as_",
+    "tolist", "numpy", "item",  # values turned into Python inside a model could choose what it writes
 }

@@ -382,3 +382,17 @@ def test_attack_table_holds_locally(spair, name):
     assert ptr.private and needs_approval(ptr)
     if what == "shape":
         assert shape_hidden(ptr)
+
+
+def test_operations_never_name_a_private_type(spair):
+    """Picked by a private index, a value is a tensor in one run and an array in another: labels must not tell."""
+    _, s = spair
+    choices = s.send([torch.zeros(2), np.zeros(2), 3])
+    picked = choices[(s.store["x"].sum() > 100).long().item()]
+    total = picked.mean()
+    ops = total.meta()["ops"]
+    assert "(private type).mean" in ops and not any(op in ops for op in ("Tensor.mean", "ndarray.mean"))
+    refused = choices[(s.store["x"].sum() > 100).long().item() * 2].abs()  # the int has no abs method
+    with pytest.raises(duet.NotAllowed) as info:
+        refused.get(timeout=10)
+    assert "int" not in str(info.value) and "private" in str(info.value)

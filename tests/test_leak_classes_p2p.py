@@ -5,6 +5,7 @@ scientist (this process) runs each attack and must find every result private.
 """
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -48,3 +49,22 @@ def test_random_numbers_over_webrtc_do_not_carry_what_an_earlier_draw_consumed(r
         s.torch.poisson(x * scale)
         draws.append(s.torch.rand(3).get(timeout=30))
     assert torch.equal(draws[0], draws[1])
+
+
+def test_numpy_out_by_position_is_refused_over_webrtc(remote_scientist):
+    s = remote_scientist
+    out = s.send(np.zeros((), dtype=np.float32))
+    with pytest.raises(duet.NotAllowed, match="out"):
+        s.numpy.dot(s.store["xn"], s.store["xn"], out).get(timeout=30)
+    assert float(out.get(timeout=30)) == 0.0
+
+
+def test_uninitialised_memory_never_crosses_webrtc(remote_scientist):
+    s = remote_scientist
+    junk = s.store["x"].repeat(20000) * 3.0  # private values in memory about to be freed
+    del junk
+    s.ping()
+    assert not s.torch.empty(200000).get(timeout=30).any()
+    mine = s.send(torch.zeros(1))
+    mine.resize_as_(s.send(torch.zeros(100000)))
+    assert not mine.get(timeout=30).any()

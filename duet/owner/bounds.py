@@ -94,7 +94,7 @@ def check_dtype_arguments(kwargs: Dict[str, Any], args: Iterable[Any]) -> None:
             except TypeError:
                 continue
             if dt.kind not in "biufc":
-                raise NotAllowed(f"dtype {dt} is not allowed; only numeric dtypes")
+                raise NotAllowed("this dtype is not allowed: only numeric dtypes")  # (the dtype may come from private data)
 
 
 # -- Python arithmetic ------------------------------------------------------------------------

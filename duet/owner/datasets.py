@@ -75,4 +75,7 @@ class OwnerLoader:
             values = [batch] if self.single else list(batch)
         if len(values) != self.fields:
             raise NotAllowed(f"dataset {self.name!r} returned samples of varying structure")
-        return [make_safe(v, f"{self.name} batch") for v in values]
+        try:
+            return [make_safe(v, f"{self.name} batch") for v in values]
+        except NotAllowed:  # the refusal would name a type or dtype of private samples
+            raise NotAllowed(f"dataset {self.name!r} produced samples Duet does not keep") from None

@@ -228,6 +228,35 @@ class Observer(TorchDispatchMode):
         return _draw, (src, dtype, lambda t: t.random_(low, high, generator=gen)), {}
 
 
+_VALUE_READERS = frozenset({"tolist", "numpy"})
+
+
+@contextlib.contextmanager
+def reads_watched(observer: "Observer") -> Iterator[None]:
+    """Note value reads that torch does not dispatch (`Tensor.tolist`, `Tensor.numpy`) in this thread.
+
+    Library code that turns values into Python this way could steer what it
+    writes; `sys.setprofile` sees every such C call (only this thread, only
+    while the action runs; an earlier profiler keeps being called).
+    """
+    import sys
+
+    previous = sys.getprofile()
+
+    def profile(frame: Any, event: str, arg: Any) -> Any:
+        if event == "c_call" and getattr(arg, "__name__", None) in _VALUE_READERS \
+                and isinstance(getattr(arg, "__self__", None), torch.Tensor):
+            observer.read_values = True
+        if previous is not None:
+            previous(frame, event, arg)
+
+    sys.setprofile(profile)
+    try:
+        yield
+    finally:
+        sys.setprofile(previous)
+
+
 def _product(values: Any) -> int:
     total = 1
     for v in values:

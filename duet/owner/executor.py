@@ -46,8 +46,8 @@ from ..allowlist import Entry
 from ..errors import LimitExceeded, NotAllowed
 from ..wire import Ref
 from . import bounds, shapes
-from .effects import Observer, active
-from .footprint import Footprint, arrays_in, footprint, ranges_overlap, structure, tensor_range, tensors_in, walk
+from .effects import Observer, active, reads_watched
+from .footprint import Footprint, arrays_in, footprint, grad_of, ranges_overlap, structure, tensor_range, tensors_in
 from .objects import ObjectTable, RemoteObject
 from .opchain import OpChain
 from .randomness import ActionRandomness, Randomness
@@ -236,6 +236,8 @@ def _callable(kind: str, name: str, target: Any, rng: ActionRandomness) -> Calla
             return lambda other: _resize_as_zeroed(target, other)
         return getattr(target, ZEROED_METHODS.get(name, name)) if isinstance(target, torch.Tensor) else getattr(target, name)
     if kind == "attr":
+        if name == "grad" and isinstance(target, torch.Tensor):
+            return lambda: grad_of(target)  # None for a non-leaf that keeps none, without torch's warning
         return lambda: getattr(target, name)
     return target  # "call": the module itself
 
@@ -392,6 +394,47 @@ class Watch:
         return out, new
 
 
+def _read_only_views(value: Any, views: List[np.ndarray], depth: int = 0) -> Any:
+    """Tensors in numpy arguments replaced by read-only ndarray views of the same memory."""
+    if depth > 16:
+        return value
+    if isinstance(value, torch.Tensor):
+        if value.layout != torch.strided or value.device.type != "cpu" or value.dtype == torch.bfloat16:
+            return value
+        arr = value.detach().numpy().view()  # a view of the view: its base stays writable, so this one can be again
+        arr.flags.writeable = False
+        views.append(arr)
+        return arr
+    if isinstance(value, list):
+        return [_read_only_views(v, views, depth + 1) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_read_only_views(v, views, depth + 1) for v in value)
+    if isinstance(value, dict):
+        return {k: _read_only_views(v, views, depth + 1) for k, v in value.items()}
+    return value
+
+
+def _writable_again(views: List[np.ndarray], result: Any) -> None:
+    """After the call: the views, and results that are views of them, writable as numpy made them."""
+    for arr in views:
+        try:
+            arr.flags.writeable = True
+        except ValueError:  # pragma: no cover - numpy refused; the view stays read-only
+            pass
+    ids = {id(v) for v in views}
+    for arr in arrays_in(result):
+        base, chain = arr, []
+        while isinstance(base, np.ndarray) and id(base) not in ids and base.base is not None:
+            chain.append(base)
+            base = base.base
+        if isinstance(base, np.ndarray) and id(base) in ids:
+            for a in [arr] + chain:
+                try:
+                    a.flags.writeable = True
+                except ValueError:  # pragma: no cover
+                    pass
+
+
 def _bump_versions(value: Any, written: List[Tuple[int, int]]) -> None:
     """Tell autograd that written memory changed, so a graph that saved the old values refuses to run."""
     for t in tensors_in(value):
@@ -411,6 +454,7 @@ class Executor:
         self.table = table
         self.randomness = randomness or Randomness()
         self._shadows: Dict[Any, Tuple[Any, int, int, bool]] = {}  # signature -> (prediction, elements, bytes, random)
+        self._chain: Optional[List[str]] = None
 
     def describe(self, kind: str, name: str, args: List[Any]) -> str:
         """A label for an action, for errors and the permission queue: only names Duet knows."""
@@ -420,9 +464,20 @@ class Executor:
                 if not args or not isinstance(args[0], Ref) or args[0].id not in self.table:
                     return "action"
                 target = self.table.get(args[0].id).value
-            return lookup(kind, name, target)[1]
+            label = lookup(kind, name, target)[1]
+            return self._public_label(kind, name, label, args[0].id if target is not None else None)
         except NotAllowed:
             return "refused action"
+
+    def _public_label(self, kind: str, name: str, label: str, target_id: Optional[int]) -> str:
+        """A label that never names the type of a receiver whose type is private.
+
+        (Picked from a list by a private index, a receiver may be a tensor in one
+        run and an array in another; "Tensor.sum" would tell which.)
+        """
+        if target_id is None or target_id not in self.table or not self.table.get(target_id).meta:
+            return label
+        return "forward" if kind == "call" else f"(private type).{name}"
 
     def inputs_of(self, args: Any, kwargs: Any) -> List[int]:
         refs: List[int] = []
@@ -442,9 +497,16 @@ class Executor:
             ops.merge(obj.group.ops)
         return lineage, list(ops.labels()), shape_public
 
-    def run(self, rid: Optional[int], kind: str, name: str, args: List[Any], kwargs: Dict[str, Any]) -> Optional[RemoteObject]:
-        """Execute one action and store its result under rid."""
-        rng = self.randomness.for_action()
+    def run(self, rid: Optional[int], kind: str, name: str, args: List[Any], kwargs: Dict[str, Any],
+            rng: Optional[ActionRandomness] = None, chain: Optional[List[str]] = None) -> Optional[RemoteObject]:
+        """Execute one action and store its result under rid.
+
+        `chain`: the operations to record for what this action changes or makes, instead of its
+        own label (a plan's actions record the whole plan, so how far a failing plan got never
+        shows in the operations of what it touched).
+        """
+        rng = rng if rng is not None else self.randomness.for_action()
+        self._chain = chain
         if not isinstance(args, list) or not isinstance(kwargs, dict):
             raise NotAllowed("malformed action: args must be a list and kwargs a dict")
         bad = allowlist.FORBIDDEN_KWARGS.intersection(kwargs)
@@ -456,7 +518,14 @@ class Executor:
         values = substitute(args, self.table)
         kw = substitute(kwargs, self.table)
         target = values[0] if kind in ("method", "attr", "call") else None
-        entry, label = lookup(kind, name, target)
+        try:
+            entry, label = lookup(kind, name, target)
+        except NotAllowed:
+            if target is not None and self.table.get(args[0].id).meta:  # the refusal would name a private type
+                raise NotAllowed(f"{name} is not allowed on this value, whose type depends on private data") from None
+            raise
+        if target is not None:
+            label = self._public_label(kind, name, label, args[0].id)
         call_args = values[1:] if kind in ("method", "call") else values
         if kind == "attr" and (len(values) != 1 or kw):
             raise NotAllowed(f"attribute {label} takes no arguments")
@@ -477,6 +546,11 @@ class Executor:
         bounds.check_elements(n, self.table.limits.max_elements_per_object, label)
         self.table.check_room(n * bounds.itemsize_of(kw.get("dtype")))
 
+        views: List[np.ndarray] = []
+        if kind == "func" and name.startswith("numpy."):
+            # numpy reads a tensor through a zero-copy view and could write through it (percentile's
+            # overwrite_input) where torch sees nothing: hand it read-only views instead.
+            call_args, kw = _read_only_views(call_args, views), _read_only_views(kw, views)
         watch = Watch(self.table, flow, input_ids, [values, kw]) if flow.private else None
         declared = self._declared_writes(kind, name, entry, target, input_ids, values)
         tracking = watch is not None and watch.active
@@ -492,20 +566,30 @@ class Executor:
         failure: Optional[BaseException] = None
         result: Any = None
         try:
-            with (active(observer) if observe else contextlib.nullcontext()):
+            with (active(observer) if observe else contextlib.nullcontext()), \
+                    (reads_watched(observer) if flow.private and (tracking or unpredicted) else contextlib.nullcontext()):
                 result = fn() if kind == "attr" else fn(*call_args, **kw)
         except Exception as exc:  # effects count even when the action fails half way (index_put_ out of range)
             failure = exc
         finally:
             if watch is not None:
                 watch.restore_arrays()
+        if views:
+            _writable_again(views, result)
         doubt = self._apply_effects(watch, observer, flow, label, kind, fn, target, input_ids, declared, failure)
+        self._tie_inputs(input_ids, doubt)
         if failure is not None:
-            if tracking and isinstance(failure, ValueError) and "read-only" in str(failure):
+            if isinstance(failure, ValueError) and "read-only" in str(failure):
                 raise NotAllowed(f"{label} tried to write into an argument it does not own; refused") from None
             raise failure
-        safe = make_safe(result, label)
-        self._tie_inputs(input_ids, doubt)
+        try:
+            safe = make_safe(result, label)
+        except NotAllowed:
+            if not flow.private:
+                raise
+            # The refusal would name the result's type or dtype, which may depend on private data.
+            raise NotAllowed(f"{label} returned a value Duet does not keep (the details are withheld because "
+                             "the inputs derive from private data)") from None
 
         if rid is None:
             return None
@@ -521,7 +605,9 @@ class Executor:
         Python arguments), everything watched counts as changed.
         """
         python_code = not _is_builtin(fn) or kind == "call"
-        doubt = flow.private and (observer.read_values or (bool(flow.meta) and python_code))
+        # A failure half way through several operations wrote some and not others, depending on where
+        # it failed: in doubt too.
+        doubt = flow.private and (observer.read_values or (bool(flow.meta) and python_code) or failure is not None)
         fresh: Dict[int, Footprint] = {}
         if watch is not None and watch.active:
             changed, fresh = watch.changed(observer.written, declared)
@@ -533,7 +619,7 @@ class Executor:
             written = list(dict.fromkeys(written))
             if written:
                 chain = flow.ops.copy()
-                chain.extend([label])
+                self._record(chain, label)
                 self.table.taint(written, flow.all, chain, meta)
             if observer.written:
                 # Copies of this memory saved for backward (under any alias) are now stale.
@@ -614,11 +700,40 @@ class Executor:
             bounds.check_python_arithmetic(name, call_args, limits.max_python_bits, MAX_PYTHON_ITEMS)
 
     def _declared_writes(self, kind: str, name: str, entry: Entry, target: Any, input_ids: List[int], values: List[Any]) -> Set[int]:
-        """numpy has no write counters: an in-place numpy operation's target is written by definition."""
+        """numpy arrays and Python containers have no write counters: an in-place operation's target is
+        written by definition. (Comparing identities would not do: CPython shares small ints, so
+        `lst[0] = private_int` could look like no change at all.)"""
         first = target if kind == "method" else (values[0] if values else None)
-        if isinstance(first, np.ndarray) and entry.mutates and input_ids:
+        if isinstance(first, (np.ndarray, list, dict)) and entry.mutates and input_ids:
             return {input_ids[0]}
         return set()
+
+    def _record(self, chain: OpChain, label: str) -> None:
+        """Add this action to a chain. Inside a plan, the plan's whole chain, counted once per
+        object, not once per action: how many of its actions ran must not show."""
+        if self._chain:
+            chain.merge(OpChain(self._chain))
+        else:
+            chain.extend([label])
+
+    def taint_reachable(self, rids: List[int], label: str, chain: Optional[List[str]] = None) -> None:
+        """After a failure part way through several actions (a plan): everything they could have
+        changed takes everything they read, since how far they got may depend on private data."""
+        rids = [r for r in dict.fromkeys(rids) if r in self.table]
+        flow = flow_of(self.table, rids, "func", "plan", None)
+        if not flow.private:
+            return
+        values = [self.table.get(r).value for r in rids]
+        candidates = list(rids)
+        if any(t.grad_fn is not None or t.requires_grad for t in tensors_in(values)):
+            candidates += self.table.holders(lambda o: o.footprint.requires_grad)
+        ops = flow.ops.copy()
+        ops.merge(OpChain(chain or [label]))
+        self.table.taint(candidates, flow.all, ops, flow.all)
+        for r in candidates:
+            obj = self.table.get(r)
+            obj.footprint = footprint(obj.value)
+        self._tie_inputs(rids, doubt=True)
 
     def _tie_inputs(self, input_ids: List[int], doubt: bool) -> None:
         """Inputs that now share state (load_state_dict(assign=True), state_dict(destination=)) form one group.
@@ -657,7 +772,7 @@ class Executor:
             alias_of = [r for r in input_ids if fp.intersects(self.table.get(r).footprint)]
         obj = self.table.put(rid, safe, lineage=value_lineage, ops=[], meta=meta_lineage, alias_of=alias_of, fp=fp)
         obj.group.ops.merge(flow.ops)
-        obj.group.ops.extend([label])
+        self._record(obj.group.ops, label)
         return obj
 
     def _manual_seed(self, rid: Optional[int], call_args: List[Any], kw: Dict[str, Any], flow: Flow) -> Optional[RemoteObject]:

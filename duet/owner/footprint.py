@@ -40,6 +40,11 @@ def array_range(arr: np.ndarray) -> Optional[Range]:
     return (int(start), int(end))
 
 
+def storage_key(t: torch.Tensor) -> int:
+    """The identity of a tensor's storage (every view of it has the same), even while it holds no bytes."""
+    return t.untyped_storage()._cdata
+
+
 def tensor_range(t: torch.Tensor) -> Optional[Range]:
     """The byte range of a tensor's whole storage (every view of it can write there)."""
     storage = t.untyped_storage()
@@ -133,6 +138,7 @@ def footprint(value: Any) -> Footprint:
     for v in walk(value):
         if isinstance(v, torch.Tensor):
             fp.stateful = True
+            fp.ids.add(storage_key(v))  # by identity too: an empty storage may grow and be shared later
             r = tensor_range(v)
             if r is not None:
                 fp.ranges.append(r)
@@ -170,6 +176,7 @@ def _tensor_structure(t: torch.Tensor) -> tuple:
     return (
         "T",
         id(t),
+        storage._cdata,
         storage.data_ptr(),
         storage.nbytes(),
         tuple(t.shape),

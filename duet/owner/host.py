@@ -410,6 +410,7 @@ class ScientistConnection:
             return
         label = name
         inputs: List[int] = []
+        rng = self.executor.randomness.for_action()  # one step per message, whatever happens to it
         try:
             label = self.executor.describe(kind, name, args if isinstance(args, list) else [])
             inputs = self.executor.inputs_of(args, kwargs)
@@ -421,7 +422,7 @@ class ScientistConnection:
                     return
             if self.owner.approve == "everything" and label not in REFUSED_LABELS:
                 self._await_compute_approval(label, inputs, msg)  # only names Duet checked are shown
-            self.executor.run(rid, kind, name, args, kwargs)
+            self.executor.run(rid, kind, name, args, kwargs, rng=rng)
         except DuetError as exc:
             self._fail(rid, exc, label)
         except Exception as exc:

@@ -182,15 +182,22 @@ class ObjectTable:
         self.extra_bytes = 0
 
     def taint(self, rids: Iterable[int], lineage: Iterable[str], ops: "OpChain | Iterable[str]", meta: Iterable[str] = ()) -> None:
-        """Objects changed by an action take on the lineage of what changed them."""
+        """Objects changed by an action take on the lineage of what changed them.
+
+        Metadata lineage goes to every member of their groups: two pointers may
+        name the same object (a list element picked twice, a module and its
+        child), and a change through one is a change through all.
+        """
         lineage, meta = list(lineage), set(meta)
         if not isinstance(ops, OpChain):
             ops = OpChain(ops)
         objs = [self._objects[r] for r in rids if r in self._objects]
         for group in _unique_groups(o.group for o in objs):
             group.absorb(lineage, ops)
-        for o in objs:
-            o.meta |= meta
+            if meta:
+                for member in group.members:
+                    if member in self._objects:
+                        self._objects[member].meta |= meta
 
     def merge(self, rids: Iterable[int]) -> None:
         """These objects may now share state: one group from here on."""

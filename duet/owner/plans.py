@@ -39,6 +39,11 @@ class Plan:
     uses: int = field(default=0)
     nbytes: int = 0
 
+    @property
+    def chain(self) -> List[str]:
+        """What running this plan records as operations: all its actions, then its name (static)."""
+        return list(dict.fromkeys(self.ops)) + [f"plan {self.name}"]
+
 
 def remap(obj: Any, mapping: Dict[int, int]) -> Any:
     """Replace plan-local references by the ids of this run."""
@@ -133,14 +138,14 @@ class PlanRunner:
             raise NotAllowed("this plan was never defined (or its definition was refused)")
         return plan
 
-    def run(self, plan: Plan, arg_ids: List[int], out_ids: List[int], on_action: Any = None) -> None:
+    def run(self, plan: Plan, arg_ids: List[int], out_ids: List[int], on_action: Any = None, rng: Any = None) -> None:
         """Replay; raises the first action's error, labelled, after freeing the temporaries."""
         if len(arg_ids) != plan.n_inputs or len(out_ids) != len(plan.outputs):
             raise NotAllowed(f"plan {plan.name} takes {plan.n_inputs} remote arguments and has {len(plan.outputs)} results")
         mapping: Dict[int, int] = {i: rid for i, rid in enumerate(arg_ids)}
         temps: List[int] = []
         try:
-            for act in plan.actions:
+            for index, act in enumerate(plan.actions):
                 rid = act["rid"]
                 real: Optional[int] = None
                 if rid is not None:
@@ -151,7 +156,8 @@ class PlanRunner:
                 kwargs = remap(act["kwargs"], mapping)
                 if on_action is not None:
                     on_action(act)
-                self.executor.run(real, act["kind"], act["name"], args, kwargs)
+                self.executor.run(real, act["kind"], act["name"], args, kwargs,
+                                  rng=rng.child(index) if rng is not None else None, chain=plan.chain)
             for local, out in zip(plan.outputs, out_ids):
                 src = self.table.get(mapping[local])
                 self.table.put(out, src.value, lineage=src.group.lineage, ops=(), meta=src.meta, alias_of=[mapping[local]],

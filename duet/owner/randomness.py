@@ -21,8 +21,8 @@ import numpy as np
 import torch
 
 
-def _derive(seed: int, step: int, sub: int) -> int:
-    digest = hashlib.blake2b(f"{seed}:{step}:{sub}".encode(), digest_size=8, person=b"duet-rng").digest()
+def _derive(seed: int, path: tuple, sub: int) -> int:
+    digest = hashlib.blake2b(f"{seed}:{path}:{sub}".encode(), digest_size=8, person=b"duet-rng").digest()
     return int.from_bytes(digest, "little") >> 1  # < 2**63, what torch.Generator.manual_seed takes
 
 
@@ -41,32 +41,40 @@ class Randomness:
         self.step = 0
 
     def for_action(self) -> "ActionRandomness":
-        """The generators of the next action (made only if the action draws)."""
+        """The generators of the next message (an action, or a whole plan run), made only if it draws.
+
+        One step per message, whatever happens to it: how far a failing plan
+        got must not shift later draws.
+        """
         self.step += 1
-        return ActionRandomness(self.seed, self.step)
+        return ActionRandomness(self.seed, (self.step,))
 
 
 class ActionRandomness:
     """The generators one action draws from; created lazily."""
 
-    def __init__(self, seed: int, step: int) -> None:
+    def __init__(self, seed: int, path: tuple) -> None:
         self._seed = seed
-        self._step = step
+        self._path = path
         self._torch: Optional[torch.Generator] = None
         self._numpy: Optional[np.random.RandomState] = None
         self.draws = 0
+
+    def child(self, index: int) -> "ActionRandomness":
+        """The generators of the index-th action inside this one (a plan's actions)."""
+        return ActionRandomness(self._seed, self._path + (index,))
 
     @property
     def torch_generator(self) -> torch.Generator:
         self.draws += 1
         if self._torch is None:
-            self._torch = torch.Generator().manual_seed(_derive(self._seed, self._step, 0))
+            self._torch = torch.Generator().manual_seed(_derive(self._seed, self._path, 0))
         return self._torch
 
     @property
     def numpy_state(self) -> np.random.RandomState:
         self.draws += 1
         if self._numpy is None:
-            seq = np.random.SeedSequence(_derive(self._seed, self._step, 1))
+            seq = np.random.SeedSequence(_derive(self._seed, self._path, 1))
             self._numpy = np.random.RandomState(np.random.MT19937(seq))
         return self._numpy

@@ -92,6 +92,7 @@ class TrainingHandlers:
             return
         conn = self.conn
         label = "plan"
+        rng = conn.executor.randomness.for_action()  # one step per plan run, however far it gets
         try:
             pid = msg.get("pid")
             plan = None if (type(pid) is int and pid in conn.failures) else self.plans.get(pid)
@@ -116,12 +117,18 @@ class TrainingHandlers:
                 current["label"] = f"{plan.name}: {what}"
 
             try:
-                self.plans.run(plan, arg_ids, out, on_action=on_action)
-            except DuetError as exc:
-                self._fail_all(out, exc, current["label"])
+                self.plans.run(plan, arg_ids, out, on_action=on_action, rng=rng)
             except Exception as exc:
-                log.warning("%s failed", current["label"], exc_info=True)
-                self._fail_all(out, conn._withheld(exc, current["label"], arg_ids), current["label"])
+                if not isinstance(exc, DuetError):
+                    log.warning("%s failed", current["label"], exc_info=True)
+                if conn.executor.lineage_of([a for a in arg_ids if a in conn.objects])[0]:
+                    # Which action failed, and which ran before it, may depend on private data.
+                    conn.executor.taint_reachable(arg_ids, label, chain=plan.chain)
+                    exc = RemoteError(label, "Error", "the details are withheld because the plan's inputs derive "
+                                                      "from private data; the owner's log has them")
+                    self._fail_all(out, exc, label)
+                else:
+                    self._fail_all(out, exc, current["label"])
         except DuetError as exc:
             self._fail_all(out, exc, label)
 
@@ -159,8 +166,11 @@ class TrainingHandlers:
             if len(rids) != loader.fields:
                 raise NotAllowed(f"a batch of {loader.name!r} has {loader.fields} parts")
             values = loader.next_batch()
+            # A TensorDataset's batches have shapes fixed by its tensors; another dataset's samples may
+            # differ in shape, so the shapes of its batches are private like its values.
+            meta = () if loader.tensors is not None else {loader.name}
             for rid, value in zip(rids, values):
-                self.conn.objects.put(rid, value, lineage={loader.name}, ops=[loader.name, "batch"])
+                self.conn.objects.put(rid, value, lineage={loader.name}, ops=[loader.name, "batch"], meta=meta)
         except DuetError as exc:
             self._fail_all(rids, exc, "loader batch")
         except Exception as exc:

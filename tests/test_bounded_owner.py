@@ -12,7 +12,7 @@ from __future__ import annotations
 import secrets
 import threading
 import time
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Dict
 
 import numpy as np
 import pytest

@@ -185,3 +185,13 @@ def test_module_state_set_from_a_private_bool(tmp_path, flag):
         getattr(parent, flag)(bit)
         return {"training": lambda: child.training, "weight": lambda: child.weight}
     differential(prog, tmp_path)
+
+
+def test_refusals_read_the_same_whichever_check_refused(tmp_path):
+    """Found by the long fuzzer run: "a" is also a dtype name, so a private pick refused by the dtype
+    check in one run and by the result check in the other; the two wordings told the runs apart."""
+    def prog(s):
+        words = s.send(["a", "aaaaa"])
+        picked = words[(s.store["x"][0] > 50).long().item()]
+        return {"array": lambda: s.numpy.array(picked), "zeros": lambda: s.numpy.zeros(2, dtype=picked)}
+    differential(prog, tmp_path)

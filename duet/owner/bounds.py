@@ -85,15 +85,16 @@ def _itemsize(dtype: Any) -> int:
         return 8
 
 
-def check_dtype_arguments(kwargs: Dict[str, Any], args: Iterable[Any]) -> None:
+def check_dtype_arguments(dtypes: Iterable[Any]) -> None:
     """Only numeric dtypes: a fixed-width string dtype ('U1000000') would make every element huge."""
-    for v in list(kwargs.values()) + list(args):
-        if isinstance(v, np.dtype) or (isinstance(v, str) and v and v[0] in "USVOaMm<>|="):
-            try:
-                dt = np.dtype(v)
-            except TypeError:
-                continue
-            if dt.kind not in "biufc":
+    for v in dtypes:
+        if v is None or isinstance(v, torch.dtype):
+            continue
+        try:
+            dt = np.dtype(v)
+        except (TypeError, ValueError):
+            raise NotAllowed("this dtype is not allowed: only numeric dtypes") from None
+        if dt.kind not in "biufc":
                 raise NotAllowed("this dtype is not allowed: only numeric dtypes")  # (the dtype may come from private data)
 
 

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import math
 import operator as _operator  # noqa: F401  (resolved through allowlist.import_dotted)
 import types
 from dataclasses import dataclass, field
@@ -43,7 +42,7 @@ import torch
 
 from .. import allowlist
 from ..allowlist import Entry
-from ..errors import LimitExceeded, NotAllowed
+from ..errors import LimitExceeded, NotAllowed, UnknownObject
 from ..wire import Ref
 from . import bounds, shapes
 from .effects import Observer, active, reads_watched
@@ -533,7 +532,26 @@ class Executor:
         if kind == "func" and name == "torch.manual_seed":
             return self._manual_seed(rid, call_args, kw, flow)
         fn = _callable(kind, name, target, rng)
-        self._check_arguments(fn, label, call_args, kw)
+        dtypes = self._check_writes_by_position(fn, label, call_args, kw)  # decided by the program alone
+        try:
+            return self._run_flow(rid, kind, name, label, entry, target, values, call_args, kw, input_ids, flow, rng,
+                                  fn, dtypes)
+        except (NotAllowed, LimitExceeded) as exc:
+            if not flow.private or isinstance(exc, UnknownObject):
+                raise
+            # Which check refused may depend on private data (a size, a dtype, a result's type):
+            # each kind of refusal gets one wording.
+            if isinstance(exc, LimitExceeded):
+                raise LimitExceeded(f"{label} would go over this scientist's limits (the details are withheld "
+                                    "because the inputs derive from private data)") from None
+            raise NotAllowed(f"{label} was refused (the details are withheld because the inputs derive from "
+                             "private data)") from None
+
+    def _run_flow(self, rid: Optional[int], kind: str, name: str, label: str, entry: Entry, target: Any,
+                  values: List[Any], call_args: List[Any], kw: Dict[str, Any], input_ids: List[int], flow: Flow,
+                  rng: ActionRandomness, fn: Any, dtypes: List[Any]) -> Optional[RemoteObject]:
+        """The part of an action after its names are checked: sizes, the run, effects, the result."""
+        bounds.check_dtype_arguments(dtypes)
         self._check_python(label, name, kind, call_args)
 
         # Sizes first: from a shadow run on meta tensors where one exists, else from the arguments.
@@ -582,14 +600,7 @@ class Executor:
             if isinstance(failure, ValueError) and "read-only" in str(failure):
                 raise NotAllowed(f"{label} tried to write into an argument it does not own; refused") from None
             raise failure
-        try:
-            safe = make_safe(result, label)
-        except NotAllowed:
-            if not flow.private:
-                raise
-            # The refusal would name the result's type or dtype, which may depend on private data.
-            raise NotAllowed(f"{label} returned a value Duet does not keep (the details are withheld because "
-                             "the inputs derive from private data)") from None
+        safe = make_safe(result, label)  # (a refusal naming a private type is reworded by run)
 
         if rid is None:
             return None
@@ -677,22 +688,25 @@ class Executor:
         self.table.check_room(peak_bytes)
         return _Prediction(predicted, random) if predicted is not shapes.UNAVAILABLE else predicted
 
-    def _check_arguments(self, fn: Any, label: str, call_args: List[Any], kw: Dict[str, Any]) -> None:
-        """Refuse writes into arguments by position: numpy's `out` (dot(a, b, out), add(a, b, out))."""
-        bounds.check_dtype_arguments(kw, call_args)
+    def _check_writes_by_position(self, fn: Any, label: str, call_args: List[Any], kw: Dict[str, Any]) -> List[Any]:
+        """Refuse writes into arguments by position (numpy's `out`: dot(a, b, out)); the dtypes asked for."""
+        dtypes = [kw.get("dtype")]
         if isinstance(fn, np.ufunc):
             if len(call_args) > fn.nin:
                 raise NotAllowed(f"{label}: an output array passed by position is not allowed")
-            return
+            return dtypes
         module = getattr(fn, "__module__", "") or ""
         if module.startswith("numpy") or label.startswith("numpy."):
             try:
                 bound = inspect.signature(fn).bind(*call_args, **kw)
             except (TypeError, ValueError):
-                return  # the call itself will fail
-            for pname in bound.arguments:
+                bound = None  # the call itself will fail
+            for pname in bound.arguments if bound is not None else ():
                 if pname == "out" or pname.startswith("out"):
                     raise NotAllowed(f"{label}: writing into an `{pname}` argument is not allowed")
+            if bound is not None:
+                dtypes.append(bound.arguments.get("dtype"))
+        return dtypes
 
     def _check_python(self, label: str, name: str, kind: str, call_args: List[Any]) -> None:
         if kind == "func" and name.startswith("operator."):

@@ -11,13 +11,16 @@ tensor objects a module or list holds, each tensor's storage, shape, stride,
 dtype, ``requires_grad`` and ``.grad``. Comparing structures before and after
 an action finds changes that write no memory (a ``.grad`` assigned by
 backward, parameters swapped by ``load_state_dict(assign=True)``, a list
-element replaced). Structures hold identities and metadata, never values, so
-comparing them does not turn a private value into a public decision.
+element replaced). Structures hold identities and metadata, never values.
+Identities are not always free of values (CPython shares small ints and
+strings, so ``lst[0] = private_int`` can leave every identity as it was):
+writes into Python containers are therefore declared by the executor, never
+inferred from an unchanged structure.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterator, List, Optional, Set, Tuple
+from typing import Any, Callable, Iterator, List, Optional, Set, Tuple
 
 import numpy as np
 import torch

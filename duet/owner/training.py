@@ -173,7 +173,7 @@ class TrainingHandlers:
                 self.conn.objects.put(rid, value, lineage={loader.name}, ops=[loader.name, "batch"], meta=meta)
         except DuetError as exc:
             self._fail_all(rids, exc, "loader batch")
-        except Exception as exc:
+        except Exception:
             log.warning("loader batch failed", exc_info=True)
             self._fail_all(rids, RemoteError("loader batch", "Error", "the details are withheld: the dataset is private"),
                            "loader batch")

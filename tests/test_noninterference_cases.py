@@ -195,3 +195,14 @@ def test_refusals_read_the_same_whichever_check_refused(tmp_path):
         picked = words[(s.store["x"][0] > 50).long().item()]
         return {"array": lambda: s.numpy.array(picked), "zeros": lambda: s.numpy.zeros(2, dtype=picked)}
     differential(prog, tmp_path)
+
+
+def test_resize_of_a_tensor_shared_with_numpy_never_reads_beyond_its_memory(tmp_path):
+    """Found by the long fuzzer run: torch resized the sizes and then failed to grow the storage
+    (shared with numpy), leaving a tensor larger than its memory; reading it showed stale heap bytes."""
+    def prog(s):
+        small = s.torch.randn(2, 2).min()
+        s.numpy.clip(small, small, small)  # numpy views the tensor's memory, which stops it growing
+        small.resize_as_(s.torch.zeros(64, 64))
+        return {"small": lambda: small}
+    differential(prog, tmp_path)

@@ -263,9 +263,26 @@ _SIGNATURES = np.random.RandomState(0)  # only for reading the random functions'
 
 
 def _resize_as_zeroed(target: torch.Tensor, other: Any) -> torch.Tensor:
-    """`resize_as_` without exposing whatever memory a larger storage held before."""
-    before = target.untyped_storage().nbytes()
-    target.resize_as_(other)
+    """`resize_as_` without exposing memory it does not own.
+
+    A larger storage is zeroed beyond what the tensor held. torch changes a
+    tensor's sizes before it finds that its storage cannot grow (it was shared
+    with numpy), leaving a tensor larger than its memory: refuse that case
+    first, and put the old geometry back should torch fail anyway.
+    """
+    storage = target.untyped_storage()
+    before = storage.nbytes()
+    if isinstance(other, torch.Tensor):
+        needed = (target.storage_offset() + other.numel()) * target.element_size()
+        if needed > before and not storage.resizable():
+            raise NotAllowed("resize_as_: this tensor's memory is shared with numpy and cannot grow")
+    geometry = (target.storage_offset(), tuple(target.shape), target.stride())
+    try:
+        target.resize_as_(other)
+    except Exception:
+        with torch.no_grad():
+            target.set_(storage, geometry[0], geometry[1], geometry[2])
+        raise
     storage = target.untyped_storage()
     if storage.nbytes() > before:
         raw = torch.empty(0, dtype=torch.uint8).set_(storage)

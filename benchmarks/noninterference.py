@@ -267,10 +267,27 @@ def _case_plan_midway(s: Any, x: Any) -> Any:
     return w
 
 
+def _case_skipped_twin(s: Any, x: Any) -> Any:
+    lst = s.send([torch.zeros(1)])
+    twin = lst[0]
+    lst[(x.float().reshape(-1)[0] * 0).long().item()].resize_as_(x[x > 0])
+    return twin
+
+
+def _case_rid_reuse(s: Any, x: Any) -> Any:
+    base = s.torch.zeros(4)
+    view = base.view(4)
+    s._send_with_frees({"t": "call", "rid": base._rid, "kind": "method", "name": "view",
+                        "args": s._encode_args([base, 4]), "kwargs": {}})
+    view.copy_(x.float().reshape(-1)[:1].expand(4))
+    return base
+
+
 REVIEW_CASES = {
     "empty_grow": _case_empty_grow, "overwrite_input": _case_overwrite, "module_midway": _case_module_midway,
     "dtype_message": _case_dtype_message, "small_int": _case_small_int, "two_pointers": _case_two_pointers,
     "module_flag": _case_module_flag, "records": _case_records, "plan_midway": _case_plan_midway,
+    "skipped_twin": _case_skipped_twin, "rid_reuse": _case_rid_reuse,
 }
 
 

@@ -165,6 +165,16 @@ BOMBS: Dict[str, Callable[[Scientist], duet.Pointer]] = {
     "numpy.histogram bins": lambda s: s.numpy.histogram(s.numpy.ones(3), bins=2**40),
     "numpy.bincount minlength": lambda s: s.numpy.bincount(s.numpy.ones(3, dtype="int64"), None, 2**40),
     "numpy ufunc broadcasting": lambda s: s.numpy.add(s.numpy.ones((10**5, 1)), s.numpy.ones((1, 10**5))),
+    # results made of many Python objects from zero bytes
+    "tolist of an empty (10**7, 0)": lambda s: s.torch.zeros(10**7, 0).tolist(),
+    "unbind of an empty (10**7, 0)": lambda s: s.torch.zeros(10**7, 0).unbind(),
+    "split of an empty (10**7, 0)": lambda s: s.torch.split(s.torch.zeros(10**7, 0), 1),
+    "chunk of an empty (10**7, 0)": lambda s: s.torch.zeros(10**7, 0).chunk(10**7),
+    "numpy.array_split into 10**7": lambda s: s.numpy.array_split(s.numpy.zeros((10**7, 0)), 10**7),
+    "numpy tolist of an empty (10**7, 0)": lambda s: s.numpy.zeros((10**7, 0)).tolist(),
+    "unbind into a million tensors": lambda s: s.torch.zeros(10**6 - 1, 0).unbind(),
+    "split into a million arrays": lambda s: s.numpy.split(s.numpy.zeros((10**6 - 1, 0)), 10**6 - 1),
+    "unbind inside a model": lambda s: s.send(_Unbind())(s.send(torch.ones(2))),
     # inside a sent model and a plan
     "new_ones inside a model": lambda s: s.send(_NewOnes())(s.send(torch.ones(2))),
     "repeat inside a model": lambda s: s.send(_Repeat())(s.send(torch.ones(2))),
@@ -176,6 +186,11 @@ BOMBS: Dict[str, Callable[[Scientist], duet.Pointer]] = {
 class _NewOnes(nn.Module):
     def forward(self, x):
         return x.new_ones(10**5, 10**5).sum()
+
+
+class _Unbind(nn.Module):
+    def forward(self, x):
+        return x.new_zeros(10**6 - 1, 0).unbind()[0]
 
 
 class _Repeat(nn.Module):

@@ -15,6 +15,7 @@ import torch
 
 import duet
 from duet.scientist.pointer import Pointer
+from duet.wire import Ref
 
 T = 10
 A = torch.tensor([10.0, 20, 1, 99.1234, 5, 1, 1, 1])
@@ -205,4 +206,52 @@ def test_resize_of_a_tensor_shared_with_numpy_never_reads_beyond_its_memory(tmp_
         s.numpy.clip(small, small, small)  # numpy views the tensor's memory, which stops it growing
         small.resize_as_(s.torch.zeros(64, 64))
         return {"small": lambda: small}
+    differential(prog, tmp_path)
+
+
+def test_a_skipped_pointer_whose_twin_knows_less(tmp_path):
+    """Found by the second review: an action whose receiver already carried every asset it read was
+    not watched, yet another pointer to the same object (with public metadata) saw the change."""
+    def prog(s):
+        x = s.store["x"]
+        lst = s.send([torch.zeros(1)])
+        twin = lst[0]
+        same = lst[(x[0] * 0).long().item()]  # the same tensor, picked by a private index (always 0)
+        same.resize_as_(x[x > 50])  # a private length
+        return {"twin": lambda: twin, "list": lambda: lst}
+    differential(prog, tmp_path)
+
+
+def _call_into(s: duet.Scientist, rid: int, kind: str, name: str, args: list, kwargs: dict) -> None:
+    """A call whose result a hostile scientist stores under an id it already uses."""
+    s._send_with_frees({"t": "call", "rid": rid, "kind": kind, "name": name,
+                        "args": s._encode_args(args), "kwargs": s._encode_args(kwargs)})
+
+
+def test_a_result_stored_under_the_id_of_what_it_aliases(tmp_path):
+    """Found by the second review: the old object was freed before its alias group was looked up,
+    so a view stored under its base's id started a fresh, public group."""
+    def prog(s):
+        base = s.torch.zeros(8)
+        view = base.view(8)
+        _call_into(s, base._rid, "method", "view", [base, 8], {})
+        view.copy_(s.store["x"])
+        return {"base": lambda: base}
+    differential(prog, tmp_path)
+
+
+@duet.plan
+def _view_of(t):
+    return t.view(8)
+
+
+def test_a_plan_output_stored_under_the_id_of_its_input(tmp_path):
+    def prog(s):
+        base = s.torch.zeros(8)
+        view = base.view(8)
+        _view_of(base)  # records the plan in this session
+        rec = _view_of._recorded[s][0]
+        s.session.send({"t": "plan_run", "pid": rec.pid, "args": [Ref(base._rid)], "out": [base._rid]})
+        view.copy_(s.store["x"])
+        return {"base": lambda: base}
     differential(prog, tmp_path)

@@ -304,12 +304,98 @@ def _contraction_elements(short: str, args: Tuple[Any, ...], kwargs: Dict[str, A
     return _product(tuple(batch) + (a[-2], b[-1]))
 
 
+_SPLITTERS = frozenset({"split", "chunk", "tensor_split", "array_split", "hsplit", "vsplit", "dsplit"})
+
+
+def _dim_argument(short: str, rest: List[Any], kwargs: Dict[str, Any]) -> int:
+    """The dimension a split or unbind works along (unbind takes it first, the others second)."""
+    position = 0 if short == "unbind" else 1
+    dim = kwargs.get("dim", kwargs.get("axis", rest[position] if len(rest) > position else 0))
+    return int(dim) if isinstance(dim, (int, np.integer)) and not isinstance(dim, bool) else 0
+
+
+def _pieces(name: str, short: str, length: int, spec: Any) -> int:
+    """How many pieces a split makes, counted high where the libraries differ."""
+    if isinstance(spec, (list, tuple)):
+        return len(spec) + 1  # numpy cuts at indices (n + 1 pieces); torch takes sizes (n)
+    ints = size_ints(spec)
+    if not ints or ints[0] <= 0:
+        return 1
+    if short == "chunk":
+        return min(ints[0], max(length, 1))
+    if short != "split" or name.startswith("numpy."):
+        return ints[0]  # a number of sections
+    return -(-length // ints[0])  # torch.split: a size per piece
+
+
+def check_outputs(name: str, target: Any, args: List[Any], kwargs: Dict[str, Any], max_objects: int,
+                  max_pieces: int) -> None:
+    """Refuse a call whose result would hold too many Python objects: tolist (`max_objects`),
+    unbind, split and the like (`max_pieces` tensors or arrays).
+
+    Counted from shapes before anything is built: such results are made under the
+    interpreter lock, one object per row, whatever the bytes involved.
+    """
+    short = name.rsplit(".", 1)[-1]
+    subject = target if target is not None else (args[0] if args else None)
+    if short not in _SPLITTERS | {"tolist", "unbind"} or not hasattr(subject, "shape"):
+        return
+    rest = list(args if target is not None else args[1:])
+    shape = _shape_of(subject)
+    if short == "tolist":
+        count = _product(shape) + (_product(shape[:-1]) if len(shape) > 1 else 0)
+    else:
+        dim = _dim_argument(short, rest, kwargs)
+        length = shape[dim] if shape and -len(shape) <= dim < len(shape) else 1
+        if short == "unbind":
+            count = length
+        else:
+            spec = rest[0] if rest else next((kwargs[k] for k in ("split_size_or_sections", "indices_or_sections",
+                                                                 "sections", "chunks") if k in kwargs), 1)
+            count = _pieces(name, short, length, spec)
+    limit = max_objects if short == "tolist" else max_pieces
+    if count > limit:
+        raise LimitExceeded(f"{short} would make more than {limit} objects")
+
+
 def check_elements(n: int, limit: int, label: str) -> None:
     if n > limit:
         raise LimitExceeded(f"{label} would allocate more than {limit} elements")
 
 
 # -- the shadow run's allocations ------------------------------------------------------------
+# Operations whose one C++ call makes a Python tensor per piece, holding the interpreter lock.
+_SPLITTING = frozenset({"aten::unbind", "aten::split", "aten::split_with_sizes", "aten::unsafe_split",
+                        "aten::unsafe_split_with_sizes", "aten::chunk", "aten::unsafe_chunk"})
+MAX_PIECES = 65_536  # about a quarter of a second of tensor objects
+
+
+def check_pieces(func: Any, args: tuple, kwargs: Dict[str, Any]) -> None:
+    """Inside any run (models, plans, shadow runs): refuse a split into more than MAX_PIECES
+    tensors before it makes them."""
+    name = func._schema.name
+    if name not in _SPLITTING:
+        return
+    names = [a.name for a in func._schema.arguments]
+    values = dict(zip(names, args))
+    values.update(kwargs)
+    subject, dim = values.get("self"), values.get("dim") or 0
+    if not isinstance(subject, torch.Tensor) or not isinstance(dim, int) or not -subject.dim() <= dim < max(subject.dim(), 1):
+        return
+    length = subject.shape[dim] if subject.dim() else 1
+    if name == "aten::unbind":
+        pieces = length
+    elif "sizes" in name:
+        pieces = len(values.get("split_sizes") or ())
+    elif "chunk" in name:
+        pieces = min(int(values.get("chunks") or 1), max(length, 1))
+    else:
+        size = values.get("split_size")
+        pieces = -(-length // size) if isinstance(size, int) and size > 0 else 1
+    if pieces > MAX_PIECES:
+        raise LimitExceeded(f"{name.split('::')[-1]} would make more than {MAX_PIECES} tensors")
+
+
 class SizeMeter(TorchDispatchMode):
     """During a shadow run on meta tensors: the largest single allocation and the peak held at once, in bytes."""
 
@@ -330,6 +416,7 @@ class SizeMeter(TorchDispatchMode):
         self.live -= nbytes
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: Optional[Dict[str, Any]] = None) -> Any:
+        check_pieces(func, args, kwargs or {})
         out = func(*args, **(kwargs or {}))
         if torch.Tag.nondeterministic_seeded in func.tags:
             self.random = True

@@ -27,6 +27,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..errors import LimitExceeded, NotAllowed
+from .bounds import check_pieces
 from .footprint import Range, tensor_range
 from .randomness import ActionRandomness
 
@@ -161,6 +162,7 @@ class Observer(TorchDispatchMode):
             self.read_values = True
         if self.max_elements is not None:
             self._check_size(func, info, args, kwargs)
+        check_pieces(func, args, kwargs)
         if info.random:
             func, args, kwargs = self._route_random(func, info, args, kwargs)
             info = _INFO.get(func) or _info(func)

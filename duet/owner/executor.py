@@ -369,10 +369,14 @@ class Watch:
             # A backward may reach any tensor that can receive a gradient, by graph, not by argument.
             candidates += table.holders(lambda o: o.footprint.requires_grad)
         self.watched: Dict[int, _Watched] = {}
+        self.skipped: List[int] = []  # could learn nothing, unless the action turns out to be in doubt
         for rid in dict.fromkeys(candidates):
             obj = table.get(rid)
-            if flow.all <= obj.group.lineage and flow.meta <= obj.meta:
-                continue  # nothing it could learn
+            members = [table.get(m) for m in obj.group.members if m in table]
+            # Another pointer to the same object (any member of the group) must already know it too.
+            if flow.all <= obj.group.lineage and all(flow.meta <= m.meta for m in members):
+                self.skipped.append(rid)
+                continue
             fp = footprint(obj.value)
             self.watched[rid] = _Watched(obj, fp, structure(obj.value))
         self._readonly: List[np.ndarray] = []
@@ -571,6 +575,9 @@ class Executor:
         bounds.check_dtype_arguments(dtypes)
         self._check_python(label, name, kind, call_args)
 
+        # How many objects a result will hold, before anything builds them (a (10**7, 0) tensor's
+        # tolist or unbind makes ten million objects out of zero bytes).
+        bounds.check_outputs(name, target if kind == "method" else None, call_args, kw, MAX_PYTHON_ITEMS, bounds.MAX_PIECES)
         # Sizes first: from a shadow run on meta tensors where one exists, else from the arguments.
         predicted = self._shadow(kind, name, fn, target, call_args, kw)
         n = 0
@@ -588,7 +595,7 @@ class Executor:
             call_args, kw = _read_only_views(call_args, views), _read_only_views(kw, views)
         watch = Watch(self.table, flow, input_ids, [values, kw]) if flow.private else None
         declared = self._declared_writes(kind, name, entry, target, input_ids, values)
-        tracking = watch is not None and watch.active
+        tracking = watch is not None and (watch.active or bool(watch.skipped))
         if tracking:
             watch.protect_arrays(self.table.get(r).value for r in declared)
         # Without a shadow run nothing has checked the sizes of what runs inside: check them op by op.
@@ -637,10 +644,15 @@ class Executor:
         # it failed: in doubt too.
         doubt = flow.private and (observer.read_values or (bool(flow.meta) and python_code) or failure is not None)
         fresh: Dict[int, Footprint] = {}
+        if watch is not None and doubt and watch.skipped:
+            # In doubt the metadata taint is everything read; what was skipped may not have it yet.
+            chain = flow.ops.copy()
+            self._record(chain, label)
+            self.table.taint(watch.skipped, flow.all, chain, flow.all if observer.read_values or failure else flow.meta)
         if watch is not None and watch.active:
             changed, fresh = watch.changed(observer.written, declared)
             written = list(watch.watched) if doubt else changed
-            meta = flow.all if observer.read_values else flow.meta
+            meta = flow.all if observer.read_values or failure is not None else flow.meta
             is_stateful_receiver = isinstance(target, (torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler))
             if kind == "method" and is_stateful_receiver and input_ids and input_ids[0] in watch.watched:
                 written.append(input_ids[0])  # Python state (step counts, learning rates) has no write counter
@@ -802,8 +814,9 @@ class Executor:
         else:
             alias_of = [r for r in input_ids if fp.intersects(self.table.get(r).footprint)]
         obj = self.table.put(rid, safe, lineage=value_lineage, ops=[], meta=meta_lineage, alias_of=alias_of, fp=fp)
-        obj.group.ops.merge(flow.ops)
-        self._record(obj.group.ops, label)
+        chain = flow.ops.copy()  # merged, not extended: a write may have recorded this action already
+        self._record(chain, label)
+        obj.group.ops.merge(chain)
         return obj
 
     def _manual_seed(self, rid: Optional[int], call_args: List[Any], kw: Dict[str, Any], flow: Flow) -> Optional[RemoteObject]:

@@ -262,12 +262,12 @@ def python_nbytes(value: Any, limit: int = MAX_NODES) -> int:
         if len(seen) > limit:
             break
         if isinstance(v, torch.Tensor):
-            total += v.element_size() * v.nelement()
+            total += v.element_size() * v.nelement() + 512  # the object and its storage, even when empty
             grad = grad_of(v)
             if grad is not None:
                 stack.append(grad)
         elif isinstance(v, np.ndarray):
-            total += int(v.nbytes)
+            total += int(v.nbytes) + 112
         elif isinstance(v, (torch.nn.Module, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler)):
             total += 1024
             stack.extend(_children(v))

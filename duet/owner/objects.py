@@ -151,9 +151,10 @@ class ObjectTable:
         """Store a value; with alias_of, it joins (and merges) those objects' groups."""
         nbytes = python_nbytes(value)
         self.check_room(nbytes)
+        # Groups first: the result may be stored under the id of one of the objects it aliases.
+        groups = _unique_groups(self._objects[a].group for a in alias_of if a in self._objects)
         if rid in self._objects:
             self.free(rid)
-        groups = _unique_groups(self._objects[a].group for a in alias_of if a in self._objects)
         group = self._merge(groups) if groups else Group()
         group.absorb(lineage, ops)
         group.members.add(rid)

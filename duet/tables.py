@@ -16,9 +16,13 @@ def _cell(value: Any, width: int = 60) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
+# Columns whose text must never be cut short (it was shortened, keeping what matters, by its maker).
+WHOLE_COLUMNS = frozenset({"operations"})
+
+
 def text_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], title: Optional[str] = None) -> str:
     """A fixed-width table for plain Python consoles."""
-    cells = [[_cell(c) for c in row] for row in rows]
+    cells = [[_cell(c, 10_000 if h in WHOLE_COLUMNS else 60) for h, c in zip(headers, row)] for row in rows]
     widths = [len(h) for h in headers]
     for row in cells:
         for i, c in enumerate(row):
@@ -44,7 +48,8 @@ def html_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], title: Opt
     parts.append('<table class="duet-table">')
     parts.append("<thead><tr>" + "".join(f"<th>{esc(h)}</th>" for h in headers) + "</tr></thead><tbody>")
     for row in rows:
-        parts.append("<tr>" + "".join(f"<td>{esc(_cell(c, 200))}</td>" for c in row) + "</tr>")
+        parts.append("<tr>" + "".join(f"<td>{esc(_cell(c, 10_000 if h in WHOLE_COLUMNS else 200))}</td>"
+                                      for h, c in zip(headers, row)) + "</tr>")
     if not rows:
         parts.append(f'<tr><td colspan="{len(headers)}"><i>none</i></td></tr>')
     parts.append("</tbody></table>")

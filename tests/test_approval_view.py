@@ -101,3 +101,48 @@ def test_plan_names_are_cleaned(pair):
     plan = conn.training.plans.get(pid)
     _no_controls(plan.name)
     assert "step" in plan.name
+
+
+def test_a_selecting_operation_late_in_a_chain_is_shown(pair):
+    """Found by the second review: the table cut the operations column at 60 characters, so the
+    `getitem` at the end of a long enough chain never reached the owner's screen."""
+    owner, scientist = pair
+    scientist.store["ages"].abs().sqrt().exp().log().relu()[2].request("a transformed mean")
+    req = owner.requests.wait_pending(10)
+    assert "operator.getitem" in repr(owner.requests)
+    assert "operator.getitem" in owner.requests._repr_html_()
+    req.deny("no")
+
+
+def test_each_operation_is_counted_as_often_as_it_ran(pair):
+    owner, scientist = pair
+    total = scientist.torch.zeros(4)
+    total.copy_(scientist.store["ages"])
+    for _ in range(3):
+        total.add_(scientist.store["ages"])
+    total.request("three times")
+    req = owner.requests.wait_pending(10)
+    assert req.ops == ("torch.zeros", "ages", "Tensor.copy_", "Tensor.add_ ×3")
+    req.deny("no")
+
+
+def _packed(scientist: duet.Scientist, make: str) -> duet.Pointer:
+    ages = [scientist.store["ages"][i].long().item() for i in range(4)]
+    if make == "string":  # its length is the first age
+        return scientist._call("func", "operator.mul", ["x", ages[0]], {})
+    d = scientist.send({})  # one key and its value: two ages
+    d[ages[0]] = ages[1]
+    return d
+
+
+@pytest.mark.parametrize("make", ["string", "dict keys"])
+def test_a_size_rule_counts_what_a_value_can_carry(pair, make):
+    """A rule that accepts one element must not release an age spelled out as a string's length,
+    nor two ages as a dict's key and value. (Integers are at most 64 bits on the wire.)"""
+    owner, scientist = pair
+    owner.requests.add_handler(action="accept", datasets=["ages"], max_elements=1)
+    assert scientist.store["ages"][0].get(timeout=10, reason="one") == 31.0  # the rule does accept one
+    _packed(scientist, make).request("one element, says the rule")
+    req = owner.requests.wait_pending(10)
+    assert req.kind == "release", req
+    req.deny("no")

@@ -86,18 +86,28 @@ def snapshot(value: Any, depth: int = 0) -> Any:
 
 
 def size_of(value: Any) -> tuple:
-    """(numel, nbytes) of a snapshot, for the queue and size rules."""
+    """(numel, nbytes) of a snapshot, for the queue and size rules.
+
+    Counted by what a value can carry, so a size rule ("at most one element") cannot be
+    met by packing many values into one: a string counts one element per character and a
+    dict's keys count as well as its values (integers are at most 64 bits on the wire).
+    """
     if isinstance(value, (torch.Tensor, np.ndarray)):
         numel = int(value.numel() if isinstance(value, torch.Tensor) else value.size)
         nbytes = int(value.element_size() * numel if isinstance(value, torch.Tensor) else value.nbytes)
         return numel, nbytes
-    if isinstance(value, (list, tuple)):
+    if isinstance(value, dict) and "$module" in value:
+        parts = [size_of(v) for v in value["state"].values()]  # names come from the model's structure
+    elif isinstance(value, dict):
+        parts = [size_of(v) for pair in value.items() for v in pair]
+    elif isinstance(value, (list, tuple, set, frozenset)):
         parts = [size_of(v) for v in value]
-        return sum(p[0] for p in parts), sum(p[1] for p in parts)
-    if isinstance(value, dict):
-        parts = [size_of(v) for v in value.values()]
-        return sum(p[0] for p in parts), sum(p[1] for p in parts)
-    return 1, 8
+    elif isinstance(value, (str, bytes)):
+        n = len(value.encode() if isinstance(value, str) else value)
+        return len(value), n
+    else:
+        return 1, 8
+    return sum(p[0] for p in parts), sum(p[1] for p in parts)
 
 
 class _EarlierFailure(Exception):

@@ -255,3 +255,14 @@ def test_a_plan_output_stored_under_the_id_of_its_input(tmp_path):
         view.copy_(s.store["x"])
         return {"base": lambda: base}
     differential(prog, tmp_path)
+
+
+def test_operations_of_an_object_whose_type_is_private(tmp_path):
+    """Found by the long fuzzer run: a tensor joins its inputs' alias group, a numpy scalar does not,
+    so how often an operation was counted in an object's history told which one a private index picked."""
+    def prog(s):
+        x = s.store["x"]
+        picked = s.send([torch.zeros(2), np.zeros(2)])[(x[0] > 50).long().item()].sum()
+        twice = (picked + 0) + (picked + 0)
+        return {"twice": lambda: twice, "picked": lambda: picked}
+    differential(prog, tmp_path)

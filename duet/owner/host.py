@@ -539,7 +539,9 @@ class ScientistConnection:
             "dtype": str(dtype).replace("torch.", "") if dtype is not None else None,
             "private": obj.private,
             "assets": sorted(obj.lineage),
-            "ops": list(obj.group.ops.labels()),
+            # Which group an object with private metadata joined (and so the history it shares) can
+            # depend on private types: its operations are the owner's to see, not the scientist's.
+            "ops": list(obj.group.ops.labels()) if public else None,
             "requires_grad": bool(getattr(value, "requires_grad", False)) if public else None,
             "metadata_private": not public,
         }

@@ -317,8 +317,11 @@ def all_attribute_names() -> FrozenSet[str]:
 
 # --- model graphs (duet.owner.models) -------------------------------------------
 # Functions a model sent as a graph may call: the torch, torch.nn.functional and
-# operator entries above, minus module/optimizer constructors, factories (a graph
-# runs without the per-action size check), autograd, and setitem.
+# operator entries above, minus module/optimizer constructors, factories other than the
+# random ones, autograd, and setitem.
+# Random factories stay in a graph (traced once, a call would otherwise be frozen as a constant);
+# their sizes are checked by the graph's shadow run on meta tensors, like every allocation inside.
+GRAPH_RANDOM_FACTORIES = frozenset({"torch.rand", "torch.randn", "torch.randint", "torch.normal"})
 GRAPH_FUNCTIONS: FrozenSet[str] = frozenset(
     n
     for n, e in FUNCTIONS.items()
@@ -326,7 +329,7 @@ GRAPH_FUNCTIONS: FrozenSet[str] = frozenset(
     and n not in NN_MODULES
     and n not in OPTIMIZERS
     and n not in LR_SCHEDULERS
-    and not e.factory
+    and (not e.factory or n in GRAPH_RANDOM_FACTORIES)
     and not n.startswith("torch.autograd.")
     and n != "operator.setitem"
     and n != "torch.manual_seed"

@@ -175,6 +175,7 @@ BOMBS: Dict[str, Callable[[Scientist], duet.Pointer]] = {
     "unbind into a million tensors": lambda s: s.torch.zeros(10**6 - 1, 0).unbind(),
     "split into a million arrays": lambda s: s.numpy.split(s.numpy.zeros((10**6 - 1, 0)), 10**6 - 1),
     "unbind inside a model": lambda s: s.send(_Unbind())(s.send(torch.ones(2))),
+    "randn inside a model": lambda s: s.send(_Randn())(s.send(torch.ones(2))),
     # inside a sent model and a plan
     "new_ones inside a model": lambda s: s.send(_NewOnes())(s.send(torch.ones(2))),
     "repeat inside a model": lambda s: s.send(_Repeat())(s.send(torch.ones(2))),
@@ -186,6 +187,11 @@ BOMBS: Dict[str, Callable[[Scientist], duet.Pointer]] = {
 class _NewOnes(nn.Module):
     def forward(self, x):
         return x.new_ones(10**5, 10**5).sum()
+
+
+class _Randn(nn.Module):
+    def forward(self, x):
+        return x + torch.randn(10**5, 10**5).sum()
 
 
 class _Unbind(nn.Module):

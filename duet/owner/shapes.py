@@ -113,7 +113,8 @@ def shadow(
     try:
         from .effects import active
 
-        with _meta_state(modules), (active(meter) if meter is not None else contextlib.nullcontext()):
+        # Factories inside (torch.randn(n) in a model's forward) make meta tensors too: nothing is allocated.
+        with _meta_state(modules), torch.device("meta"), (active(meter) if meter is not None else contextlib.nullcontext()):
             if target_method is not None:
                 member = getattr(meta_args[0], target_method)
                 result = member if attribute else member(*meta_args[1:], **meta_kwargs)

@@ -15,11 +15,14 @@ the owner's check counts.
 from __future__ import annotations
 
 import builtins
+import contextlib
+import functools
 import inspect
 import threading
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Iterator, List, Optional
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from .. import allowlist
 from ..errors import NotAllowed
@@ -120,13 +123,14 @@ def describe(module: torch.nn.Module) -> Described:
     """Trace a module into a graph of allowlisted operations plus weights; refuse off-list calls."""
     if not isinstance(module, torch.nn.Module):
         raise TypeError("describe() takes an nn.Module")
-    try:
-        gm = torch.fx.symbolic_trace(module)
-    except Exception as exc:
+    gm = _trace(module)
+    again = _trace(module)
+    if gm.code != again.code or not _same_constants(gm, again):
         raise NotAllowed(
-            f"the model could not be traced into a graph ({type(exc).__name__}: {exc}); "
-            "data-dependent Python control flow is not supported"
-        ) from exc
+            "the model's forward computes a value on your side that changes from call to call (Python's "
+            "random, numpy.random, the time, ...); it would be frozen into the graph as a constant. "
+            "Use torch random functions (torch.randn, torch.randn_like, dropout): they stay random on the owner"
+        )
     funcs = _function_names()
     modules: List[Dict[str, Any]] = []
     module_index: Dict[str, int] = {}
@@ -223,6 +227,107 @@ def describe(module: torch.nn.Module) -> Described:
         "training": bool(module.training),
     }
     return Described(graph, keymap)
+
+
+# torch random functions that take no tensor: called in forward, they would run once at trace time
+# and be frozen as constants. Recorded as graph nodes instead; the owner draws from your generator.
+_RANDOM_FACTORIES = (torch.rand, torch.randn, torch.randint, torch.normal)
+
+
+_tracing = threading.local()
+_patch_lock = threading.Lock()
+
+
+def _recorded(original: Any) -> Any:
+    """`original`, except on a thread that is tracing: there the call becomes a graph node."""
+
+    @functools.wraps(original)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        tracer = getattr(_tracing, "tracer", None)
+        if tracer is None:
+            return original(*args, **kwargs)
+        return tracer.create_proxy("call_function", original, args, kwargs)
+
+    return call
+
+
+@contextlib.contextmanager
+def _random_as_nodes(tracer: torch.fx.Tracer) -> Iterator[None]:
+    """While tracing: `torch.randn(...)` and the like become nodes, not constants.
+
+    A function mode cannot do it: with a traced size (`torch.randn(x.shape[0], 2)`) torch's
+    argument parser fails before any mode sees the call. So the names are swapped on the
+    torch module for the trace, as fx itself swaps `Module.__call__`; other threads still
+    reach the originals.
+    """
+    with _patch_lock:
+        saved = {f.__name__: f for f in _RANDOM_FACTORIES}
+        for name, f in saved.items():
+            setattr(torch, name, _recorded(f))
+        _tracing.tracer = tracer
+        try:
+            yield
+        finally:
+            _tracing.tracer = None
+            for name, f in saved.items():
+                setattr(torch, name, f)
+
+
+class _RandomRanForReal(TorchDispatchMode):
+    """While tracing: notes random operations that ran on real tensors (their results would be frozen)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: List[str] = []
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: Optional[Dict[str, Any]] = None) -> Any:
+        if torch.Tag.nondeterministic_seeded in func.tags:
+            self.ops.append(func._schema.name.split("::")[-1])
+        return func(*args, **(kwargs or {}))
+
+
+def _trace(module: torch.nn.Module) -> torch.fx.GraphModule:
+    """symbolic_trace, with random calls kept random, and errors that say what went wrong."""
+    tracer = torch.fx.Tracer()
+    ran = _RandomRanForReal()
+    try:
+        with _random_as_nodes(tracer), ran:
+            graph = tracer.trace(module)
+    except Exception as exc:
+        raise NotAllowed(f"the model could not be traced into a graph: {_trace_failure(exc)}") from exc
+    if ran.ops:
+        raise NotAllowed(
+            f"the model's forward draws random numbers into a tensor that does not depend on its inputs "
+            f"({ran.ops[0]}); it would be frozen into the graph as a constant. Draw with torch.randn(...), "
+            f"torch.rand_like(x) or x.new_empty(...).normal_() instead: they stay random on the owner"
+        )
+    return torch.fx.GraphModule(tracer.root, graph, type(module).__name__)
+
+
+def _trace_failure(exc: BaseException) -> str:
+    """What went wrong while tracing, and how to fix it, in the user's terms."""
+    text = str(exc)
+    if "not installed as a submodule" in text:
+        return ("forward builds a module while it runs (like nn.Tanh()(x)); create it in __init__ "
+                "(self.act = nn.Tanh()) or use the function (torch.tanh(x))")
+    if "cannot be used as inputs to control flow" in text:
+        return "Python control flow (if, while, bool()) depends on a traced value; use torch operations (torch.where) instead"
+    if "'len' is not supported" in text:
+        return "len() of a traced value; use x.shape[0] instead"
+    if "torch.fx.proxy.Proxy" in text:
+        return "forward calls the owner (scientist.torch..., a pointer); a sent model uses torch and its own modules, as local code would"
+    return f"{type(exc).__name__}: {text}"
+
+
+def _same_constants(a: torch.fx.GraphModule, b: torch.fx.GraphModule) -> bool:
+    """Whether two traces captured equal constant tensors (made at trace time, outside the module's state)."""
+    own = {n for n, _ in a.named_buffers()} | {n for n, _ in a.named_parameters()}
+    for node in a.graph.nodes:
+        if node.op == "get_attr" and node.target not in own:
+            x, y = _get_attr(a, node.target), _get_attr(b, node.target)
+            if x.shape != y.shape or x.dtype != y.dtype or not torch.equal(x, y):
+                return False
+    return True
 
 
 def _get_attr(gm: torch.nn.Module, target: str) -> torch.Tensor:

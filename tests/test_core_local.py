@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 import duet
 from duet import wire
+from tests.waiting import until
 
 
 def test_the_example(pair):
@@ -212,6 +213,8 @@ def test_queued_action_limit(tmp_path):
         blocker = x + 1  # waits for compute approval, holding the queue
         owner.requests.wait_pending(10, kind="compute")
         later = [x + i for i in range(10)]
+        # The refusal happens as the owner queues the actions: let them all arrive before approving.
+        until(lambda: later[-1]._rid in scientist.failures, timeout=10)
         owner.requests.add_handler(action="accept", kind="compute")
         assert torch.equal(blocker.get(timeout=10), torch.tensor([2.0]))
         assert torch.equal(later[0].get(timeout=10), torch.tensor([1.0]))

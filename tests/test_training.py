@@ -393,7 +393,7 @@ def test_training_over_webrtc(mnist_small):
         opt = scientist.torch.optim.SGD(remote.parameters(), lr=0.01, momentum=0.5)
         loader = scientist.loader("mnist-train", batch_size=64, shuffle=False, progress=False)
         for x, y in loader:
-            loss = train_step(remote, opt, x, y)
+            train_step(remote, opt, x, y)
         h = remote.request("weights")
         owner.requests.wait_pending(20).accept()
         trained = h.wait(60)

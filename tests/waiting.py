@@ -12,3 +12,11 @@ async def eventually(predicate: Callable[[], Any], timeout: float) -> None:
     while not predicate():
         assert time.monotonic() < deadline, "condition not reached in time"
         await asyncio.sleep(0.01)
+
+
+def until(predicate: Callable[[], Any], timeout: float) -> None:
+    """The same bounded poll, for code outside an event loop."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.01)

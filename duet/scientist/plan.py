@@ -211,7 +211,6 @@ class Plan:
 
     def _record(self, client: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any], positions: List[int], constants: Tuple[Any, ...]) -> _Recorded:
         recorder = _Recorder(client)
-        counter = itertools.count()
 
         def swap(obj: Any, depth: int = 0) -> Any:
             if isinstance(obj, Pointer):
@@ -224,7 +223,6 @@ class Plan:
                 return {k: swap(v, depth + 1) for k, v in obj.items()}
             return obj
 
-        del counter
         p_args = swap(list(args))
         p_kwargs = swap(dict(kwargs))
         n_inputs = len(positions)

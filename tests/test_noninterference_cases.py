@@ -266,3 +266,17 @@ def test_operations_of_an_object_whose_type_is_private(tmp_path):
         twice = (picked + 0) + (picked + 0)
         return {"twice": lambda: twice, "picked": lambda: picked}
     differential(prog, tmp_path)
+
+
+def test_alias_groups_do_not_depend_on_a_private_type(tmp_path):
+    """Found by the long fuzzer run: a result was tied to the inputs that had memory, and whether the
+    value a private index picked had any (a tensor or a Python int) decided which groups merged."""
+    def prog(s):
+        x = s.store["x"]
+        choices = s.send([torch.zeros(2), 3])
+        other = s.store["ids"].float()[:2]
+        picked = choices[(x[0] > 50).long().item()]
+        total = picked + other
+        return {"choices": lambda: choices, "total": lambda: total, "other": lambda: other,
+                "later": lambda: other + 1}
+    differential(prog, tmp_path, extra={"ids": (torch.arange(4), torch.arange(4))})

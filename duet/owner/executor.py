@@ -808,9 +808,11 @@ class Executor:
                 if not shapes.holds_data(safe):
                     value_lineage = set(flow.meta)  # computed from metadata alone (x.size(0), x.dim())
         fp = footprint(safe)
-        if flow.meta and not fp.empty:
+        if flow.meta:
             # Which inputs the result shares state with may depend on private metadata: all of them.
-            alias_of = [r for r in input_ids if not self.table.get(r).footprint.empty]
+            # (Not only those with memory: whether an input or the result has any, a tensor or a
+            # Python number, can be the private fact itself.)
+            alias_of = list(input_ids)
         else:
             alias_of = [r for r in input_ids if fp.intersects(self.table.get(r).footprint)]
         obj = self.table.put(rid, safe, lineage=value_lineage, ops=[], meta=meta_lineage, alias_of=alias_of, fp=fp)

@@ -668,6 +668,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--examples", type=int, default=1000, help="random programs to try")
     ap.add_argument("--steps", type=int, default=30, help="actions per program (at most)")
     ap.add_argument("--seed", type=int, default=None)
+    ap.add_argument("--no-shrink", action="store_true", help="report the first failing program as found")
     args = ap.parse_args(argv)
     import json
     import logging
@@ -678,9 +679,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     warnings.filterwarnings("ignore")  # torch and numpy warn about the odd arguments random programs pass
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            result = run(args.examples, args.steps, Path(tmp), args.seed)
-        except Leak:
-            print(json.dumps({"leak": True, **STATS.summary()}, indent=1))
+            result = run(args.examples, args.steps, Path(tmp), args.seed, shrink=not args.no_shrink)
+        except BaseException as exc:
+            print(json.dumps({"leak": isinstance(exc, Leak), "error": type(exc).__name__, **STATS.summary()}, indent=1))
             raise
     print(json.dumps(result, indent=1))
     return 0

@@ -146,3 +146,20 @@ def test_a_size_rule_counts_what_a_value_can_carry(pair, make):
     req = owner.requests.wait_pending(10)
     assert req.kind == "release", req
     req.deny("no")
+
+
+@pytest.mark.parametrize("make", ["empty shape", "empty lists"])
+def test_a_size_rule_counts_empty_values_by_what_they_spell(pair, make):
+    """Found by the fourth review: zero elements, yet the shape (31, 45, 0) or the length of a list of
+    empty lists spells out ages."""
+    owner, scientist = pair
+    owner.requests.add_handler(action="accept", datasets=["ages"], max_elements=1)
+    ages = [scientist.store["ages"][i].long().item() for i in range(2)]
+    if make == "empty shape":
+        packed = scientist.torch.zeros(ages[0], ages[1], 0)
+    else:
+        packed = scientist._call("func", "operator.mul", [[[]], ages[0]], {})
+    packed.request("zero elements")
+    req = owner.requests.wait_pending(10)
+    assert req.kind == "release"
+    req.deny("no")

@@ -175,6 +175,7 @@ BOMBS: Dict[str, Callable[[Scientist], duet.Pointer]] = {
     "unbind into a million tensors": lambda s: s.torch.zeros(10**6 - 1, 0).unbind(),
     "split into a million arrays": lambda s: s.numpy.split(s.numpy.zeros((10**6 - 1, 0)), 10**6 - 1),
     "unbind inside a model": lambda s: s.send(_Unbind())(s.send(torch.ones(2))),
+    "tensor_split at 10**6 cut points": lambda s: s.torch.tensor_split(s.torch.zeros(10), s.torch.zeros(10**6, dtype=torch.long)),
     "randn inside a model": lambda s: s.send(_Randn())(s.send(torch.ones(2))),
     # inside a sent model and a plan
     "new_ones inside a model": lambda s: s.send(_NewOnes())(s.send(torch.ones(2))),

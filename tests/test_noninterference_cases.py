@@ -280,3 +280,58 @@ def test_alias_groups_do_not_depend_on_a_private_type(tmp_path):
         return {"choices": lambda: choices, "total": lambda: total, "other": lambda: other,
                 "later": lambda: other + 1}
     differential(prog, tmp_path, extra={"ids": (torch.arange(4), torch.arange(4))})
+
+
+# -- found by the fourth review ------------------------------------------------------------
+
+
+def test_a_gradient_holder_reached_only_through_a_list(tmp_path):
+    """requires_grad was set through a pointer freed before backward; the list's stored footprint
+    still said "no gradient", so the gradient it received was not watched."""
+    def prog(s):
+        lst = s.send([torch.zeros(8)])
+        e = lst[0]
+        e.requires_grad_()
+        y = (e * s.store["x"]).sum()
+        del e
+        y.backward()
+        return {"grad": lambda: lst[0].grad, "list": lambda: lst}
+    differential(prog, tmp_path)
+
+
+def test_a_numpy_write_makes_saved_tensors_stale(tmp_path):
+    """numpy wrote private values into memory autograd had saved; without a version bump, backward
+    used them and the gradient stayed public."""
+    def prog(s):
+        p = s.send(torch.zeros(8, requires_grad=True))
+        q = s.send(torch.ones(8))
+        y = (p * q).sum()
+        a = q.numpy()
+        a[:] = s.store["x"]
+        y.backward()
+        return {"grad": lambda: p.grad, "q": lambda: q}
+    differential(prog, tmp_path)
+
+
+@pytest.mark.parametrize("call", ["requires_grad_", "transpose_"])
+def test_a_private_python_argument_that_changes_nothing(tmp_path, call):
+    """A private bool or int that changes only metadata (or nothing) must taint like one that does:
+    whether the metadata came out private told the private bit."""
+    def prog(s):
+        if call == "requires_grad_":
+            bit = (s.store["x"][0] > 50).item()
+            t = s.torch.zeros(1)
+            t.requires_grad_(bit)
+        else:
+            t = s.torch.zeros(0, 3)
+            t.transpose_(0, (s.store["x"][0] > 50).long().item())
+        return {"t": lambda: t}
+    differential(prog, tmp_path)
+
+
+def test_every_failure_on_private_inputs_reads_the_same(tmp_path):
+    """A size guard refused in one run (LimitExceeded) where torch failed in the other (RemoteError)."""
+    def prog(s):
+        out = s.torch.bincount((s.store["x"][:1] - 50).long() * 10**8)
+        return {"bincount": lambda: out}
+    differential(prog, tmp_path)

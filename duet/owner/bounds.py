@@ -318,6 +318,8 @@ def _pieces(name: str, short: str, length: int, spec: Any) -> int:
     """How many pieces a split makes, counted high where the libraries differ."""
     if isinstance(spec, (list, tuple)):
         return len(spec) + 1  # numpy cuts at indices (n + 1 pieces); torch takes sizes (n)
+    if isinstance(spec, (torch.Tensor, np.ndarray)) and spec.ndim == 1:
+        return int(spec.shape[0]) + 1  # cut points given as a tensor
     ints = size_ints(spec)
     if not ints or ints[0] <= 0:
         return 1

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import logging
 import operator as _operator  # noqa: F401  (resolved through allowlist.import_dotted)
 import types
 from dataclasses import dataclass, field
@@ -42,7 +43,7 @@ import torch
 
 from .. import allowlist
 from ..allowlist import Entry
-from ..errors import LimitExceeded, NotAllowed, UnknownObject
+from ..errors import LimitExceeded, NotAllowed, RemoteError, UnknownObject
 from ..wire import Ref
 from . import bounds, shapes
 from .effects import Observer, active, reads_watched
@@ -50,6 +51,8 @@ from .footprint import Footprint, arrays_in, footprint, grad_of, ranges_overlap,
 from .objects import ObjectTable, RemoteObject
 from .opchain import OpChain
 from .randomness import ActionRandomness, Randomness
+
+log = logging.getLogger(__name__)
 
 _resolved: Dict[str, Callable[..., Any]] = {}
 
@@ -367,7 +370,7 @@ class Watch:
         candidates = list(dict.fromkeys(input_ids))
         if any(t.grad_fn is not None or t.requires_grad for t in tensors_in(values)):
             # A backward may reach any tensor that can receive a gradient, by graph, not by argument.
-            candidates += table.holders(lambda o: o.footprint.requires_grad)
+            candidates += table.holders(_holds_gradient)
         self.watched: Dict[int, _Watched] = {}
         self.skipped: List[int] = []  # could learn nothing, unless the action turns out to be in doubt
         for rid in dict.fromkeys(candidates):
@@ -453,6 +456,18 @@ def _writable_again(views: List[np.ndarray], result: Any) -> None:
                     a.flags.writeable = True
                 except ValueError:  # pragma: no cover
                     pass
+
+
+def withheld_failure(label: str) -> RemoteError:
+    """The one error a scientist sees when an action on private inputs fails, whatever the cause."""
+    return RemoteError(label, "Error", "the details are withheld because the inputs derive from private data; "
+                                       "the owner's log has them")
+
+
+def _holds_gradient(obj: Any) -> bool:
+    """From the live value, not the stored footprint: a list's tensor may have been given
+    requires_grad through another pointer since the list was last an input."""
+    return any(t.requires_grad for t in tensors_in(obj.value))
 
 
 def _bump_versions(value: Any, written: List[Tuple[int, int]]) -> None:
@@ -557,16 +572,13 @@ class Executor:
         try:
             return self._run_flow(rid, kind, name, label, entry, target, values, call_args, kw, input_ids, flow, rng,
                                   fn, dtypes)
-        except (NotAllowed, LimitExceeded) as exc:
+        except Exception as exc:
             if not flow.private or isinstance(exc, UnknownObject):
                 raise
-            # Which check refused may depend on private data (a size, a dtype, a result's type):
-            # each kind of refusal gets one wording.
-            if isinstance(exc, LimitExceeded):
-                raise LimitExceeded(f"{label} would go over this scientist's limits (the details are withheld "
-                                    "because the inputs derive from private data)") from None
-            raise NotAllowed(f"{label} was refused (the details are withheld because the inputs derive from "
-                             "private data)") from None
+            # Which check refused, or whether torch failed instead, may depend on private data (a
+            # size, a dtype, a result's type): every failure on private inputs reads the same.
+            log.warning("%s failed on private inputs", label, exc_info=True)  # the owner's log has the details
+            raise withheld_failure(label) from None
 
     def _run_flow(self, rid: Optional[int], kind: str, name: str, label: str, entry: Entry, target: Any,
                   values: List[Any], call_args: List[Any], kw: Dict[str, Any], input_ids: List[int], flow: Flow,
@@ -642,17 +654,26 @@ class Executor:
         python_code = not _is_builtin(fn) or kind == "call"
         # A failure half way through several operations wrote some and not others, depending on where
         # it failed: in doubt too.
-        doubt = flow.private and (observer.read_values or (bool(flow.meta) and python_code) or failure is not None)
+        # A private Python number or bool as an argument (requires_grad_(b), transpose_(0, i)) can
+        # change metadata without writing a byte: whatever it reached may have changed, shape included.
+        # An input whose type is private may be such a number too.
+        private_scalar = flow.private and any(
+            self.table.get(r).private and (bool(self.table.get(r).meta) or isinstance(
+                self.table.get(r).value, (bool, int, float, complex, str, np.generic)))
+            for r in input_ids)
+        doubt = flow.private and (observer.read_values or (bool(flow.meta) and python_code) or failure is not None
+                                  or private_scalar)
+        everything = observer.read_values or failure is not None or private_scalar  # metadata taint: all it read
         fresh: Dict[int, Footprint] = {}
         if watch is not None and doubt and watch.skipped:
             # In doubt the metadata taint is everything read; what was skipped may not have it yet.
             chain = flow.ops.copy()
             self._record(chain, label)
-            self.table.taint(watch.skipped, flow.all, chain, flow.all if observer.read_values or failure else flow.meta)
+            self.table.taint(watch.skipped, flow.all, chain, flow.all if everything else flow.meta)
         if watch is not None and watch.active:
             changed, fresh = watch.changed(observer.written, declared)
             written = list(watch.watched) if doubt else changed
-            meta = flow.all if observer.read_values or failure is not None else flow.meta
+            meta = flow.all if everything else flow.meta
             is_stateful_receiver = isinstance(target, (torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler))
             if kind == "method" and is_stateful_receiver and input_ids and input_ids[0] in watch.watched:
                 written.append(input_ids[0])  # Python state (step counts, learning rates) has no write counter
@@ -661,13 +682,17 @@ class Executor:
                 chain = flow.ops.copy()
                 self._record(chain, label)
                 self.table.taint(written, flow.all, chain, meta)
-            if observer.written:
-                # Copies of this memory saved for backward (under any alias) are now stale.
-                groups = {id(self.table.get(r).group): self.table.get(r).group for r in changed}
+            # Copies of this memory saved for backward (under any alias) are now stale, whether torch
+            # wrote it or numpy did (numpy has no version counter: its declared writes count whole).
+            ranges = list(observer.written)
+            for r in declared:
+                ranges.extend(footprint(self.table.get(r).value).ranges)
+            if ranges:
+                groups = {id(self.table.get(r).group): self.table.get(r).group for r in list(changed) + list(declared)}
                 for group in groups.values():
                     for member in list(group.members):
                         if member in self.table:
-                            _bump_versions(self.table.get(member).value, observer.written)
+                            _bump_versions(self.table.get(member).value, ranges)
         for r in input_ids:
             obj = self.table.get(r)
             obj.footprint = fresh.get(r) or footprint(obj.value)
@@ -769,7 +794,7 @@ class Executor:
         values = [self.table.get(r).value for r in rids]
         candidates = list(rids)
         if any(t.grad_fn is not None or t.requires_grad for t in tensors_in(values)):
-            candidates += self.table.holders(lambda o: o.footprint.requires_grad)
+            candidates += self.table.holders(_holds_gradient)
         ops = flow.ops.copy()
         ops.merge(OpChain(chain or [label]))
         self.table.taint(candidates, flow.all, ops, flow.all)

@@ -89,13 +89,14 @@ def size_of(value: Any) -> tuple:
     """(numel, nbytes) of a snapshot, for the queue and size rules.
 
     Counted by what a value can carry, so a size rule ("at most one element") cannot be
-    met by packing many values into one: a string counts one element per character and a
-    dict's keys count as well as its values (integers are at most 64 bits on the wire).
+    met by packing many values into one: a string counts one element per character, a
+    dict's keys count as well as its values, an empty container or tensor still counts
+    (its shape or length is information) and integers are at most 64 bits on the wire.
     """
     if isinstance(value, (torch.Tensor, np.ndarray)):
         numel = int(value.numel() if isinstance(value, torch.Tensor) else value.size)
         nbytes = int(value.element_size() * numel if isinstance(value, torch.Tensor) else value.nbytes)
-        return numel, nbytes
+        return max(numel, value.ndim), nbytes  # an empty tensor's shape is numbers too: (10, 20, 0)
     if isinstance(value, dict) and "$module" in value:
         parts = [size_of(v) for v in value["state"].values()]  # names come from the model's structure
     elif isinstance(value, dict):
@@ -107,7 +108,8 @@ def size_of(value: Any) -> tuple:
         return len(value), n
     else:
         return 1, 8
-    return sum(p[0] for p in parts), sum(p[1] for p in parts)
+    # An empty container still says it is there: a list of 99 empty lists carries the number 99.
+    return max(sum(p[0] for p in parts), 1), sum(p[1] for p in parts)
 
 
 class _EarlierFailure(Exception):

@@ -39,6 +39,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
+from tests.waiting import until
+
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"
 SANITIZE_CFG = NOTEBOOKS / "nbval.cfg"
@@ -94,14 +96,13 @@ def base_env(workdir: Path, role: str, signaling_url: str) -> Dict[str, str]:
 
 def wait_for_file(path: Path, timeout: float, alive: Optional[subprocess.Popen] = None) -> str:
     """The content of `path` once it exists (it is written atomically); bounded."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if path.exists():
-            return path.read_text(encoding="utf-8").strip()
-        if alive is not None and alive.poll() is not None:
+    def written() -> bool:
+        if alive is not None and alive.poll() is not None and not path.exists():
             raise RuntimeError(f"the owner's process exited ({alive.returncode}) before writing the join code")
-        time.sleep(0.05)  # polling a file the other process writes; the wait is bounded above
-    raise TimeoutError(f"no join code in {path} within {timeout} s")
+        return path.exists()
+
+    until(written, timeout, f"a join code in {path}")
+    return path.read_text(encoding="utf-8").strip()
 
 
 def start_signaling() -> Tuple[object, str]:

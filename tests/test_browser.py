@@ -18,13 +18,13 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 
 from tests import nbhandoff
+from tests.waiting import until
 
 ROOT = Path(__file__).resolve().parents[1]
 OUTPUT = ROOT / "test-output" / "browser"
@@ -65,18 +65,16 @@ def _free_port() -> int:
 
 
 def _wait_http(url: str, proc: subprocess.Popen, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def answers() -> bool:
         if proc.poll() is not None:
             raise RuntimeError(f"jupyter lab exited with {proc.returncode}")
         try:
             with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    return
+                return r.status == 200
         except OSError:
-            pass
-        time.sleep(0.1)  # polling a server that is starting; bounded above
-    raise TimeoutError(f"jupyter lab did not answer at {url} within {timeout} s")
+            return False
+
+    until(answers, timeout, f"jupyter lab answering at {url}")
 
 
 @pytest.mark.slow

@@ -13,7 +13,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Any, Dict, Iterator, List
 import pytest
 
 from tests.waiting import eventually as _eventually
+from tests.waiting import until
 from jupyter_server.serverapp import ServerApp
 from jupyter_server.utils import url_path_join
 from tornado.httpclient import HTTPClientError
@@ -420,17 +420,17 @@ def real_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealServer
         proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=dirs["notebooks"])
     server = RealServer(proc, f"http://127.0.0.1:{port}/jh/user/", dirs["runtime"], log)
     try:
-        deadline = time.monotonic() + 60
-        while True:
+        def healthy() -> bool:
             assert proc.poll() is None, f"jupyter server exited early:\n{server.log_tail()}"
-            assert time.monotonic() < deadline, f"jupyter server did not come up:\n{server.log_tail()}"
             try:
                 urllib.request.build_opener(urllib.request.ProxyHandler({})).open(
                     server.url + "duet/health", timeout=1
                 ).close()
-                break
+                return True
             except (OSError, urllib.error.URLError):
-                time.sleep(0.1)
+                return False
+
+        until(healthy, 60, "the jupyter server answering")
         yield server
     finally:
         proc.terminate()
@@ -498,10 +498,7 @@ def real_kernel(real_server: RealServer) -> Iterator[RealKernel]:
     client = None
     try:
         connection_file = real_server.runtime_dir / f"kernel-{kernel_id}.json"
-        deadline = time.monotonic() + 30
-        while not connection_file.exists():
-            assert time.monotonic() < deadline, "the kernel's connection file did not appear"
-            time.sleep(0.05)
+        until(connection_file.exists, 30, "the kernel's connection file")
         client = BlockingKernelClient(connection_file=str(connection_file))
         client.load_connection_file()
         # No heartbeat channel: this client does not own the kernel, and on a loaded

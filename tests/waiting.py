@@ -14,9 +14,17 @@ async def eventually(predicate: Callable[[], Any], timeout: float) -> None:
         await asyncio.sleep(0.01)
 
 
-def until(predicate: Callable[[], Any], timeout: float) -> None:
-    """The same bounded poll, for code outside an event loop."""
+def until(predicate: Callable[[], Any], timeout: float, what: str = "condition") -> Any:
+    """The same bounded poll, for code outside an event loop: predicate()'s first true value.
+
+    For state another process owns (a file it writes, a server it starts) that offers no
+    event to wait on; predicate may raise to stop early (the process died).
+    """
     deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.01)
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"{what} not reached within {timeout} s")
+        time.sleep(0.02)

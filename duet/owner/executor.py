@@ -258,11 +258,14 @@ class _LazyNumpyRandom:
         def call(*args: Any, **kwargs: Any) -> Any:
             return getattr(rng.numpy_state, short)(*args, **kwargs)
 
-        call.__signature__ = inspect.signature(getattr(_SIGNATURES, short))  # type: ignore[attr-defined]
+        call.__signature__ = _unbound_signature(getattr(np.random.RandomState, short))  # type: ignore[attr-defined]
         return call
 
 
-_SIGNATURES = np.random.RandomState(0)  # only for reading the random functions' signatures
+def _unbound_signature(method: Any) -> inspect.Signature:
+    """A method's signature without `self`, read from the class (no generator is made for it)."""
+    sig = inspect.signature(method)
+    return sig.replace(parameters=list(sig.parameters.values())[1:])
 
 
 def _resize_as_zeroed(target: torch.Tensor, other: Any) -> torch.Tensor:

@@ -10,6 +10,10 @@ seeded from that seed and the action's position in the scientist's sequence of
 actions: what one action draws can never change what another draws, and the
 same program with the same seed gets the same numbers. Nothing here touches
 torch's or numpy's global generators.
+
+These generators serve the scientist's own random calls (`torch.randn`,
+`numpy.random.normal`, dropout), with the semantics those libraries document;
+they are not privacy noise or masks, which come from vetted libraries only.
 """
 from __future__ import annotations
 

@@ -20,9 +20,13 @@ def _cell(value: Any, width: int = 60) -> str:
 WHOLE_COLUMNS = frozenset({"operations"})
 
 
+def _width(header: str, width: int) -> int:
+    return 10_000 if header in WHOLE_COLUMNS else width
+
+
 def text_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], title: Optional[str] = None) -> str:
     """A fixed-width table for plain Python consoles."""
-    cells = [[_cell(c, 10_000 if h in WHOLE_COLUMNS else 60) for h, c in zip(headers, row)] for row in rows]
+    cells = [[_cell(c, _width(h, 60)) for h, c in zip(headers, row)] for row in rows]
     widths = [len(h) for h in headers]
     for row in cells:
         for i, c in enumerate(row):
@@ -48,8 +52,7 @@ def html_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], title: Opt
     parts.append('<table class="duet-table">')
     parts.append("<thead><tr>" + "".join(f"<th>{esc(h)}</th>" for h in headers) + "</tr></thead><tbody>")
     for row in rows:
-        parts.append("<tr>" + "".join(f"<td>{esc(_cell(c, 10_000 if h in WHOLE_COLUMNS else 200))}</td>"
-                                      for h, c in zip(headers, row)) + "</tr>")
+        parts.append("<tr>" + "".join(f"<td>{esc(_cell(c, _width(h, 200)))}</td>" for h, c in zip(headers, row)) + "</tr>")
     if not rows:
         parts.append(f'<tr><td colspan="{len(headers)}"><i>none</i></td></tr>')
     parts.append("</tbody></table>")

@@ -32,14 +32,6 @@ class Reparameterise(nn.Module):
         return mu + std * torch.randn(x.shape[0], 2) + 0.01 * torch.rand(2)
 
 
-@pytest.fixture
-def pair(tmp_path):
-    owner, scientist = duet.local_pair(audit_log=tmp_path / "a.jsonl")
-    yield owner, scientist
-    scientist.close()
-    owner.close()
-
-
 def test_random_calls_in_forward_differ_between_calls_and_follow_the_seed(pair):
     _, scientist = pair
     remote = scientist.send(Reparameterise())

@@ -304,58 +304,44 @@ def _contraction_elements(short: str, args: Tuple[Any, ...], kwargs: Dict[str, A
     return _product(tuple(batch) + (a[-2], b[-1]))
 
 
-_SPLITTERS = frozenset({"split", "chunk", "tensor_split", "array_split", "hsplit", "vsplit", "dsplit"})
+# Splits made of many small dispatched slices (numpy's, and torch's tensor_split family), which
+# no single dispatched call shows whole. unbind, split and chunk are one call each: check_pieces.
+_SLICED_SPLITS = frozenset({"tensor_split", "hsplit", "vsplit", "dsplit"})
+_NUMPY_SPLITS = frozenset({"split", "array_split"}) | _SLICED_SPLITS
 
 
-def _dim_argument(short: str, rest: List[Any], kwargs: Dict[str, Any]) -> int:
-    """The dimension a split or unbind works along (unbind takes it first, the others second)."""
-    position = 0 if short == "unbind" else 1
-    dim = kwargs.get("dim", kwargs.get("axis", rest[position] if len(rest) > position else 0))
-    return int(dim) if isinstance(dim, (int, np.integer)) and not isinstance(dim, bool) else 0
-
-
-def _pieces(name: str, short: str, length: int, spec: Any) -> int:
-    """How many pieces a split makes, counted high where the libraries differ."""
+def _sections(spec: Any) -> int:
+    """How many pieces a split into `spec` makes: a number of sections, or cut points (n + 1 pieces)."""
     if isinstance(spec, (list, tuple)):
-        return len(spec) + 1  # numpy cuts at indices (n + 1 pieces); torch takes sizes (n)
+        return len(spec) + 1
     if isinstance(spec, (torch.Tensor, np.ndarray)) and spec.ndim == 1:
-        return int(spec.shape[0]) + 1  # cut points given as a tensor
+        return int(spec.shape[0]) + 1
     ints = size_ints(spec)
-    if not ints or ints[0] <= 0:
-        return 1
-    if short == "chunk":
-        return min(ints[0], max(length, 1))
-    if short != "split" or name.startswith("numpy."):
-        return ints[0]  # a number of sections
-    return -(-length // ints[0])  # torch.split: a size per piece
+    return ints[0] if ints and ints[0] > 0 else 1
 
 
 def check_outputs(name: str, target: Any, args: List[Any], kwargs: Dict[str, Any], max_objects: int,
                   max_pieces: int) -> None:
     """Refuse a call whose result would hold too many Python objects: tolist (`max_objects`),
-    unbind, split and the like (`max_pieces` tensors or arrays).
+    and the splits no dispatched call shows whole (`max_pieces` tensors or arrays).
 
-    Counted from shapes before anything is built: such results are made under the
-    interpreter lock, one object per row, whatever the bytes involved.
+    Counted from shapes before anything is built: a (10**7, 0) tensor's tolist makes ten
+    million lists from zero bytes, under the interpreter lock.
     """
     short = name.rsplit(".", 1)[-1]
     subject = target if target is not None else (args[0] if args else None)
-    if short not in _SPLITTERS | {"tolist", "unbind"} or not hasattr(subject, "shape"):
+    if not hasattr(subject, "shape"):
         return
-    rest = list(args if target is not None else args[1:])
-    shape = _shape_of(subject)
     if short == "tolist":
-        count = _product(shape) + (_product(shape[:-1]) if len(shape) > 1 else 0)
+        shape = _shape_of(subject)
+        count, limit = _product(shape) + (_product(shape[:-1]) if len(shape) > 1 else 0), max_objects
+    elif short in (_NUMPY_SPLITS if name.startswith("numpy.") else _SLICED_SPLITS):
+        rest = list(args if target is not None else args[1:])
+        spec = rest[0] if rest else next((kwargs[k] for k in ("indices_or_sections", "sections", "indices")
+                                          if k in kwargs), 1)
+        count, limit = _sections(spec), max_pieces
     else:
-        dim = _dim_argument(short, rest, kwargs)
-        length = shape[dim] if shape and -len(shape) <= dim < len(shape) else 1
-        if short == "unbind":
-            count = length
-        else:
-            spec = rest[0] if rest else next((kwargs[k] for k in ("split_size_or_sections", "indices_or_sections",
-                                                                 "sections", "chunks") if k in kwargs), 1)
-            count = _pieces(name, short, length, spec)
-    limit = max_objects if short == "tolist" else max_pieces
+        return
     if count > limit:
         raise LimitExceeded(f"{short} would make more than {limit} objects")
 

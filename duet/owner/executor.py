@@ -661,9 +661,8 @@ class Executor:
         # change metadata without writing a byte: whatever it reached may have changed, shape included.
         # An input whose type is private may be such a number too.
         private_scalar = flow.private and any(
-            self.table.get(r).private and (bool(self.table.get(r).meta) or isinstance(
-                self.table.get(r).value, (bool, int, float, complex, str, np.generic)))
-            for r in input_ids)
+            obj.private and (bool(obj.meta) or isinstance(obj.value, (bool, int, float, complex, str, np.generic)))
+            for obj in map(self.table.get, input_ids))
         doubt = flow.private and (observer.read_values or (bool(flow.meta) and python_code) or failure is not None
                                   or private_scalar)
         everything = observer.read_values or failure is not None or private_scalar  # metadata taint: all it read

@@ -247,6 +247,12 @@ def is_data(value: Any) -> bool:
                               torch.optim.lr_scheduler.LRScheduler))
 
 
+# What an empty tensor or array still costs (the Python object, its storage): counted, so a million
+# empty tensors are not free.
+TENSOR_OVERHEAD = 512
+ARRAY_OVERHEAD = 112
+
+
 def python_nbytes(value: Any, limit: int = MAX_NODES) -> int:
     """Memory a value holds: tensor and array bytes plus an estimate for Python objects."""
     import sys
@@ -262,12 +268,12 @@ def python_nbytes(value: Any, limit: int = MAX_NODES) -> int:
         if len(seen) > limit:
             break
         if isinstance(v, torch.Tensor):
-            total += v.element_size() * v.nelement() + 512  # the object and its storage, even when empty
+            total += v.element_size() * v.nelement() + TENSOR_OVERHEAD
             grad = grad_of(v)
             if grad is not None:
                 stack.append(grad)
         elif isinstance(v, np.ndarray):
-            total += int(v.nbytes) + 112
+            total += int(v.nbytes) + ARRAY_OVERHEAD
         elif isinstance(v, (torch.nn.Module, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler)):
             total += 1024
             stack.extend(_children(v))

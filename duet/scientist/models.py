@@ -229,9 +229,10 @@ def describe(module: torch.nn.Module) -> Described:
     return Described(graph, keymap)
 
 
-# torch random functions that take no tensor: called in forward, they would run once at trace time
-# and be frozen as constants. Recorded as graph nodes instead; the owner draws from your generator.
-_RANDOM_FACTORIES = (torch.rand, torch.randn, torch.randint, torch.normal)
+# torch random functions that take no tensor (allowlist.GRAPH_RANDOM_FACTORIES): called in forward,
+# they would run once at trace time and be frozen as constants. Recorded as graph nodes instead; the
+# owner draws them from your generator.
+_RANDOM_FACTORIES = tuple(allowlist.import_dotted(n) for n in sorted(allowlist.GRAPH_RANDOM_FACTORIES))
 
 
 _tracing = threading.local()

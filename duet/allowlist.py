@@ -247,6 +247,7 @@ NDARRAY_ATTRIBUTES.update(_entries("ndim dtype shape size".split()))
 
 MODULE_METHODS: Dict[str, Entry] = _entries("parameters buffers children modules state_dict".split(), ALIAS)
 MODULE_METHODS.update(_entries("train eval zero_grad requires_grad_ load_state_dict".split(), INPLACE))
+MODULE_METHODS.update(_entries("cpu to".split(), ALIAS))  # device boilerplate: the owner's CPU, the same module
 MODULE_METHODS["forward"] = MUTATES  # may update running statistics; see __call__
 MODULE_ATTRIBUTES: Dict[str, Entry] = _entries("weight bias training in_features out_features".split(), ALIAS)
 
@@ -276,6 +277,29 @@ MODULE_CALL = PLAIN
 # Keyword arguments the owner refuses everywhere: they write into, or move, memory
 # the scientist did not create through this call.
 FORBIDDEN_KWARGS: FrozenSet[str] = frozenset({"out", "device", "pin_memory", "memory_format", "generator"})
+
+
+# What to write instead of a name that is refused, where something close is allowed.
+ALTERNATIVES: Dict[str, str] = {
+    "Module.numpy": "a module has no values to convert; get its weights with .get() on the model pointer",
+    "Module.item": "a module has no values to convert; call it on an input first",
+    "Module.size": "iterate .parameters() and ask each for its size",
+    "Tensor.data_ptr": "memory addresses of the owner are never shown",
+    "Tensor.storage": "memory of the owner is never shown; use .clone() for a copy",
+    "Tensor.untyped_storage": "memory of the owner is never shown; use .clone() for a copy",
+    "Tensor.type": "use a cast such as .float(), .long() or .to(torch.float64)",
+    "Tensor.apply_": "pass no Python function; compose allowlisted torch operations instead",
+    "Tensor.map_": "pass no Python function; compose allowlisted torch operations instead",
+    "Tensor.register_hook": "hooks are Python functions, which never run on the owner",
+    "torch.save": "ask for the value with .get(), then save it on your side",
+    "torch.load": "publish data on the owner's side with owner.store.add(...)",
+}
+
+
+def alternative(kind: str, name: str) -> str:
+    """'; <what to do instead>' for a refused name, or '' when there is no close alternative."""
+    hint = ALTERNATIVES.get(f"{kind}.{name}" if kind else name)
+    return f"; {hint}" if hint else ""
 
 
 def import_dotted(name: str) -> Optional[Any]:

@@ -14,6 +14,13 @@ class NotAllowed(DuetError):
     """The operation is not on the owner's allowlist, or breaks a rule."""
 
 
+class NotAllowedHere(NotAllowed, AttributeError):
+    """A name refused at the call site: the receiver's kind is known and the name is not on its list.
+
+    Also an AttributeError, so `hasattr` and notebook completion treat it as a missing attribute.
+    """
+
+
 class RemoteError(DuetError):
     """An operation failed on the owner. Names the operation and exception type, never values."""
 

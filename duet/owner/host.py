@@ -387,6 +387,8 @@ class ScientistConnection:
                     self._fail(rid, exc, "upload")
         elif kind == "free":
             self._free_ids(msg.get("ids"))
+        elif kind == "reason":
+            self._amend_reason(msg)
         elif kind == "req":
             self._handle_request(msg)
         elif kind in ("model", "plan_def", "plan_run", "epoch", "batch"):
@@ -606,6 +608,13 @@ class ScientistConnection:
                 self.session.send({"t": "queued", "id": req_id, "request": req.id})
             except ConnectionLost:
                 pass
+
+    def _amend_reason(self, msg: Dict[str, Any]) -> None:
+        """A new reason for a release still waiting (asked again after a timed-out get); decided ones stay."""
+        rid, reason = msg.get("obj"), msg.get("reason")
+        req = self._releases.get(rid) if isinstance(rid, int) else None
+        if req is not None and req.pending and isinstance(reason, str) and reason:
+            self.owner.requests.amend_reason(req, clean(reason, newlines=True))
 
     def _drop_snapshot_if_done(self, req: Request) -> None:
         """A snapshot stops counting once it was sent, or the request was denied, expired or cancelled."""

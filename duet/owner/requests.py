@@ -202,6 +202,15 @@ class RequestQueue:
             req.value = None
         self._notify()
 
+    def amend_reason(self, req: Request, reason: str) -> None:
+        """The scientist asked again with a new reason while the request waits: show the new one."""
+        with self._lock:
+            if req.status != PENDING or req.reason == reason:
+                return
+            old, req.reason = req.reason, reason
+        self.audit.append("reason", request=req.id, before=old, after=reason, fingerprint=req.requester.fingerprint)
+        self._notify()
+
     def expire_due(self, now: Optional[float] = None) -> int:
         """Deny requests past their expiry; returns how many."""
         now = time.time() if now is None else now

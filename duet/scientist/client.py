@@ -13,12 +13,14 @@ import threading
 import weakref
 from typing import Any, Dict, Iterator, List, Optional
 
+import numpy as np
 import torch
 
 from .. import allowlist, identity as identity_mod, runtime, wire
 from ..errors import ConnectionLost, NotAllowed, PairingError, ProtocolError, RequestDenied
 from ..session import Session, error_from_wire
 from ..tables import STORE_HEADERS, html_table, store_rows, text_table
+from . import devices
 from .pointer import Pointer, RefErrors, refs_in
 from .requests import RequestHandle, RequestList
 
@@ -79,6 +81,27 @@ _TORCH_NAMES = _TorchNames()
 _PREFIXES = {".".join(n.split(".")[:i]) for n in allowlist.FUNCTIONS for i in range(1, n.count(".") + 1)}
 
 
+def _constructed_kind(name: str) -> Optional[str]:
+    """The receiver kind a constructor call makes (known without asking the owner), else None."""
+    if name in allowlist.NN_MODULES:
+        return "Module"
+    if name in allowlist.OPTIMIZERS:
+        return "Optimizer"
+    if name in allowlist.LR_SCHEDULERS:
+        return "LRScheduler"
+    return None
+
+
+# Answered on the scientist's side: the owner computes on its CPU only (see duet.scientist.devices).
+LOCAL_NAMES: Dict[str, Any] = {
+    "torch.cuda.is_available": lambda: False,
+    "torch.cuda.device_count": lambda: 0,
+    "torch.backends.mps.is_available": lambda: False,
+    "torch.device": torch.device,
+}
+_PREFIXES_LOCAL = {".".join(n.split(".")[:i]) for n in LOCAL_NAMES for i in range(1, n.count(".") + 1)}
+
+
 class RemoteNamespace:
     """`scientist.torch.nn.Linear(3, 4)` builds a Linear on the owner and returns a Pointer."""
 
@@ -90,9 +113,11 @@ class RemoteNamespace:
         if name.startswith("_"):
             raise AttributeError(name)
         path = f"{self._path}.{name}"
-        if path in allowlist.FUNCTIONS or path in _PREFIXES:
+        if path in LOCAL_NAMES:
+            return LOCAL_NAMES[path]
+        if path in allowlist.FUNCTIONS or path in _PREFIXES or path in _PREFIXES_LOCAL:
             return RemoteNamespace(self._client, path)
-        raise AttributeError(f"{path} is not on the owner's allowlist")
+        raise AttributeError(f"{path} is not on the owner's allowlist{allowlist.alternative('', path)}")
 
     def __call__(self, *args: Any, **kwargs: Any) -> Pointer:
         if self._path not in allowlist.FUNCTIONS:
@@ -123,10 +148,11 @@ class StoreView:
         client = self._client
         rid = client._new_rid()
         try:
-            client.session.call({"kind": "asset", "name": name, "rid": rid}, DEFAULT_TIMEOUT, f"pointing at {name!r}")
+            info = client.session.call({"kind": "asset", "name": name, "rid": rid}, DEFAULT_TIMEOUT, f"pointing at {name!r}")
         except NotAllowed as exc:
             raise KeyError(str(exc)) from None
-        return Pointer(client, rid, name)
+        kind = info.get("type") if isinstance(info, dict) and info.get("type") in ("Tensor", "ndarray") else None
+        return Pointer(client, rid, name, kind=kind)
 
     def keys(self) -> List[str]:
         return [a["name"] for a in self.listing()]
@@ -263,15 +289,18 @@ class Scientist:
     def _encode_args(self, obj: Any) -> Any:
         return refs_in(obj, self, _ARG_ERRORS)
 
-    def _call(self, kind: str, name: str, args: List[Any], kwargs: Dict[str, Any], want_result: bool = True) -> Any:
+    def _call(self, kind: str, name: str, args: List[Any], kwargs: Dict[str, Any], want_result: bool = True,
+              result_kind: Optional[str] = None, length: Optional[int] = None) -> Any:
         if kind == "func" and name not in allowlist.FUNCTIONS:
-            raise NotAllowed(f"{name} is not on the owner's allowlist")
+            raise NotAllowed(f"{name} is not on the owner's allowlist{allowlist.alternative('', name)}")
+        if "device" in kwargs:  # torch.zeros(3, device=device): the owner's CPU is the only device
+            _, kwargs = devices.without_cpu_device((), kwargs, name)
         bad = allowlist.FORBIDDEN_KWARGS.intersection(kwargs)
         if bad:
             raise NotAllowed(f"keyword argument {sorted(bad)[0]!r} is not allowed remotely")
         recorder = self._recorder
         if recorder is not None and recorder.thread == threading.get_ident():  # inside a duet.plan recording
-            return recorder._call(kind, name, args, kwargs, want_result)
+            return recorder._call(kind, name, args, kwargs, want_result, result_kind=result_kind, length=length)
         rid = self._new_rid() if want_result else None
         msg = {
             "t": "call",
@@ -284,7 +313,9 @@ class Scientist:
         self._send_with_frees(msg)
         if rid is None:
             return None
-        return Pointer(self, rid, _label(name if kind == "func" else name, list(args)))
+        if result_kind is None and kind == "func":
+            result_kind = _constructed_kind(name)
+        return Pointer(self, rid, _label(name, list(args)), kind=result_kind, length=length)
 
     def _torch_function(self, func: Any, args: Any, kwargs: Dict[str, Any]) -> Any:
         found = _TORCH_NAMES.lookup(func)
@@ -299,15 +330,18 @@ class Scientist:
         if isinstance(value, Pointer):
             raise TypeError("this is already a remote object")
         if isinstance(value, torch.nn.Module):
-            from .models import ModelPointer, describe
+            from .models import ModelPointer, copy_module, describe
 
+            template = copy_module(value)  # before anything is uploaded: a failure leaves nothing behind
             described = describe(value)  # refuses a module with an off-list call, naming it
             rid = self._new_rid()
             self._send_with_frees({"t": "model", "rid": rid, "graph": described.graph})
-            return ModelPointer(self, rid, f"model {type(value).__name__}", value, described.keymap)
+            return ModelPointer(self, rid, f"model {type(value).__name__}", template, described)
         rid = self._new_rid()
         self._send_with_frees({"t": "put", "rid": rid, "value": value})
-        return Pointer(self, rid, f"sent {type(value).__name__}")
+        kind = "Tensor" if isinstance(value, torch.Tensor) else "ndarray" if isinstance(value, np.ndarray) else None
+        length = len(value) if isinstance(value, (list, tuple)) else None
+        return Pointer(self, rid, f"sent {type(value).__name__}", kind=kind, length=length)
 
     def loader(
         self, name: str, batch_size: int = 64, shuffle: bool = False, drop_last: bool = False,
@@ -384,6 +418,18 @@ class Scientist:
             self._note_queued(handle, early)
         self.requests.append(handle)
         return handle
+
+    def _amend_request(self, ptr: Pointer, handle: RequestHandle, reason: str) -> None:
+        """A new reason for a release that is still waiting: the owner shows it on the same request.
+
+        One-way: if the owner decided meanwhile, the decision stands and arrives as usual.
+        """
+        if not isinstance(reason, str):
+            raise TypeError("reason must be a string")
+        self._send_with_frees({"t": "reason", "obj": ptr._rid, "reason": reason})
+        handle.reason = reason
+        if handle.on_change is not None:
+            handle.on_change(handle)
 
     @staticmethod
     def _note_queued(handle: RequestHandle, owner_request_id: int) -> None:

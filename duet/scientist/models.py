@@ -85,18 +85,39 @@ def _module_spec(mod: torch.nn.Module, path: str) -> Dict[str, Any]:
     if qual not in allowlist.NN_MODULES or not cls.__module__.startswith("torch.nn") or getattr(torch.nn, cls.__name__, None) is not cls:
         raise NotAllowed(f"model uses submodule {path!r} of type {cls.__module__}.{cls.__qualname__}, which is not on the allowlist")
     kwargs: Dict[str, Any] = {}
-    for pname, param in inspect.signature(cls.__init__).parameters.items():
-        if pname in ("self", "device", "dtype") or param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+    for pname, param in _constructor_parameters(cls).items():
+        if pname in ("self", "device", "dtype", "mode") or param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
             continue
         if pname == "bias" and hasattr(mod, "bias"):
-            kwargs["bias"] = getattr(mod, "bias") is not None
+            bias = getattr(mod, "bias")
+            kwargs["bias"] = bias if isinstance(bias, bool) else bias is not None  # RNNs keep a bool
             continue
         if not hasattr(mod, pname):
             continue
         value = getattr(mod, pname)
+        if pname == "proj_size" and cls is not torch.nn.LSTM:
+            continue  # RNNBase keeps it, but GRU and RNN refuse it even when 0
         if _plain(value):
             kwargs[pname] = value
     return {"cls": qual, "kwargs": kwargs}
+
+
+def _constructor_parameters(cls: type) -> Dict[str, inspect.Parameter]:
+    """The named parameters of the first constructor up the class's MRO that has some.
+
+    nn.LSTM, nn.GRU and nn.RNN take `*args, **kwargs` and pass them to RNNBase, whose
+    signature names them; `nonlinearity` is RNN's own.
+    """
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        params = dict(inspect.signature(init).parameters)
+        if any(p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for n, p in params.items() if n != "self"):
+            if cls is torch.nn.RNN:
+                params["nonlinearity"] = inspect.Parameter("nonlinearity", inspect.Parameter.KEYWORD_ONLY)
+            return params
+    return {}
 
 
 def _plain(value: Any, depth: int = 0) -> bool:
@@ -340,10 +361,27 @@ def _get_attr(gm: torch.nn.Module, target: str) -> torch.Tensor:
     return obj
 
 
+def copy_module(module: torch.nn.Module) -> torch.nn.Module:
+    """A deep copy of a module, sharing the Python modules it keeps a reference to (`self.torch = torch`)."""
+    import copy
+    import types
+
+    memo: Dict[int, Any] = {}
+    for sub in module.modules():
+        for value in vars(sub).values():
+            if isinstance(value, types.ModuleType):
+                memo[id(value)] = value
+    try:
+        return copy.deepcopy(module, memo)
+    except Exception as exc:
+        raise TypeError(
+            f"the model cannot be copied ({type(exc).__name__}: {exc}); Duet keeps a copy to give back your "
+            f"class with the trained weights. Remove attributes that cannot be copied (open files, locks, clients)"
+        ) from None
+
+
 def rebuild(template: torch.nn.Module, state: Dict[str, Any], keymap: Dict[str, str]) -> torch.nn.Module:
     """A copy of the scientist's own module with the weights the owner released."""
-    import copy
-
     if not isinstance(state, dict):
         raise NotAllowed("the owner released something that is not a model's weights")
     mine = {}
@@ -354,7 +392,7 @@ def rebuild(template: torch.nn.Module, state: Dict[str, Any], keymap: Dict[str, 
             raise NotAllowed(f"the released weights hold an unexpected entry {key!r}")
         if name in own_keys:
             mine[name] = value
-    model = copy.deepcopy(template)
+    model = copy_module(template)
     missing, unexpected = model.load_state_dict(mine, strict=False)
     if unexpected:
         raise NotAllowed(f"the released weights do not fit the model: {unexpected[:3]}")
@@ -369,16 +407,17 @@ class ModelPointer(Pointer):
 
     __slots__ = ("_template", "_keymap")
 
-    def __init__(self, client: Any, rid: int, label: str, template: torch.nn.Module, keymap: Dict[str, str]) -> None:
-        super().__init__(client, rid, label)
-        import copy
-
-        object.__setattr__(self, "_template", copy.deepcopy(template))
-        object.__setattr__(self, "_keymap", dict(keymap))
+    def __init__(self, client: Any, rid: int, label: str, template: torch.nn.Module, described: Described) -> None:
+        super().__init__(client, rid, label, kind="Module")
+        object.__setattr__(self, "_template", template)  # a copy: later changes to the local module do not count
+        object.__setattr__(self, "_keymap", dict(described.keymap))
 
     def request(self, reason: str = "") -> Any:
-        if self._handle is not None and not self._handle.delivered:
-            return self._handle
+        handle = self._handle
+        if handle is not None and not handle.delivered and handle.status != "failed":
+            if reason and reason != handle.reason and handle.status == "pending":
+                self._client._amend_request(self, handle, reason)
+            return handle
         self._handle = self._client._request_release(self, reason, decode=self._decode)
         return self._handle
 

@@ -65,7 +65,8 @@ class _Recorder:
         return Pointer(self, next(self._ids), label)
 
     # what Pointer calls on its client ------------------------------------------------
-    def _call(self, kind: str, name: str, args: List[Any], kwargs: Dict[str, Any], want_result: bool = True) -> Any:
+    def _call(self, kind: str, name: str, args: List[Any], kwargs: Dict[str, Any], want_result: bool = True,
+              result_kind: Optional[str] = None, length: Optional[int] = None) -> Any:
         if kind == "func" and name not in allowlist.FUNCTIONS:
             raise NotAllowed(f"{name} is not on the owner's allowlist")
         bad = allowlist.FORBIDDEN_KWARGS.intersection(kwargs)
@@ -80,7 +81,7 @@ class _Recorder:
         self.labels.append(name if kind == "func" else ("forward" if kind == "call" else f".{name}"))
         if rid is None:
             return None
-        return Pointer(self, rid, f"plan value {name}")
+        return Pointer(self, rid, f"plan value {name}", kind=result_kind, length=length)
 
     def _torch_function(self, func: Any, args: Any, kwargs: Dict[str, Any]) -> Any:
         from .client import _TORCH_NAMES

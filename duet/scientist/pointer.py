@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Dict, Optional
 
 from .. import allowlist
-from ..errors import NotAllowed
+from ..errors import NotAllowed, NotAllowedHere
+from . import devices
 from ..wire import Ref
 
 if TYPE_CHECKING:
@@ -35,13 +36,18 @@ def _refuse(what: str) -> TypeError:
 class Pointer:
     """A reference to an object on the owner."""
 
-    __slots__ = ("_client", "_rid", "_label", "_handle", "__weakref__")
+    __slots__ = ("_client", "_rid", "_label", "_handle", "_kind", "_length", "__weakref__")
 
-    def __init__(self, client: "Scientist", rid: int, label: str) -> None:
+    def __init__(self, client: "Scientist", rid: int, label: str, kind: Optional[str] = None,
+                 length: Optional[int] = None) -> None:
         self._client = client
         self._rid = rid
         self._label = label
         self._handle: Optional["RequestHandle"] = None
+        # What is known here without asking the owner: the receiver kind of the allowlist
+        # ("Tensor", "Module", ...) and, for a tuple or list result, its length.
+        self._kind = kind
+        self._length = length
 
     # -- identity -----------------------------------------------------------------
     @property
@@ -63,8 +69,12 @@ class Pointer:
     # -- values leave only through requests ----------------------------------------
     def request(self, reason: str = "") -> "RequestHandle":
         """Ask the owner to release this value; returns at once with a handle."""
-        if self._handle is not None and not self._handle.delivered and self._handle.status != "failed":
-            return self._handle  # e.g. a get() that timed out: wait for the same request
+        handle = self._handle
+        if handle is not None and not handle.delivered and handle.status != "failed":
+            # e.g. a get() that timed out: wait for the same request, with the new reason if one is given
+            if reason and reason != handle.reason and handle.status == "pending":
+                self._client._amend_request(self, handle, reason)
+            return handle
         self._handle = self._client._request_release(self, reason)
         self._handle.progress_source = getattr(self._client.session, "transport", None)
         return self._handle
@@ -121,6 +131,15 @@ class Pointer:
     def __getattr__(self, name: str) -> Any:
         if name.startswith("_"):
             raise AttributeError(name)
+        if name in devices.REFUSED_METHODS:
+            raise NotAllowedHere(devices.REFUSED_METHODS[name])
+        kind = self._kind
+        if kind is not None:  # refuse at the call site, as the owner would (it checks again)
+            if name in allowlist.METHODS.get(kind, {}):
+                return _RemoteMethod(self, name)
+            if name in allowlist.ATTRIBUTES.get(kind, {}) and name not in _META:
+                return self._client._call("attr", name, [self], {})
+            raise NotAllowedHere(f"{kind}.{name} is not on the owner's allowlist{allowlist.alternative(kind, name)}")
         if name in _METHODS:  # (a name that is both, like `size`, is the tensor method)
             return _RemoteMethod(self, name)
         if name in _ATTRIBUTES and name not in _META:
@@ -189,7 +208,13 @@ class _RemoteMethod:
         self._name = name
 
     def __call__(self, *args: Any, **kwargs: Any) -> Pointer:
-        return self._ptr._client._call("method", self._name, [self._ptr, *args], kwargs)
+        name = self._name
+        if name == "to":
+            args, kwargs = devices.without_cpu_device(tuple(args), dict(kwargs), "to")
+            if not args and not kwargs:
+                name = "cpu"  # .to("cpu"): what is left is a no-op the owner knows as cpu()
+        kind = self._ptr._kind if name in ("cpu", "to") else None  # still the same kind of value
+        return self._ptr._client._call("method", name, [self._ptr, *args], kwargs, result_kind=kind)
 
     def __repr__(self) -> str:
         return f"<remote method {self._name} of {self._ptr!r}>"

@@ -266,6 +266,16 @@ METHODS: Dict[str, Dict[str, Entry]] = {
     "LRScheduler": SCHEDULER_METHODS,
     "sequence": SEQUENCE_METHODS,
 }
+
+# pandas (optional): methods of a published DataFrame, its columns and its groupbys. Each takes
+# only plain arguments from its own list of keywords (duet.owner.frames); nothing changes in place.
+_PANDAS_REDUCTIONS = "count mean median min max std var sum nunique".split()
+PANDAS_METHODS: Dict[str, Dict[str, Entry]] = {
+    "DataFrame": _entries(_PANDAS_REDUCTIONS + "describe quantile groupby to_numpy".split()),
+    "Series": _entries(_PANDAS_REDUCTIONS + "describe quantile value_counts to_numpy".split()),
+    "GroupBy": _entries(_PANDAS_REDUCTIONS + "agg aggregate size prod sem".split()),
+}
+METHODS.update(PANDAS_METHODS)
 ATTRIBUTES: Dict[str, Dict[str, Entry]] = {
     "Tensor": TENSOR_ATTRIBUTES,
     "ndarray": NDARRAY_ATTRIBUTES,

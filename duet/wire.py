@@ -26,6 +26,7 @@ torch.dtype        8     dtype name, e.g. "float32"
 torch.Size         9     [int64, ...] (at most max_ndim entries)
 numpy.dtype        10    dtype name
 Ref                11    object id, 0 .. 2**63-1
+pandas frame       12    array [ext 12 (empty marker), kind, ...]: see duet.wire_frames
 =================  ====  ===================================================
 
 dtype names: bool uint8 int8 int16 int32 int64 float16 float32 float64
@@ -58,6 +59,7 @@ import msgpack
 import numpy as np
 import torch
 
+from duet import wire_frames
 from duet.errors import ProtocolError
 
 __all__ = ["Ref", "Limits", "DEFAULT_LIMITS", "encode", "decode"]
@@ -103,6 +105,7 @@ EXT_TORCH_DTYPE = 8
 EXT_TORCH_SIZE = 9
 EXT_NP_DTYPE = 10
 EXT_REF = 11
+EXT_FRAME = 12  # empty marker, first element of the array that holds a DataFrame or Series
 
 _I64_MIN = -(2**63)
 _I64_MAX = 2**63 - 1
@@ -135,6 +138,7 @@ _EXT_LEAVES = frozenset(
 _DECODED = _PLAIN | _CONTAINERS | _EXT_LEAVES
 
 _TUPLE_MARK_BYTES = b"\xc7\x00\x01"  # ext8, length 0, type 1
+_FRAME_MARK_BYTES = b"\xc7\x00\x0c"  # ext8, length 0, type 12
 
 
 class _TupleMark:
@@ -144,6 +148,15 @@ class _TupleMark:
 
 
 _TUPLE_MARK = _TupleMark()
+
+
+class _FrameMark:
+    """What the frame marker decodes to; list_hook turns [mark, *items] into a DataFrame or Series."""
+
+    __slots__ = ()
+
+
+_FRAME_MARK = _FrameMark()
 
 _FIXEXT = {1: 0xD4, 2: 0xD5, 4: 0xD6, 8: 0xD7, 16: 0xD8}
 
@@ -265,7 +278,7 @@ def _raw_bytes(arr: np.ndarray) -> memoryview:
 class _Encoder:
     """One encode call: appends bytes chunks to lists, checks limits as it goes."""
 
-    __slots__ = ("limits", "pack", "items", "keep")
+    __slots__ = ("limits", "pack", "items", "keep", "frames")
 
     def __init__(self, limits: Limits) -> None:
         self.limits = limits
@@ -276,6 +289,7 @@ class _Encoder:
             use_bin_type=True, strict_types=True, autoreset=True, datetime=False
         ).pack
         self.items = 0
+        self.frames = 0
 
     def check_str(self, s: str) -> None:
         limit = self.limits.max_str_bytes
@@ -305,11 +319,32 @@ class _Encoder:
                     enc = _enc_np_scalar
                 elif isinstance(obj, np.dtype):
                     enc = _enc_np_dtype
+                elif wire_frames.is_frame_type(t):
+                    self.frame(obj, out, depth)
+                    return
                 else:
                     raise ProtocolError(f"cannot encode {_type_name(t)}")
             code, payload = enc(self, obj)
             out.append(_ext_header(code, sum(map(len, payload))))
             out.extend(payload)
+
+    def frame(self, obj: Any, out: list, depth: int) -> None:
+        """A DataFrame or Series: an array [frame marker, *items], counted like a tuple of its items."""
+        if depth + 1 > self.limits.max_depth:
+            raise ProtocolError(f"nesting deeper than max_depth={self.limits.max_depth}")
+        items = wire_frames.to_items(obj)
+        self.frames += len(items) - 3  # the frame and each column
+        if self.frames > wire_frames.MAX_COLUMNS:
+            raise ProtocolError(f"more than {wire_frames.MAX_COLUMNS} DataFrames, Series and columns in one message")
+        self.items += len(items)
+        if self.items > self.limits.max_items:
+            raise ProtocolError(f"more than max_items={self.limits.max_items} container elements")
+        if len(items) == 4 and len(obj) > self.limits.max_items:
+            raise ProtocolError("a DataFrame without columns may have at most max_items rows")
+        out.append(_array_header(len(items) + 1))
+        out.append(_FRAME_MARK_BYTES)
+        for v in items:
+            self.value(v, out, depth + 1)
 
     def container(self, obj: Any, t: type, out: list, depth: int) -> None:
         lim = self.limits
@@ -513,11 +548,12 @@ def encode(obj: object, *, limits: Limits = DEFAULT_LIMITS) -> bytes:
 class _Decoder:
     """One decode call: counts items across every (nested) msgpack pass."""
 
-    __slots__ = ("limits", "items")
+    __slots__ = ("limits", "items", "frames")
 
     def __init__(self, limits: Limits) -> None:
         self.limits = limits
         self.items = 0
+        self.frames = 0
 
     def count(self, container: Any) -> Any:
         # Runs as each array/map is finished, so memory stays near max_items objects
@@ -530,7 +566,17 @@ class _Decoder:
     def list_hook(self, items: list) -> Any:
         if items and items[0] is _TUPLE_MARK:
             return self.count(tuple(items[1:]))
+        if items and items[0] is _FRAME_MARK:
+            return self.frame(items[1:])
         return self.count(items)
+
+    def frame(self, items: list) -> Any:
+        """Counted like a tuple of its items; built only after every item was decoded and bounded."""
+        self.count(items)
+        self.frames += max(len(items) - 3, 1)  # the frame and each column
+        if self.frames > wire_frames.MAX_COLUMNS:
+            raise ProtocolError(f"more than {wire_frames.MAX_COLUMNS} DataFrames, Series and columns in one message")
+        return wire_frames.build(items, self.limits.max_items)
 
     def unpack(self, buf: Buffer) -> Any:
         n = len(buf)
@@ -552,6 +598,10 @@ class _Decoder:
         )
 
     def ext_hook(self, code: int, data: bytes) -> Any:
+        if code == EXT_FRAME:
+            if data:
+                raise ProtocolError("bad frame marker")
+            return _FRAME_MARK  # anywhere but first in an array, _validate refuses it
         if code == EXT_TUPLE:
             if data:
                 raise ProtocolError("bad tuple marker")
@@ -766,7 +816,7 @@ _EXT_DECODERS: dict[int, Callable[[bytes, Limits], Any]] = {
 def _validate(obj: Any, limits: Limits) -> None:
     """Check depth, key types and value types without recursion (inputs may be ~1000 deep)."""
     if type(obj) not in _CONTAINERS:
-        if type(obj) not in _DECODED:
+        if type(obj) not in _DECODED and not wire_frames.is_frame_type(type(obj)):
             raise ProtocolError(f"unexpected value of type {_type_name(type(obj))}")
         return
     max_depth = limits.max_depth
@@ -784,7 +834,7 @@ def _validate(obj: Any, limits: Limits) -> None:
         else:
             values = c
         vtypes = set(map(type, values))
-        if not vtypes <= _DECODED:
+        if not vtypes <= _DECODED and not all(map(wire_frames.is_frame_type, vtypes - _DECODED)):
             bad = sorted(_type_name(k) for k in vtypes - _DECODED)
             raise ProtocolError(f"unexpected value of type {', '.join(bad)}")
         if not vtypes.isdisjoint(_CONTAINERS):

@@ -46,6 +46,7 @@ from ..allowlist import Entry
 from ..errors import LimitExceeded, NotAllowed, RemoteError, UnknownObject
 from ..wire import Ref
 from . import bounds, shapes
+from . import frames  # pandas, optional: a no-op unless pandas is loaded
 from .effects import Observer, active, reads_watched
 from .footprint import Footprint, arrays_in, footprint, grad_of, ranges_overlap, structure, tensor_range, tensors_in
 from .objects import ObjectTable, RemoteObject
@@ -94,7 +95,7 @@ def receiver_kind(value: Any) -> str:
         return "LRScheduler"
     if isinstance(value, (list, tuple)):
         return "sequence"
-    return type(value).__name__
+    return frames.kind(value) or type(value).__name__
 
 
 def type_name(value: Any) -> str:
@@ -159,6 +160,8 @@ def make_safe(value: Any, op: str, depth: int = 0) -> Any:
                 raise NotAllowed(f"{op} returned a dict with {type(k).__name__} keys")
             out[k] = make_safe(v, op, depth + 1)
         return out
+    if frames.kind(value) is not None:
+        return frames.make_safe(value, op)  # a deep copy of a frame that can travel
     raise NotAllowed(f"{op} returned a {type(value).__name__}, which is not a safe result type")
 
 
@@ -236,6 +239,8 @@ def _callable(kind: str, name: str, target: Any, rng: ActionRandomness) -> Calla
     if kind == "method":
         if isinstance(target, torch.Tensor) and name == "resize_as_":
             return lambda other: _resize_as_zeroed(target, other)
+        if frames.kind(target) is not None:
+            return frames.method(target, name)
         return getattr(target, ZEROED_METHODS.get(name, name)) if isinstance(target, torch.Tensor) else getattr(target, name)
     if kind == "attr":
         if name == "grad" and isinstance(target, torch.Tensor):
@@ -353,7 +358,7 @@ def flow_of(table: ObjectTable, input_ids: List[int], kind: str, name: str, targ
 def _is_data(value: Any) -> bool:
     """Tensors, arrays and models: their contents are computed on, not used as sizes or keys."""
     return isinstance(value, (torch.Tensor, np.ndarray, torch.nn.Module, torch.optim.Optimizer,
-                              torch.optim.lr_scheduler.LRScheduler))
+                              torch.optim.lr_scheduler.LRScheduler)) or frames.kind(value) is not None
 
 
 # -- watching effects ------------------------------------------------------------------
@@ -558,6 +563,7 @@ class Executor:
         target = values[0] if kind in ("method", "attr", "call") else None
         try:
             entry, label = lookup(kind, name, target)
+            frames.check_call(kind, name, args, kwargs, values, kw)  # pandas: plain arguments, each on its list
         except NotAllowed:
             if target is not None and self.table.get(args[0].id).meta:  # the refusal would name a private type
                 raise NotAllowed(f"{name} is not allowed on this value, whose type depends on private data") from None
@@ -706,6 +712,9 @@ class Executor:
         The outcome depends only on the arguments' metadata, so it is kept per signature:
         a training loop pays for one shadow run per distinct shape.
         """
+        found = frames.predict(kind, name, target, call_args, kw, shapes.UNAVAILABLE)
+        if found is not None:  # pandas: predicted on a frame of zeros, for value-independent operations only
+            return found if found is shapes.UNAVAILABLE else _Prediction(found, False)
         if kind == "func" and (name.startswith("numpy.") or name in allowlist.NN_MODULES or name in allowlist.OPTIMIZERS
                                or name in allowlist.LR_SCHEDULERS):
             return shapes.UNAVAILABLE

@@ -26,6 +26,7 @@ from ..session import Session, error_to_wire
 from ..tables import html_table, text_table
 from ..text import clean
 from .audit import AuditLog
+from . import frames
 from .executor import Executor, type_name
 from .objects import Budget, Limits, ObjectTable, RemoteObject
 from .requests import ACCEPTED, Request, RequestQueue, Requester
@@ -82,6 +83,8 @@ def snapshot(value: Any, depth: int = 0) -> Any:
         return tuple(items) if isinstance(value, tuple) else items
     if isinstance(value, dict):
         return {k: snapshot(v, depth + 1) for k, v in value.items()}
+    if frames.kind(value) is not None:
+        return frames.snapshot(value)  # a deep copy of a DataFrame or Series
     return value
 
 
@@ -93,6 +96,8 @@ def size_of(value: Any) -> tuple:
     dict's keys count as well as its values, an empty container or tensor still counts
     (its shape or length is information) and integers are at most 64 bits on the wire.
     """
+    if frames.kind(value) is not None:
+        return frames.size_of(value)  # every value, index entry and name of a DataFrame or Series
     if isinstance(value, (torch.Tensor, np.ndarray)):
         numel = int(value.numel() if isinstance(value, torch.Tensor) else value.size)
         nbytes = int(value.element_size() * numel if isinstance(value, torch.Tensor) else value.nbytes)
@@ -526,6 +531,8 @@ class ScientistConnection:
             value = value.detach().clone()
         elif isinstance(value, np.ndarray):
             value = value.copy()
+        elif frames.kind(value) is not None:
+            value = frames.copy(value)
         else:
             raise NotAllowed(f"asset {name!r} is a dataset; iterate it with scientist.loader({name!r})")
         self.objects.put(rid, value, lineage={name}, ops=[name])

@@ -24,6 +24,7 @@ from typing import Any, Callable, Dict, Iterator, Optional
 import numpy as np
 import torch
 
+from . import frames
 from .footprint import MAX_DEPTH, grad_of
 
 UNAVAILABLE = object()  # the shadow run could not be made or failed
@@ -148,6 +149,8 @@ def describe(value: Any, depth: int = 0) -> Any:
         return ("nan",)
     if value is None or isinstance(value, (bool, int, float, complex, str, torch.dtype)):
         return (type(value).__name__, value)
+    if frames.kind(value) is not None:
+        return frames.describe(value)  # kind, shape, names, dtypes: never values
     return ("?", type(value).__name__)
 
 
@@ -207,4 +210,4 @@ def holds_data(value: Any, depth: int = 0) -> bool:
         return any(holds_data(v, depth + 1) for v in value)
     if isinstance(value, dict):
         return any(holds_data(v, depth + 1) for v in value.values())
-    return False
+    return frames.kind(value) is not None  # a DataFrame, Series or groupby holds values

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from ..tables import STORE_HEADERS, html_table, store_rows, text_table
+from . import frames
 
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,63}$")
 
@@ -50,6 +51,7 @@ class Asset:
             "type": self.type_name,
             "shape": list(self.shape) if self.shape is not None else None,
             "dtype": self.dtype,
+            **frames.listing(self.value),  # a frame's column names and dtypes
         }
 
 
@@ -70,7 +72,9 @@ class AssetStore:
             raise ValueError(
                 f"asset name {name!r} is not valid: use 1-64 letters, digits, '_', '-' or '.', starting with a letter, digit or '_'"
             )
-        if not isinstance(value, SUPPORTED) and not _is_dataset(value):
+        if frames.kind(value) is not None:
+            frames.check_publishable(value)  # a DataFrame or Series of bool/numeric columns; TypeError otherwise
+        elif not isinstance(value, SUPPORTED) and not _is_dataset(value):
             raise TypeError(
                 f"cannot publish a {type(value).__name__}: publish a torch.Tensor, a numpy.ndarray or a dataset"
             )

@@ -150,3 +150,109 @@ def test_device_boilerplate_runs_on_the_owners_cpu(pair):
         x.to("cuda:0")
     with pytest.raises(NotAllowed, match="CPU only"):
         th.zeros(2, device="cuda")
+
+
+# -- a VAE: tuple outputs, random ops in forward, a custom decode ----------------------------
+class VAE(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(8, 6)
+        self.mu = nn.Linear(6, 2)
+        self.logvar = nn.Linear(6, 2)
+        self.fc3 = nn.Linear(2, 8)
+
+    def encode(self, x):
+        h = torch.relu(self.fc1(x))
+        return self.mu(h), self.logvar(h)
+
+    def reparameterize(self, mu, logvar):
+        return mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
+
+    def decode(self, z):
+        return torch.sigmoid(self.fc3(z))
+
+    def forward(self, x):
+        mu, logvar = self.encode(x)
+        return self.decode(self.reparameterize(mu, logvar)), mu, logvar
+
+    def save_to(self, path):  # not traceable with a traced path: unavailable remotely, and says why
+        with open(path, "wb") as f:
+            torch.save(self.state_dict(), f)
+
+
+def test_vae_outputs_unpack_and_custom_methods_run_remotely(pair):
+    _, scientist = pair
+    torch.manual_seed(0)
+    local = VAE()
+    vae = scientist.send(local)
+    x = torch.rand(4, 8)
+    recon, mu, logvar = vae(scientist.send(x))  # known from the graph: no round trip
+    lmu, llogvar = local.encode(x)
+    assert torch.allclose(mu.get(timeout=T), lmu, atol=1e-6)
+    assert torch.allclose(logvar.get(timeout=T), llogvar, atol=1e-6)
+    assert recon.get(timeout=T).shape == (4, 8)
+    rmu, rlogvar = vae.encode(scientist.send(x))
+    assert torch.allclose(rmu.get(timeout=T), lmu, atol=1e-6)
+    z = torch.randn(3, 2)
+    assert torch.allclose(vae.decode(scientist.send(z)).get(timeout=T), local.decode(z), atol=1e-6)
+    assert "decode" in dir(vae)
+    with pytest.raises(NotAllowed, match="save_to of the sent model cannot run remotely"):
+        vae.save_to
+    # training through a custom method moves the shared layers
+    opt = scientist.torch.optim.SGD(vae.parameters(), lr=0.5)
+    vae.decode(scientist.send(z)).sum().backward()
+    opt.step()
+    back = vae.get(timeout=T)
+    assert not torch.equal(back.fc3.weight, local.fc3.weight)
+    assert torch.equal(back.fc1.weight, local.fc1.weight)  # decode does not use fc1
+
+
+def test_send_with_named_methods_fails_loudly_for_one_that_cannot_be_traced(pair):
+    _, scientist = pair
+    with pytest.raises(NotAllowed, match="method save_to"):
+        scientist.send(VAE(), methods=["decode", "save_to"])
+    with pytest.raises(ValueError, match="no public method 'nope'"):
+        scientist.send(VAE(), methods=["nope"])
+    vae = scientist.send(VAE(), methods=["decode"])
+    with pytest.raises(NotAllowed, match=r"Module\.encode is not on the owner's allowlist"):
+        vae.encode
+
+
+def test_owner_refuses_a_method_that_was_not_sent(pair):
+    _, scientist = pair
+    vae = scientist.send(VAE(), methods=["decode"])
+    sneaky = scientist._call("call", "encode", [vae, scientist.send(torch.rand(1, 8))], {})
+    with pytest.raises(NotAllowed, match="not a method sent with this model"):
+        sneaky.get(timeout=T)
+    bad = scientist._call("call", "__init__", [vae], {})
+    with pytest.raises(NotAllowed, match="not a method sent"):
+        bad.get(timeout=T)
+
+
+def test_unpacking_results_whose_structure_is_public(pair):
+    _, scientist = pair
+    ages = scientist.store["ages"]
+    values, indices = ages.reshape(2, 2).max(dim=1)
+    low, high = ages.chunk(2)
+    first, *rest = ages.split(1)
+    assert len(rest) == 3
+    rows = list(ages.reshape(2, 2))
+    assert len(rows) == 2
+    assert values.private and indices.private and low.private  # unpacked, still private
+    with pytest.raises(NotAllowed, match="depends on private values"):
+        list(ages[ages > 40])  # how many items there are is private
+
+
+def test_unpacking_a_private_structure_looks_the_same_for_any_data(tmp_path):
+    from tests.test_noninterference_cases import differential
+
+    def prog(s):
+        x = s.store["x"]
+
+        def unpack():
+            a, b = x[x > 50].split(1)
+            return a
+
+        return {"split": lambda: list(x.chunk(3)), "masked": unpack, "n": lambda: len(list(x.unbind()))}
+
+    differential(prog, tmp_path)

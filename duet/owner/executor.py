@@ -226,7 +226,9 @@ def lookup(kind: str, name: str, target: Any) -> Tuple[Entry, str]:
     if kind == "call":
         if rkind != "Module":
             raise NotAllowed(f"a {type_name(target)} cannot be called")
-        return allowlist.MODULE_CALL, f"{type(target).__name__}.forward"
+        if name != "forward" and name not in model_methods(target):
+            raise NotAllowed(f"{type(target).__name__}.{str(name)[:64]} is not a method sent with this model")
+        return allowlist.MODULE_CALL, f"{type(target).__name__}.{name}"
     raise NotAllowed(f"unknown action kind {kind!r}")
 
 
@@ -246,7 +248,13 @@ def _callable(kind: str, name: str, target: Any, rng: ActionRandomness) -> Calla
         if name == "grad" and isinstance(target, torch.Tensor):
             return lambda: grad_of(target)  # None for a non-leaf that keeps none, without torch's warning
         return lambda: getattr(target, name)
-    return target  # "call": the module itself
+    return target if name == "forward" else model_methods(target)[name]  # "call": the module, or a method's graph
+
+
+def model_methods(module: Any) -> Dict[str, Any]:
+    """The other methods of a model the scientist sent (`decode`), by name; none for other modules."""
+    methods = getattr(module, "__dict__", {}).get("duet_methods") if getattr(type(module), "__duet_graph_module__", False) else None
+    return methods if isinstance(methods, dict) else {}
 
 
 class _LazyNumpyRandom:
@@ -520,7 +528,7 @@ class Executor:
         """
         if target_id is None or target_id not in self.table or not self.table.get(target_id).meta:
             return label
-        return "forward" if kind == "call" else f"(private type).{name}"
+        return name if kind == "call" else f"(private type).{name}"
 
     def inputs_of(self, args: Any, kwargs: Any) -> List[int]:
         refs: List[int] = []
@@ -733,7 +741,7 @@ class Executor:
         if cached is None:
             meter = bounds.SizeMeter()
             if kind == "call":
-                predicted = shapes.shadow(target, call_args, kw, meter=meter)
+                predicted = shapes.shadow(fn, call_args, kw, meter=meter)
             elif kind == "method":
                 predicted = shapes.shadow(None, [target] + list(call_args), kw, target_method=ZEROED_METHODS.get(name, name),
                                           meter=meter)

@@ -117,6 +117,14 @@ def size_of(value: Any) -> tuple:
     return max(sum(p[0] for p in parts), 1), sum(p[1] for p in parts)
 
 
+def _length(value: Any) -> Optional[int]:
+    if isinstance(value, (list, tuple)):
+        return len(value)
+    if isinstance(value, (torch.Tensor, np.ndarray)) and value.ndim > 0:
+        return int(value.shape[0])
+    return None
+
+
 class _EarlierFailure(Exception):
     """The object asked about was never created; carries the original error, as sent then."""
 
@@ -555,6 +563,8 @@ class ScientistConnection:
             "ops": list(obj.group.ops.labels()) if public else None,
             "requires_grad": bool(getattr(value, "requires_grad", False)) if public else None,
             "metadata_private": not public,
+            # How many values iterating gives (tuple and list items, a tensor's rows): as public as the shape.
+            "length": _length(value) if public else None,
         }
 
     def _release(self, req_id: int, msg: Dict[str, Any]) -> None:

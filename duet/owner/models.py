@@ -45,6 +45,7 @@ from .executor import resolve
 FORMAT = "duet.fx/1"
 MAX_NODES = 20_000
 MAX_MODULES = 2_000
+MAX_METHODS = 32
 MAX_STR = 256
 _CONTAINERS = {"torch.nn.Sequential", "torch.nn.ModuleList"}
 
@@ -54,6 +55,20 @@ _GRAPH_FUNCTIONS = allowlist.GRAPH_FUNCTIONS
 
 class DuetModel(torch.fx.GraphModule):
     """A scientist's model as rebuilt by the owner from validated nodes."""
+
+    __duet_graph_module__ = True
+    duet_methods: Dict[str, torch.fx.GraphModule] = {}
+
+    def train(self, mode: bool = True) -> "DuetModel":
+        """Train/eval mode for the methods too (they share the layers, but have their own flag)."""
+        super().train(mode)
+        for method in self.__dict__.get("duet_methods", {}).values():
+            method.train(mode)
+        return self
+
+
+class DuetMethod(torch.fx.GraphModule):
+    """Another method of a scientist's model (`decode`), rebuilt on the same layers as its forward."""
 
     __duet_graph_module__ = True
 
@@ -168,7 +183,26 @@ def build_model(desc: Any) -> DuetModel:
         if t.is_meta:
             raise NotAllowed(f"model layer state {name} was not sent")
     attr_keys = set(expected)
+    forward = _build_graph(nodes, modules, attr_keys)
+    methods = desc.get("methods", {})
+    if not isinstance(methods, dict) or len(methods) > MAX_METHODS:
+        raise NotAllowed("the model's methods are malformed or too many")
+    if sum(len(m) for m in methods.values() if isinstance(m, list)) + len(nodes) > MAX_NODES:
+        raise NotAllowed("the model is too large (too many nodes)")
+    built: Dict[str, torch.fx.GraphModule] = {}
+    for name, method_nodes in methods.items():
+        if (not isinstance(name, str) or not name.isidentifier() or keyword.iskeyword(name) or name.startswith("_")
+                or len(name) > 64 or name == "forward" or not isinstance(method_nodes, list)):
+            raise NotAllowed("a model method has a name that is not allowed")
+        built[name] = DuetMethod(root, _build_graph(method_nodes, modules, attr_keys), class_name="DuetMethod")
+    model = DuetModel(root, forward, class_name="DuetModel")
+    model.duet_methods = built  # a plain dict: the methods share the model's layers, not its state_dict
+    model.train(bool(desc.get("training", True)))
+    return model
 
+
+def _build_graph(nodes: List[Any], modules: List[Any], attr_keys: set) -> torch.fx.Graph:
+    """One graph from validated nodes (forward, or another method of the model)."""
     graph = torch.fx.Graph()
     env: List[Any] = []
     n_inputs = 0
@@ -230,6 +264,4 @@ def build_model(desc: Any) -> DuetModel:
         graph.lint()
     except Exception as exc:
         raise NotAllowed(f"model graph is inconsistent ({type(exc).__name__})") from None
-    model = DuetModel(root, graph, class_name="DuetModel")
-    model.train(bool(desc.get("training", True)))
-    return model
+    return graph

@@ -88,7 +88,7 @@ def validate(msg: Dict[str, Any]) -> Plan:
                 raise NotAllowed(f"plan action #{i} has a bad result id")
             defined.add(rid)
         clean.append({"rid": rid, "kind": kind, "name": name, "args": args, "kwargs": kwargs})
-        ops.append(name if kind == "func" else ("forward" if kind == "call" else f".{name}"))
+        ops.append(name if kind == "func" else (name if kind == "call" else f".{name}"))
     for o in outputs:
         if type(o) is not int or o not in defined:
             raise NotAllowed("a plan output is not computed by the plan")

@@ -113,7 +113,7 @@ class TrainingHandlers:
 
             def on_action(act: Dict[str, Any]) -> None:
                 kind, name = act["kind"], act["name"]
-                what = name if kind == "func" else ("forward" if kind == "call" else f".{name}")
+                what = name if kind == "func" else (name if kind == "call" else f".{name}")
                 current["label"] = f"{plan.name}: {what}"
 
             try:

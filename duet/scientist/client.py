@@ -325,15 +325,21 @@ class Scientist:
         kind, name = found
         return self._call(kind, name, list(args), kwargs)
 
-    def send(self, value: Any) -> Pointer:
-        """Upload your own tensor, array or numbers; its pointer needs no approval to read back."""
+    def send(self, value: Any, methods: Optional[List[str]] = None) -> Pointer:
+        """Upload your own tensor, array, numbers or model; its pointer needs no approval to read back.
+
+        A model travels as graphs of its forward and of the other public methods its class defines
+        (`methods=` names exactly which, and fails if one cannot be traced).
+        """
         if isinstance(value, Pointer):
             raise TypeError("this is already a remote object")
+        if methods is not None and not isinstance(value, torch.nn.Module):
+            raise TypeError("methods= is for models")
         if isinstance(value, torch.nn.Module):
             from .models import ModelPointer, copy_module, describe
 
             template = copy_module(value)  # before anything is uploaded: a failure leaves nothing behind
-            described = describe(value)  # refuses a module with an off-list call, naming it
+            described = describe(value, methods)  # refuses a module with an off-list call, naming it
             rid = self._new_rid()
             self._send_with_frees({"t": "model", "rid": rid, "graph": described.graph})
             return ModelPointer(self, rid, f"model {type(value).__name__}", template, described)

@@ -25,7 +25,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from .. import allowlist
-from ..errors import NotAllowed
+from ..errors import NotAllowed, NotAllowedHere
 
 FORMAT = "duet.fx/1"
 MAX_STR = 256
@@ -135,23 +135,25 @@ def _plain(value: Any, depth: int = 0) -> bool:
 class Described:
     """What crosses the wire for a model, and what the scientist keeps to map the weights back."""
 
-    def __init__(self, graph: Dict[str, Any], keymap: Dict[str, str]) -> None:
+    def __init__(self, graph: Dict[str, Any], keymap: Dict[str, str], outputs: Optional[Dict[str, Optional[int]]] = None,
+                 unavailable: Optional[Dict[str, str]] = None) -> None:
         self.graph = graph
         self.keymap = keymap  # owner's state_dict key -> the scientist's key
+        self.outputs = outputs or {}  # method -> length of its tuple/list output (None: a single value)
+        self.unavailable = unavailable or {}  # method -> why it could not be traced
 
 
-def describe(module: torch.nn.Module) -> Described:
-    """Trace a module into a graph of allowlisted operations plus weights; refuse off-list calls."""
+def describe(module: torch.nn.Module, methods: Optional[List[str]] = None) -> Described:
+    """Trace a module into graphs of allowlisted operations plus weights; refuse off-list calls.
+
+    `forward` always; other public methods of the model's own class too (`vae.decode(z)`), traced on
+    a copy so tracing cannot change the module. With `methods`, exactly those, and a method that
+    cannot be traced is an error; without, such a method is only unavailable remotely (it says why).
+    """
     if not isinstance(module, torch.nn.Module):
         raise TypeError("describe() takes an nn.Module")
-    gm = _trace(module)
-    again = _trace(module)
-    if gm.code != again.code or not _same_constants(gm, again):
-        raise NotAllowed(
-            "the model's forward computes a value on your side that changes from call to call (Python's "
-            "random, numpy.random, the time, ...); it would be frozen into the graph as a constant. "
-            "Use torch random functions (torch.randn, torch.randn_like, dropout): they stay random on the owner"
-        )
+    methods_wanted = methods
+    gm = _traced_twice(module)
     funcs = _function_names()
     modules: List[Dict[str, Any]] = []
     module_index: Dict[str, int] = {}
@@ -159,85 +161,105 @@ def describe(module: torch.nn.Module) -> Described:
     attr_names: Dict[str, str] = {}
     state: Dict[str, torch.Tensor] = {}
     keymap: Dict[str, str] = {}
-    nodes: List[List[Any]] = []
-    index: Dict[Any, int] = {}
+    def convert(gm: torch.fx.GraphModule) -> List[List[Any]]:
+        """One traced graph as node lists; submodules, attributes and weights go to the shared tables."""
+        nodes: List[List[Any]] = []
+        index: Dict[Any, int] = {}
 
-    def arg(value: Any, depth: int = 0) -> Any:
-        if depth > 16:
-            raise NotAllowed("model graph arguments are nested too deeply")
-        if isinstance(value, torch.fx.Node):
-            return {"$node": index[value]}
-        if isinstance(value, tuple):
-            return tuple(arg(v, depth + 1) for v in value)
-        if isinstance(value, list):
-            return [arg(v, depth + 1) for v in value]
-        if isinstance(value, dict):
-            raise NotAllowed("model graph arguments may not hold dicts")
-        if value is None or isinstance(value, (bool, int, float, complex, torch.dtype, slice, type(Ellipsis))):
-            if isinstance(value, slice):
-                return slice(arg(value.start, depth + 1), arg(value.stop, depth + 1), arg(value.step, depth + 1))
-            return value
-        if isinstance(value, str):
-            if len(value) > MAX_STR:
-                raise NotAllowed("model graph holds a string constant that is too long")
-            return value
-        if isinstance(value, torch.Size):
-            return tuple(int(v) for v in value)
-        if isinstance(value, torch.device):
-            raise NotAllowed("model graph refers to a device; models run on the owner's CPU")
-        raise NotAllowed(f"model graph holds a constant of type {type(value).__name__}, which cannot be sent")
+        def arg(value: Any, depth: int = 0) -> Any:
+            if depth > 16:
+                raise NotAllowed("model graph arguments are nested too deeply")
+            if isinstance(value, torch.fx.Node):
+                return {"$node": index[value]}
+            if isinstance(value, tuple):
+                return tuple(arg(v, depth + 1) for v in value)
+            if isinstance(value, list):
+                return [arg(v, depth + 1) for v in value]
+            if isinstance(value, dict):
+                raise NotAllowed("model graph arguments may not hold dicts")
+            if value is None or isinstance(value, (bool, int, float, complex, torch.dtype, slice, type(Ellipsis))):
+                if isinstance(value, slice):
+                    return slice(arg(value.start, depth + 1), arg(value.stop, depth + 1), arg(value.step, depth + 1))
+                return value
+            if isinstance(value, str):
+                if len(value) > MAX_STR:
+                    raise NotAllowed("model graph holds a string constant that is too long")
+                return value
+            if isinstance(value, torch.Size):
+                return tuple(int(v) for v in value)
+            if isinstance(value, torch.device):
+                raise NotAllowed("model graph refers to a device; models run on the owner's CPU")
+            raise NotAllowed(f"model graph holds a constant of type {type(value).__name__}, which cannot be sent")
 
-    for node in gm.graph.nodes:
-        op, target = node.op, node.target
-        if op == "placeholder":
-            default = node.args[0] if node.args else None
-            if node.args and not _plain(default):
-                raise NotAllowed("model inputs may only have plain default values")
-            out: List[Any] = ["placeholder", None, [default] if node.args else [], {}]
-        elif op == "call_module":
-            sub = gm.get_submodule(target)
-            if target not in module_index:
-                # keyed by the original module object's path (may be shared by several call sites)
-                module_index[target] = len(modules)
-                modules.append(_module_spec(sub, target))
-                i = module_index[target]
-                for k, v in sub.state_dict(keep_vars=True).items():
-                    state[f"m{i}.{k}"] = v.detach()
-                    keymap[f"m{i}.{k}"] = f"{target}.{k}"
-            out = ["call_module", module_index[target], arg(node.args), {k: arg(v) for k, v in node.kwargs.items()}]
-        elif op == "get_attr":
-            if target not in attr_names:
-                value = _get_attr(gm, target)
-                prefix = target.rsplit(".", 1)[0] if "." in target else None
-                if prefix in module_index:  # e.g. self.conv.weight, where conv is also called
-                    attr_names[target] = f"m{module_index[prefix]}.{target.rsplit('.', 1)[1]}"
-                else:
-                    name = f"a{len(attrs)}"
-                    kind = "parameter" if isinstance(value, torch.nn.Parameter) else "buffer"
-                    attrs.append({"kind": kind, "requires_grad": bool(value.requires_grad)})
-                    state[name] = value.detach()
-                    keymap[name] = target
-                    attr_names[target] = name
-            out = ["get_attr", attr_names[target], [], {}]
-        elif op == "call_function":
-            name = funcs.get(id(target))
-            if name is None:
-                raise NotAllowed(f"model uses {_qualname(target)}, which is not on the allowlist")
-            if name == "builtins.getattr":
-                attr = node.args[1] if len(node.args) > 1 else None
-                if not isinstance(attr, str) or attr not in allowlist.TENSOR_ATTRIBUTES:
-                    raise NotAllowed(f"model reads attribute {attr!r}, which is not on the allowlist")
-            out = ["call_function", name, arg(node.args), {k: arg(v) for k, v in node.kwargs.items()}]
-        elif op == "call_method":
-            if target not in allowlist.GRAPH_METHODS:
-                raise NotAllowed(f"model uses Tensor.{target}, which is not allowed in a model")
-            out = ["call_method", target, arg(node.args), {k: arg(v) for k, v in node.kwargs.items()}]
-        elif op == "output":
-            out = ["output", None, arg(node.args), {}]
-        else:
-            raise NotAllowed(f"model graph has a node of kind {op!r}")
-        index[node] = len(nodes)
-        nodes.append(out)
+        for node in gm.graph.nodes:
+            op, target = node.op, node.target
+            if op == "placeholder":
+                default = node.args[0] if node.args else None
+                if node.args and not _plain(default):
+                    raise NotAllowed("model inputs may only have plain default values")
+                out: List[Any] = ["placeholder", None, [default] if node.args else [], {}]
+            elif op == "call_module":
+                sub = gm.get_submodule(target)
+                if target not in module_index:
+                    # keyed by the original module object's path (may be shared by several call sites)
+                    module_index[target] = len(modules)
+                    modules.append(_module_spec(sub, target))
+                    i = module_index[target]
+                    for k, v in sub.state_dict(keep_vars=True).items():
+                        state[f"m{i}.{k}"] = v.detach()
+                        keymap[f"m{i}.{k}"] = f"{target}.{k}"
+                out = ["call_module", module_index[target], arg(node.args), {k: arg(v) for k, v in node.kwargs.items()}]
+            elif op == "get_attr":
+                if target not in attr_names:
+                    value = _get_attr(gm, target)
+                    prefix = target.rsplit(".", 1)[0] if "." in target else None
+                    if prefix in module_index:  # e.g. self.conv.weight, where conv is also called
+                        attr_names[target] = f"m{module_index[prefix]}.{target.rsplit('.', 1)[1]}"
+                    else:
+                        name = f"a{len(attrs)}"
+                        kind = "parameter" if isinstance(value, torch.nn.Parameter) else "buffer"
+                        attrs.append({"kind": kind, "requires_grad": bool(value.requires_grad)})
+                        state[name] = value.detach()
+                        keymap[name] = target
+                        attr_names[target] = name
+                out = ["get_attr", attr_names[target], [], {}]
+            elif op == "call_function":
+                name = funcs.get(id(target))
+                if name is None:
+                    raise NotAllowed(f"model uses {_qualname(target)}, which is not on the allowlist")
+                if name == "builtins.getattr":
+                    attr = node.args[1] if len(node.args) > 1 else None
+                    if not isinstance(attr, str) or attr not in allowlist.TENSOR_ATTRIBUTES:
+                        raise NotAllowed(f"model reads attribute {attr!r}, which is not on the allowlist")
+                out = ["call_function", name, arg(node.args), {k: arg(v) for k, v in node.kwargs.items()}]
+            elif op == "call_method":
+                if target not in allowlist.GRAPH_METHODS:
+                    raise NotAllowed(f"model uses Tensor.{target}, which is not allowed in a model")
+                out = ["call_method", target, arg(node.args), {k: arg(v) for k, v in node.kwargs.items()}]
+            elif op == "output":
+                out = ["output", None, arg(node.args), {}]
+            else:
+                raise NotAllowed(f"model graph has a node of kind {op!r}")
+            index[node] = len(nodes)
+            nodes.append(out)
+        return nodes
+
+    nodes = convert(gm)
+    methods: Dict[str, List[List[Any]]] = {}
+    outputs: Dict[str, Optional[int]] = {"forward": _output_length(gm)}
+    unavailable: Dict[str, str] = {}
+    for name, traced in _trace_methods(module, methods_wanted).items():
+        if isinstance(traced, str):
+            unavailable[name] = traced
+            continue
+        try:
+            methods[name] = convert(traced)
+        except NotAllowed as exc:
+            if methods_wanted is not None:
+                raise NotAllowed(f"method {name}: {exc}") from None
+            unavailable[name] = str(exc)
+            continue
+        outputs[name] = _output_length(traced)
     # Modules that forward never calls (and parameters it never reads) stay with the scientist.
     graph = {
         "format": FORMAT,
@@ -245,9 +267,69 @@ def describe(module: torch.nn.Module) -> Described:
         "attrs": attrs,
         "state": state,
         "nodes": nodes,
+        "methods": methods,
         "training": bool(module.training),
     }
-    return Described(graph, keymap)
+    return Described(graph, keymap, outputs, unavailable)
+
+
+MAX_METHODS = 32
+
+
+def _traced_twice(module: torch.nn.Module, method: str = "forward") -> torch.fx.GraphModule:
+    """A trace of one method, refused when two traces differ (a value computed on this side, frozen)."""
+    gm = _trace(module, method)
+    again = _trace(module, method)
+    if gm.code != again.code or not _same_constants(gm, again):
+        raise NotAllowed(
+            f"the model's {method} computes a value on your side that changes from call to call (Python's "
+            "random, numpy.random, the time, ...); it would be frozen into the graph as a constant. "
+            "Use torch random functions (torch.randn, torch.randn_like, dropout): they stay random on the owner"
+        )
+    return gm
+
+
+def model_methods(module: torch.nn.Module) -> List[str]:
+    """Public methods the model's own classes define (not nn.Module's): candidates to call remotely."""
+    names: List[str] = []
+    for klass in type(module).__mro__:
+        if klass is torch.nn.Module or not issubclass(klass, torch.nn.Module) or klass.__module__.startswith("torch."):
+            continue
+        for name, value in vars(klass).items():
+            if name.startswith("_") or name == "forward" or name in names or hasattr(torch.nn.Module, name):
+                continue
+            if inspect.isfunction(value):
+                names.append(name)
+    return names[:MAX_METHODS]
+
+
+def _trace_methods(module: torch.nn.Module, wanted: Optional[List[str]]) -> Dict[str, Any]:
+    """Each method's trace (on a copy of the module), or why it could not be traced."""
+    if wanted is not None:
+        known = set(model_methods(module))
+        for name in wanted:
+            if name not in known:
+                raise ValueError(f"{type(module).__name__} has no public method {name!r} of its own to send")
+    names = model_methods(module) if wanted is None else [n for n in wanted if n != "forward"]
+    out: Dict[str, Any] = {}
+    scratch = copy_module(module) if names else module
+    for name in names:
+        try:
+            out[name] = _traced_twice(scratch, name)
+        except (NotAllowed, TypeError) as exc:
+            if wanted is not None:
+                raise NotAllowed(f"method {name}: {exc}") from None
+            out[name] = str(exc)
+    return out
+
+
+def _output_length(gm: torch.fx.GraphModule) -> Optional[int]:
+    """How many values a graph returns when it returns a tuple or list (`mu, logvar = model(x)`)."""
+    for node in gm.graph.nodes:
+        if node.op == "output":
+            value = node.args[0]
+            return len(value) if isinstance(value, (tuple, list)) else None
+    return None
 
 
 # torch random functions that take no tensor (allowlist.GRAPH_RANDOM_FACTORIES): called in forward,
@@ -308,9 +390,10 @@ class _RandomRanForReal(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _trace(module: torch.nn.Module) -> torch.fx.GraphModule:
-    """symbolic_trace, with random calls kept random, and errors that say what went wrong."""
+def _trace(module: torch.nn.Module, method: str = "forward") -> torch.fx.GraphModule:
+    """symbolic_trace of one method, with random calls kept random, and errors that say what went wrong."""
     tracer = torch.fx.Tracer()
+    tracer.traced_func_name = method
     ran = _RandomRanForReal()
     try:
         with _random_as_nodes(tracer), ran:
@@ -402,15 +485,48 @@ def rebuild(template: torch.nn.Module, state: Dict[str, Any], keymap: Dict[str, 
 from .pointer import Pointer  # noqa: E402
 
 
+class _ModelMethod:
+    """A method of a sent model other than forward (`vae.decode`), traced when the model was sent."""
+
+    __slots__ = ("_ptr", "_name")
+
+    def __init__(self, ptr: "ModelPointer", name: str) -> None:
+        self._ptr = ptr
+        self._name = name
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Pointer:
+        ptr = self._ptr
+        return ptr._client._call("call", self._name, [ptr, *args], kwargs, length=ptr._outputs.get(self._name))
+
+    def __repr__(self) -> str:
+        return f"<remote method {self._name} of {self._ptr!r}>"
+
+
 class ModelPointer(Pointer):
     """A pointer to a model sent with `scientist.send(module)`; `.get()` returns your module class, trained."""
 
-    __slots__ = ("_template", "_keymap")
+    __slots__ = ("_template", "_keymap", "_outputs", "_unavailable")
 
     def __init__(self, client: Any, rid: int, label: str, template: torch.nn.Module, described: Described) -> None:
         super().__init__(client, rid, label, kind="Module")
         object.__setattr__(self, "_template", template)  # a copy: later changes to the local module do not count
         object.__setattr__(self, "_keymap", dict(described.keymap))
+        object.__setattr__(self, "_outputs", dict(described.outputs))
+        object.__setattr__(self, "_unavailable", dict(described.unavailable))
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Pointer:
+        return self._client._call("call", "forward", [self, *args], kwargs, length=self._outputs.get("forward"))
+
+    def __getattr__(self, name: str) -> Any:
+        if not name.startswith("_"):
+            if name in self._outputs:
+                return _ModelMethod(self, name)
+            if name in self._unavailable:
+                raise NotAllowedHere(f"{name} of the sent model cannot run remotely: {self._unavailable[name]}")
+        return super().__getattr__(name)
+
+    def __dir__(self) -> List[str]:
+        return sorted(set(object.__dir__(self)) | set(self._outputs) | set(allowlist.MODULE_METHODS))
 
     def request(self, reason: str = "") -> Any:
         handle = self._handle

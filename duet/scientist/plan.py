@@ -78,7 +78,7 @@ class _Recorder:
         self.actions.append(
             {"rid": rid, "kind": kind, "name": name, "args": self._encode(list(args)), "kwargs": self._encode(dict(kwargs))}
         )
-        self.labels.append(name if kind == "func" else ("forward" if kind == "call" else f".{name}"))
+        self.labels.append(name if kind == "func" else (name if kind == "call" else f".{name}"))
         if rid is None:
             return None
         return Pointer(self, rid, f"plan value {name}", kind=result_kind, length=length)

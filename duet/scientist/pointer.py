@@ -164,7 +164,22 @@ class Pointer:
         raise _refuse("len()")
 
     def __iter__(self) -> Any:
-        raise _refuse("iterating")
+        """Unpacking (`mu, logvar = model(x)`, `values, idx = x.max(dim=0)`): one pointer per item.
+
+        The number of items is known here for a sent model's outputs, else asked of the owner, who
+        tells it only when it does not depend on private values (like a shape).
+        """
+        length = self._length
+        if length is None:
+            meta = self.meta()
+            length = meta.get("length")
+            if length is None:
+                if meta.get("metadata_private"):
+                    raise NotAllowed("how many items this value has depends on private values; request it with .get()")
+                raise _refuse("iterating")
+        if length > MAX_UNPACK:
+            raise NotAllowed(f"iterating would make {length} pointers (at most {MAX_UNPACK}); index the ones you need")
+        return (self[i] for i in range(length))
 
     def __float__(self) -> float:
         raise _refuse("float()")
@@ -264,6 +279,7 @@ Pointer.__getitem__ = _binary("getitem")  # type: ignore[attr-defined]
 
 
 MAX_ARG_DEPTH = 16
+MAX_UNPACK = 100_000
 
 
 @dataclass(frozen=True)

@@ -83,7 +83,7 @@ def store_rows(listing: Sequence[dict]) -> list:
             ", ".join(a["tags"]),
             a["type"],
             "×".join(str(s) for s in a["shape"]) if a["shape"] is not None else "",
-            a["dtype"] or "",
+            a["dtype"] or ("keys: " + ", ".join(map(str, a["keys"])) if a.get("keys") else ""),
         ]
         for a in listing
     ]

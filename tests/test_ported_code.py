@@ -256,3 +256,59 @@ def test_unpacking_a_private_structure_looks_the_same_for_any_data(tmp_path):
         return {"split": lambda: list(x.chunk(3)), "masked": unpack, "n": lambda: len(list(x.unbind()))}
 
     differential(prog, tmp_path)
+
+
+# -- owners publish Python values; store[0]; display names -----------------------------------
+def test_owner_publishes_python_numbers_lists_and_dicts(pair):
+    owner, scientist = pair
+    owner.store.add(412, name="Number of patients")
+    owner.store.add([1.5, 2.5, 4.0], name="doses (mg)")
+    owner.store.add({"weights": torch.ones(2, 3), "bias": torch.zeros(2), "scale": 0.5}, name="pretrained layer")
+    listing = {a["name"]: a for a in scientist.store.listing()}
+    assert listing["Number of patients"]["type"] == "int" and listing["doses (mg)"]["shape"] == [3]
+    assert listing["pretrained layer"]["keys"] == ["weights", "bias", "scale"]
+    assert "412" not in repr(scientist.store) and "keys: weights, bias, scale" in repr(scientist.store)
+
+    n = scientist.store["Number of patients"]
+    doubled = n * 2 + 1
+    assert doubled.private
+    h = doubled.request(reason="cohort size")
+    owner.requests.wait_pending(T).accept()
+    assert h.wait(T) == 825
+
+    layer = scientist.store["pretrained layer"]
+    w = layer["weights"]
+    assert w.shape == (2, 3) and w.private  # shapes inside are as public as a published tensor's
+    out = scientist.send(torch.ones(4, 3)) @ w.t() + layer["bias"]
+    doses = scientist.torch.tensor(scientist.store["doses (mg)"])
+    first, second, third = scientist.store["doses (mg)"]  # its length is public
+    h = out.sum().request()
+    owner.requests.wait_pending(T).accept()
+    assert h.wait(T) == 24.0
+    h = (doses.sum() + third).request()
+    owner.requests.wait_pending(T).accept()
+    assert h.wait(T) == 12.0
+
+
+def test_publishing_refuses_what_it_cannot_carry():
+    store = duet.owner.store.AssetStore()
+    for bad in ([object()], {"k": "a string"}, {1: 2.0}, 2**70, [[[[[[1]]]]]]):
+        with pytest.raises(TypeError):
+            store.add(bad, name="bad")
+    for name in ("", " padded", "tab\there", "\u202eevil", "x" * 65):
+        with pytest.raises(ValueError, match="not valid"):
+            store.add(1, name=name)
+
+
+def test_assets_by_position_and_by_exact_display_name(pair):
+    owner, scientist = pair
+    owner.store.add(torch.tensor([1.0, 2.0]), name="blood pressure (mmHg)")
+    assert scientist.store.keys() == ["ages", "blood pressure (mmHg)"]
+    assert scientist.store[0].meta(timeout=T)["assets"] == ["ages"]
+    assert scientist.store[-1].meta(timeout=T)["assets"] == ["blood pressure (mmHg)"]
+    with pytest.raises(IndexError, match="2 asset"):
+        scientist.store[2]
+    with pytest.raises(KeyError):
+        scientist.store["blood pressure"]  # lookup is exact
+    with pytest.raises(TypeError):
+        scientist.store[1.0]

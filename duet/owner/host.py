@@ -26,7 +26,7 @@ from ..session import Session, error_to_wire
 from ..tables import html_table, text_table
 from ..text import clean
 from .audit import AuditLog
-from . import frames
+from . import frames, store as store_mod
 from .executor import Executor, type_name
 from .objects import Budget, Limits, ObjectTable, RemoteObject
 from .requests import ACCEPTED, Request, RequestQueue, Requester
@@ -541,6 +541,8 @@ class ScientistConnection:
             value = value.copy()
         elif frames.kind(value) is not None:
             value = frames.copy(value)
+        elif store_mod.is_python_value(value):
+            value = store_mod.copy_python_value(value)
         else:
             raise NotAllowed(f"asset {name!r} is a dataset; iterate it with scientist.loader({name!r})")
         self.objects.put(rid, value, lineage={name}, ops=[name])

@@ -1,7 +1,6 @@
 """Published assets: what the owner offers, described but never shown."""
 from __future__ import annotations
 
-import re
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -9,10 +8,75 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from ..text import is_clean
 from ..tables import STORE_HEADERS, html_table, store_rows, text_table
 from . import frames
 
-_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,63}$")
+MAX_NAME = 64
+MAX_PYTHON_ITEMS = 1_000_000  # numbers in a published list or dict, all levels together
+MAX_PYTHON_DEPTH = 4
+
+
+def check_name(name: Any) -> None:
+    """Asset names are display names (spaces allowed): 1-64 printable characters, no edge spaces."""
+    if not isinstance(name, str) or not 0 < len(name) <= MAX_NAME or name != name.strip() or not is_clean(name):
+        raise ValueError(
+            f"asset name {name!r} is not valid: use 1-{MAX_NAME} printable characters (spaces allowed, "
+            "but not at the start or end; no control characters)"
+        )
+
+
+def check_python_value(value: Any, depth: int = 0, count: Optional[List[int]] = None) -> None:
+    """A Python value an owner may publish: numbers, lists/tuples of them, dicts of tensors/arrays/numbers."""
+    count = [0] if count is None else count
+    count[0] += 1
+    if count[0] > MAX_PYTHON_ITEMS or depth > MAX_PYTHON_DEPTH:
+        raise TypeError(f"cannot publish this value: more than {MAX_PYTHON_ITEMS} items or nested deeper than {MAX_PYTHON_DEPTH}")
+    if isinstance(value, (bool, int, float)):
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 2**63:
+            raise TypeError("cannot publish an int that does not fit in 64 bits")
+        return
+    if isinstance(value, torch.Tensor):
+        if value.layout != torch.strided or value.device.type != "cpu":
+            raise TypeError("cannot publish a sparse or non-CPU tensor")
+        return
+    if isinstance(value, np.ndarray):
+        if value.dtype.kind not in "biufc":
+            raise TypeError(f"cannot publish an array of dtype {value.dtype}: only numeric arrays")
+        return
+    if isinstance(value, (list, tuple)):
+        for v in value:
+            check_python_value(v, depth + 1, count)
+        return
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if not isinstance(k, str) or not is_clean(k) or len(k) > 256:
+                raise TypeError(f"cannot publish a dict with key {k!r}: keys are short printable strings")
+            check_python_value(v, depth + 1, count)
+        return
+    raise TypeError(
+        f"cannot publish a {type(value).__name__}: publish a torch.Tensor, a numpy.ndarray, a dataset, a DataFrame, "
+        "or numbers, lists/tuples of them and dicts of these"
+    )
+
+
+def is_python_value(value: Any) -> bool:
+    return isinstance(value, (bool, int, float, list, tuple, dict))
+
+
+def copy_python_value(value: Any) -> Any:
+    """An independent copy for one scientist (tensors cloned, arrays copied)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, np.ndarray):
+        return value.copy()
+    if isinstance(value, list):
+        return [copy_python_value(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(copy_python_value(v) for v in value)
+    if isinstance(value, dict):
+        return {k: copy_python_value(v) for k, v in value.items()}
+    return value
 
 
 @dataclass
@@ -34,6 +98,8 @@ class Asset:
 
     @property
     def shape(self) -> Optional[Tuple[int, ...]]:
+        if isinstance(self.value, (list, tuple)):
+            return (len(self.value),)  # how many items, as public as a tensor's shape
         shape = getattr(self.value, "shape", None)
         return tuple(int(s) for s in shape) if shape is not None else None
 
@@ -52,6 +118,7 @@ class Asset:
             "shape": list(self.shape) if self.shape is not None else None,
             "dtype": self.dtype,
             **frames.listing(self.value),  # a frame's column names and dtypes
+            **({"keys": list(self.value)} if isinstance(self.value, dict) else {}),  # like a frame's column names
         }
 
 
@@ -67,12 +134,11 @@ class AssetStore:
         self._listeners: List[Any] = []
 
     def add(self, value: Any, name: str, description: str = "", tags: Sequence[str] = ()) -> Asset:
-        """Publish a tensor, array or dataset under a name scientists use to point at it."""
-        if not isinstance(name, str) or not _NAME.match(name):
-            raise ValueError(
-                f"asset name {name!r} is not valid: use 1-64 letters, digits, '_', '-' or '.', starting with a letter, digit or '_'"
-            )
-        if frames.kind(value) is not None:
+        """Publish a tensor, array, dataset, DataFrame or Python numbers/lists/dicts under a display name."""
+        check_name(name)
+        if is_python_value(value):
+            check_python_value(value)
+        elif frames.kind(value) is not None:
             frames.check_publishable(value)  # a DataFrame or Series of bool/numeric columns; TypeError otherwise
         elif not isinstance(value, SUPPORTED) and not _is_dataset(value):
             raise TypeError(

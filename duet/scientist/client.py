@@ -142,17 +142,28 @@ class StoreView:
     def listing(self, timeout: float = DEFAULT_TIMEOUT) -> List[Dict[str, Any]]:
         return self._client.session.call({"kind": "store"}, timeout, "listing the owner's store")
 
-    def __getitem__(self, name: str) -> Pointer:
-        if not isinstance(name, str):
-            raise TypeError("assets are looked up by name")
+    def __getitem__(self, key: Any) -> Pointer:
+        """An asset by its exact name, or by position in publication order (`store[0]`, `store[-1]`)."""
+        if isinstance(key, int) and not isinstance(key, bool):
+            names = self.keys()
+            if not -len(names) <= key < len(names):
+                raise IndexError(f"the owner published {len(names)} asset(s); there is no asset at position {key}")
+            name = names[key]
+        elif isinstance(key, str):
+            name = key
+        else:
+            raise TypeError("assets are looked up by name or by position")
         client = self._client
         rid = client._new_rid()
         try:
             info = client.session.call({"kind": "asset", "name": name, "rid": rid}, DEFAULT_TIMEOUT, f"pointing at {name!r}")
         except NotAllowed as exc:
             raise KeyError(str(exc)) from None
-        kind = info.get("type") if isinstance(info, dict) and info.get("type") in ("Tensor", "ndarray") else None
-        return Pointer(client, rid, name, kind=kind)
+        info = info if isinstance(info, dict) else {}
+        kind = info.get("type") if info.get("type") in ("Tensor", "ndarray") else None
+        shape = info.get("shape")
+        length = shape[0] if info.get("type") in ("list", "tuple") and isinstance(shape, list) and shape else None
+        return Pointer(client, rid, name, kind=kind, length=length if isinstance(length, int) else None)
 
     def keys(self) -> List[str]:
         return [a["name"] for a in self.listing()]

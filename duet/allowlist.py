@@ -121,6 +121,13 @@ TORCH_FUNCTIONS.update(
         prefix="torch.linalg.",
     )
 )
+# Legacy constructors (torch.Tensor(3, 4), torch.LongTensor([1, 2])): the owner runs safe versions
+# (duet.owner.legacy) that zero sizes instead of returning uninitialised memory.
+LEGACY_CONSTRUCTORS = tuple(
+    "torch." + n
+    for n in "Tensor FloatTensor DoubleTensor HalfTensor LongTensor IntTensor ShortTensor ByteTensor BoolTensor".split()
+)
+TORCH_FUNCTIONS.update(_entries(LEGACY_CONSTRUCTORS, FACTORY))
 TORCH_FUNCTIONS["torch.autograd.backward"] = PLAIN
 TORCH_FUNCTIONS["torch.manual_seed"] = PLAIN  # seeds the scientist's own generator on the owner
 TORCH_FUNCTIONS["torch.autograd.grad"] = PLAIN
@@ -131,7 +138,7 @@ NN_FUNCTIONAL: Dict[str, Entry] = _entries(
     conv_transpose2d cosine_similarity cross_entropy dropout dropout1d dropout2d elu embedding gelu glu
     group_norm hardsigmoid hardswish hardtanh huber_loss instance_norm kl_div l1_loss layer_norm leaky_relu
     linear log_softmax logsigmoid margin_ranking_loss max_pool1d max_pool2d mish mse_loss nll_loss normalize
-    one_hot pad pairwise_distance pixel_shuffle poisson_nll_loss relu relu6 rrelu selu sigmoid silu
+    one_hot pad pairwise_distance pixel_shuffle pixel_unshuffle poisson_nll_loss relu relu6 rrelu selu sigmoid silu
     smooth_l1_loss soft_margin_loss softmax softmin softplus softshrink softsign tanh tanhshrink threshold
     triplet_margin_loss unfold fold interpolate""".split(),
     prefix="torch.nn.functional.",
@@ -145,7 +152,7 @@ NN_MODULES: FrozenSet[str] = frozenset(
     Embedding Flatten Unflatten ReLU ReLU6 LeakyReLU ELU SELU CELU GELU SiLU Mish Sigmoid Tanh Softmax
     LogSoftmax Softplus Softsign Hardtanh Hardswish Hardsigmoid PReLU Sequential ModuleList
     MSELoss L1Loss NLLLoss CrossEntropyLoss BCELoss BCEWithLogitsLoss HuberLoss SmoothL1Loss KLDivLoss
-    RNN LSTM GRU""".split()
+    RNN LSTM GRU RNNCell LSTMCell GRUCell PixelShuffle PixelUnshuffle Upsample""".split()
 )
 
 OPTIMIZERS: FrozenSet[str] = frozenset(
@@ -195,8 +202,19 @@ OPERATORS.update(
     _entries("iadd isub imul itruediv ifloordiv imod ipow imatmul iand ior ixor".split(), INPLACE, prefix="operator.")
 )
 
+# torch.distributions: construct, sample (from the scientist's generator on the owner), log_prob,
+# entropy. Sizes of samples are checked op by op (no shadow run predicts them).
+DISTRIBUTIONS: FrozenSet[str] = frozenset(
+    "torch.distributions." + n
+    for n in """Bernoulli Beta Binomial Categorical Cauchy Dirichlet Exponential Gamma Geometric Gumbel
+    Independent Laplace LogNormal Multinomial MultivariateNormal Normal OneHotCategorical Poisson StudentT
+    Uniform""".split()
+)
+DISTRIBUTION_FUNCTIONS = frozenset({"torch.distributions.kl_divergence", "torch.distributions.kl.kl_divergence"})
+
 FUNCTIONS: Dict[str, Entry] = {}
 FUNCTIONS.update(TORCH_FUNCTIONS)
+FUNCTIONS.update({n: PLAIN for n in DISTRIBUTIONS | DISTRIBUTION_FUNCTIONS})
 FUNCTIONS.update(NN_FUNCTIONAL)
 FUNCTIONS.update(OPERATORS)
 FUNCTIONS.update(NUMPY_FUNCTIONS)
@@ -211,7 +229,7 @@ _TENSOR_METHODS_PLAIN |= set(
     """item tolist float double half bfloat16 int long short bool byte char type_as new_zeros new_ones
     new_full new_empty new_tensor softmax log_softmax numel dim size element_size nelement
     is_floating_point is_complex is_contiguous isreal masked_fill clamp_min clamp_max
-    to cpu contiguous sum_to_size expand_as where argmax argmin allclose equal relu sigmoid std var
+    to type cpu contiguous sum_to_size expand_as where argmax argmin allclose equal relu sigmoid std var
     """.split()
 )
 _TENSOR_METHODS_ALIAS = set(_SHAPE_ALIAS) | set(
@@ -258,6 +276,11 @@ SCHEDULER_METHODS: Dict[str, Entry] = {"step": MUTATES, "get_last_lr": PLAIN}
 
 SEQUENCE_METHODS: Dict[str, Entry] = {"index": PLAIN, "count": PLAIN}
 
+DISTRIBUTION_METHODS: Dict[str, Entry] = _entries("sample rsample log_prob entropy cdf icdf perplexity".split())
+DISTRIBUTION_ATTRIBUTES: Dict[str, Entry] = _entries(
+    "mean mode stddev variance probs logits loc scale concentration rate batch_shape event_shape".split()
+)
+
 METHODS: Dict[str, Dict[str, Entry]] = {
     "Tensor": TENSOR_METHODS,
     "ndarray": NDARRAY_METHODS,
@@ -265,6 +288,7 @@ METHODS: Dict[str, Dict[str, Entry]] = {
     "Optimizer": OPTIMIZER_METHODS,
     "LRScheduler": SCHEDULER_METHODS,
     "sequence": SEQUENCE_METHODS,
+    "Distribution": DISTRIBUTION_METHODS,
 }
 
 # pandas (optional): methods of a published DataFrame, its columns and its groupbys. Each takes
@@ -280,6 +304,7 @@ ATTRIBUTES: Dict[str, Dict[str, Entry]] = {
     "Tensor": TENSOR_ATTRIBUTES,
     "ndarray": NDARRAY_ATTRIBUTES,
     "Module": MODULE_ATTRIBUTES,
+    "Distribution": DISTRIBUTION_ATTRIBUTES,
 }
 # Calling a module runs its forward (what it writes, e.g. batch norm statistics, is observed).
 MODULE_CALL = PLAIN
@@ -297,7 +322,6 @@ ALTERNATIVES: Dict[str, str] = {
     "Tensor.data_ptr": "memory addresses of the owner are never shown",
     "Tensor.storage": "memory of the owner is never shown; use .clone() for a copy",
     "Tensor.untyped_storage": "memory of the owner is never shown; use .clone() for a copy",
-    "Tensor.type": "use a cast such as .float(), .long() or .to(torch.float64)",
     "Tensor.apply_": "pass no Python function; compose allowlisted torch operations instead",
     "Tensor.map_": "pass no Python function; compose allowlisted torch operations instead",
     "Tensor.register_hook": "hooks are Python functions, which never run on the owner",
@@ -367,6 +391,7 @@ GRAPH_FUNCTIONS: FrozenSet[str] = frozenset(
     and not n.startswith("torch.autograd.")
     and n != "operator.setitem"
     and n != "torch.manual_seed"
+    and not n.startswith("torch.distributions.")  # a graph holds tensors only
 )
 
 # Tensor methods a model graph may call: not backward, and nothing that changes a

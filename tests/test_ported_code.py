@@ -312,3 +312,124 @@ def test_assets_by_position_and_by_exact_display_name(pair):
         scientist.store["blood pressure"]  # lookup is exact
     with pytest.raises(TypeError):
         scientist.store[1.0]
+
+
+# -- torch.distributions ---------------------------------------------------------------------
+def test_distributions_construct_sample_and_score_remotely_with_lineage(pair):
+    owner, scientist = pair
+    D = scientist.torch.distributions
+    ages = scientist.store["ages"]
+    normal = D.Normal(ages, 1.0)
+    assert normal.mean.private and normal.log_prob(ages).private  # derived from the asset
+    scientist.torch.manual_seed(7)
+    a = D.Normal(scientist.send(torch.zeros(3)), 1.0).sample((2,)).get(timeout=T)
+    scientist.torch.manual_seed(7)
+    b = D.Normal(scientist.send(torch.zeros(3)), 1.0).sample((2,)).get(timeout=T)
+    assert a.shape == (2, 3) and torch.equal(a, b)  # the scientist's own generator, seeded
+    c = D.Normal(scientist.send(torch.zeros(3)), 1.0).sample((2,)).get(timeout=T)
+    assert not torch.equal(a, c)  # and random: not frozen
+
+    # REINFORCE: a policy's Categorical, an action, its log-probability, the entropy
+    probs = scientist.send(torch.tensor([[0.1, 0.9], [0.5, 0.5]]))
+    m = D.Categorical(probs)
+    action = m.sample()
+    logp = m.log_prob(action).get(timeout=T)
+    local = torch.distributions.Categorical(torch.tensor([[0.1, 0.9], [0.5, 0.5]]))
+    act = action.get(timeout=T)
+    assert torch.allclose(logp, local.log_prob(act))
+    assert torch.allclose(m.entropy().get(timeout=T), local.entropy())
+    kl = D.kl_divergence(D.Bernoulli(scientist.send(torch.tensor([0.3]))), D.Bernoulli(scientist.send(torch.tensor([0.6]))))
+    want = torch.distributions.kl_divergence(torch.distributions.Bernoulli(torch.tensor([0.3])),
+                                             torch.distributions.Bernoulli(torch.tensor([0.6])))
+    assert torch.allclose(kl.get(timeout=T), want)
+    with pytest.raises(NotAllowed, match=r"Distribution\.expand is not on the owner's allowlist"):
+        m.expand
+    with pytest.raises(NotAllowed, match="cannot be released"):
+        m.get(timeout=T)
+    with pytest.raises(duet.LimitExceeded, match="would allocate"):
+        D.Normal(scientist.send(torch.zeros(1)), 1.0).sample((10**6, 10**6)).get(timeout=T)  # checked before allocating
+
+
+def test_distributions_look_the_same_for_any_private_data(tmp_path):
+    from tests.test_noninterference_cases import differential
+
+    def prog(s):
+        x = s.store["x"]
+        D = s.torch.distributions
+        return {
+            "normal": lambda: D.Normal(x, 1.0).sample(),
+            "invalid scale": lambda: D.Normal(0.0, x - 50).log_prob(s.send(torch.zeros(8))),  # validation reads values
+            "categorical": lambda: D.Categorical(logits=x).sample((3,)),
+            "entropy": lambda: D.Categorical(logits=x).entropy(),
+            "public part": lambda: D.Normal(s.send(torch.zeros(2)), 1.0).sample(),
+        }
+
+    differential(prog, tmp_path)
+
+
+# -- allowlist gaps met in practice ------------------------------------------------------------
+class SuperResolution(nn.Module):
+    """The super-resolution example: sub-pixel convolution."""
+
+    def __init__(self, upscale: int = 2) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, upscale**2, 3, padding=1)
+        self.shuffle = nn.PixelShuffle(upscale)
+        self.up = nn.Upsample(scale_factor=2, mode="nearest")
+
+    def forward(self, x):
+        y = self.shuffle(self.conv2(torch.relu(self.conv1(x))))
+        return y + self.up(x)
+
+
+class CellLoop(nn.Module):
+    """A recurrent cell unrolled over a fixed number of steps (the time series example)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm = nn.LSTMCell(1, 4)
+        self.gru = nn.GRUCell(4, 4)
+        self.rnn = nn.RNNCell(4, 4, nonlinearity="relu")
+        self.out = nn.Linear(4, 1)
+
+    def forward(self, x):
+        h, c = self.lstm(x[:, 0])
+        h = self.gru(h)
+        for t in range(1, 3):
+            h, c = self.lstm(x[:, t], (h, c))
+        return self.out(self.rnn(h))
+
+
+@pytest.mark.parametrize("model,shape", [(SuperResolution, (2, 1, 6, 6)), (CellLoop, (2, 3, 1))])
+def test_layers_that_were_missing_run_like_local(pair, model, shape):
+    _, scientist = pair
+    torch.manual_seed(0)
+    local = model()
+    x = torch.randn(*shape)
+    assert torch.allclose(scientist.send(local)(scientist.send(x)).get(timeout=T), local(x), atol=1e-5)
+
+
+def test_legacy_constructors_and_casts(pair):
+    _, scientist = pair
+    th = scientist.torch
+    assert torch.equal(th.Tensor([1, 2]).get(timeout=T), torch.tensor([1.0, 2.0]))
+    assert torch.equal(th.Tensor(2, 3).get(timeout=T), torch.zeros(2, 3))  # zeros, never uninitialised memory
+    assert th.LongTensor([1, 2]).get(timeout=T).dtype == torch.int64
+    assert torch.equal(th.FloatTensor((2,)).get(timeout=T), torch.tensor([2.0]))  # a tuple is data, as in torch
+    x = th.tensor([1.5, 2.5])
+    assert x.type(torch.float64).get(timeout=T).dtype == torch.float64
+    assert x.long().get(timeout=T).dtype == torch.int64 and x.to(dtype=torch.int32).get(timeout=T).dtype == torch.int32
+    with pytest.raises(duet.LimitExceeded):
+        th.Tensor(10**6, 10**6).get(timeout=T)
+
+
+def test_refusals_name_the_operation_and_the_alternative(pair):
+    _, scientist = pair
+    x = scientist.send(torch.ones(2))
+    with pytest.raises(NotAllowed, match=r"Tensor\.data_ptr is not on the owner's allowlist; memory addresses"):
+        x.data_ptr()
+    with pytest.raises(AttributeError, match="torch.save is not on the owner's allowlist; ask for the value with .get()"):
+        scientist.torch.save
+    with pytest.raises(NotAllowed, match="hooks are Python functions"):
+        x.register_hook

@@ -63,6 +63,7 @@ ZEROED = {
     "torch.empty_like": "torch.zeros_like",
     "numpy.empty": "numpy.zeros",
     "numpy.empty_like": "numpy.zeros_like",
+    **{name: "duet.owner.legacy." + name.rsplit(".", 1)[1] for name in allowlist.LEGACY_CONSTRUCTORS},
 }
 ZEROED_METHODS = {"new_empty": "new_zeros"}
 
@@ -95,6 +96,8 @@ def receiver_kind(value: Any) -> str:
         return "LRScheduler"
     if isinstance(value, (list, tuple)):
         return "sequence"
+    if isinstance(value, torch.distributions.Distribution):
+        return "Distribution"
     return frames.kind(value) or type(value).__name__
 
 
@@ -146,6 +149,11 @@ def make_safe(value: Any, op: str, depth: int = 0) -> Any:
             raise NotAllowed(f"{op} returned an optimizer of type {type(value).__name__}")
         return value
     if isinstance(value, torch.optim.lr_scheduler.LRScheduler):
+        return value
+    if isinstance(value, torch.distributions.Distribution):
+        if f"torch.distributions.{type(value).__name__}" not in allowlist.DISTRIBUTIONS or \
+                not type(value).__module__.startswith("torch.distributions"):
+            raise NotAllowed(f"{op} returned a distribution of type {type(value).__name__}, which is not on the allowlist")
         return value
     if isinstance(value, types.GeneratorType) or type(value).__name__ in ("generator", "dict_values", "dict_keys"):
         return [make_safe(v, op, depth + 1) for v in _bounded(value, op)]

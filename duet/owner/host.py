@@ -78,6 +78,8 @@ def snapshot(value: Any, depth: int = 0) -> Any:
         return {"$module": type(value).__name__, "state": {k: v.detach().clone() for k, v in value.state_dict().items()}}
     if isinstance(value, torch.optim.Optimizer):
         raise NotAllowed("an optimizer cannot be released; release the model it trains")
+    if isinstance(value, torch.distributions.Distribution):
+        raise NotAllowed("a distribution cannot be released; release its parameters (.loc, .probs, ...) or a sample")
     if isinstance(value, (list, tuple)):
         items = [snapshot(v, depth + 1) for v in value]
         return tuple(items) if isinstance(value, tuple) else items

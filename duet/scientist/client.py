@@ -89,6 +89,8 @@ def _constructed_kind(name: str) -> Optional[str]:
         return "Optimizer"
     if name in allowlist.LR_SCHEDULERS:
         return "LRScheduler"
+    if name in allowlist.DISTRIBUTIONS:
+        return "Distribution"
     return None
 
 

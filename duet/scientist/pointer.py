@@ -144,7 +144,7 @@ class Pointer:
             return _RemoteMethod(self, name)
         if name in _ATTRIBUTES and name not in _META:
             return self._client._call("attr", name, [self], {})
-        raise AttributeError(f"{name!r} is not on the owner's allowlist for remote objects")
+        raise AttributeError(f"{name!r} is not on the owner's allowlist for remote objects{allowlist.alternative('Tensor', name)}")
 
     def __call__(self, *args: Any, **kwargs: Any) -> "Pointer":
         return self._client._call("call", "forward", [self, *args], kwargs)

@@ -44,7 +44,7 @@ from tests.waiting import until
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"
 SANITIZE_CFG = NOTEBOOKS / "nbval.cfg"
-TOPICS = ("hello", "statistics")
+TOPICS = ("hello", "statistics", "vae")
 HANDOFF_TIMEOUT = 120.0
 PAIR_TIMEOUT = 300.0
 CELL_TIMEOUT = 180

@@ -433,3 +433,22 @@ def test_refusals_name_the_operation_and_the_alternative(pair):
         scientist.torch.save
     with pytest.raises(NotAllowed, match="hooks are Python functions"):
         x.register_hook
+
+
+def test_a_plan_unpacks_a_sent_models_outputs_and_calls_its_methods(pair):
+    _, scientist = pair
+    torch.manual_seed(0)
+    local = VAE()
+    vae = scientist.send(local)
+
+    @duet.plan
+    def step(vae, x, z):
+        recon, mu, logvar = vae(x)  # known from the model's graph, also while a plan is recorded
+        return recon.sum() + mu.sum() * 0 + vae.decode(z).sum()
+
+    x, z = torch.rand(2, 8), torch.rand(2, 2)
+    scientist.torch.manual_seed(1)
+    a = step(vae, scientist.send(x), scientist.send(z)).get(timeout=T)
+    scientist.torch.manual_seed(1)
+    b = step(vae, scientist.send(x), scientist.send(z)).get(timeout=T)  # replayed: same seed, same noise
+    assert torch.equal(a, b) and a.shape == ()

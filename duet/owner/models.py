@@ -41,6 +41,7 @@ import torch
 from .. import allowlist
 from ..errors import NotAllowed
 from .executor import resolve
+from .plans import is_method_name
 
 FORMAT = "duet.fx/1"
 MAX_NODES = 20_000
@@ -191,8 +192,7 @@ def build_model(desc: Any) -> DuetModel:
         raise NotAllowed("the model is too large (too many nodes)")
     built: Dict[str, torch.fx.GraphModule] = {}
     for name, method_nodes in methods.items():
-        if (not isinstance(name, str) or not name.isidentifier() or keyword.iskeyword(name) or name.startswith("_")
-                or len(name) > 64 or name == "forward" or not isinstance(method_nodes, list)):
+        if not isinstance(name, str) or not is_method_name(name) or name == "forward" or not isinstance(method_nodes, list):
             raise NotAllowed("a model method has a name that is not allowed")
         built[name] = DuetMethod(root, _build_graph(method_nodes, modules, attr_keys), class_name="DuetMethod")
     model = DuetModel(root, forward, class_name="DuetModel")

@@ -88,7 +88,8 @@ def validate(msg: Dict[str, Any]) -> Plan:
                 raise NotAllowed(f"plan action #{i} has a bad result id")
             defined.add(rid)
         clean.append({"rid": rid, "kind": kind, "name": name, "args": args, "kwargs": kwargs})
-        ops.append(name if kind == "func" else (name if kind == "call" else f".{name}"))
+        ops.append(name if kind == "func" else (("forward" if name == "forward" else f"model.{name}")
+                                                if kind == "call" else f".{name}"))
     for o in outputs:
         if type(o) is not int or o not in defined:
             raise NotAllowed("a plan output is not computed by the plan")
@@ -100,6 +101,13 @@ _METHOD_NAMES = allowlist.all_method_names()
 _ATTRIBUTE_NAMES = allowlist.all_attribute_names()
 
 
+def is_method_name(name: str) -> bool:
+    """What a sent model's method may be called: a public identifier (shown to the owner as model.<name>)."""
+    import keyword
+
+    return name.isidentifier() and not keyword.iskeyword(name) and not name.startswith("_") and len(name) <= 64
+
+
 def _known(kind: str, name: str) -> bool:
     if kind == "func":
         return name in allowlist.FUNCTIONS
@@ -107,7 +115,8 @@ def _known(kind: str, name: str) -> bool:
         return name in _METHOD_NAMES
     if kind == "attr":
         return name in _ATTRIBUTE_NAMES
-    return name == "forward"
+    # a sent model's forward, or another of its methods (whether the model has it is checked when it runs)
+    return name == "forward" or is_method_name(name)
 
 
 class PlanRunner:

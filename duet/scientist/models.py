@@ -517,6 +517,14 @@ class ModelPointer(Pointer):
     def __call__(self, *args: Any, **kwargs: Any) -> Pointer:
         return self._client._call("call", "forward", [self, *args], kwargs, length=self._outputs.get("forward"))
 
+    def _stand_in(self, client: Any, rid: int, label: str) -> "ModelPointer":
+        """The same model's methods and outputs on another client (a plan's placeholder)."""
+        other = object.__new__(ModelPointer)
+        Pointer.__init__(other, client, rid, label, kind="Module")
+        for slot in ModelPointer.__slots__:
+            object.__setattr__(other, slot, getattr(self, slot))
+        return other
+
     def __getattr__(self, name: str) -> Any:
         if not name.startswith("_"):
             if name in self._outputs:

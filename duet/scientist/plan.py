@@ -61,8 +61,14 @@ class _Recorder:
         self._ids = itertools.count()
         self.thread = threading.get_ident()
 
-    def new_placeholder(self, label: str) -> Pointer:
-        return Pointer(self, next(self._ids), label)
+    def new_placeholder(self, label: str, like: Optional[Pointer] = None) -> Pointer:
+        """A stand-in for an argument; for a sent model, one that knows its methods and outputs."""
+        from .models import ModelPointer
+
+        if isinstance(like, ModelPointer):
+            return like._stand_in(self, next(self._ids), label)
+        return Pointer(self, next(self._ids), label, kind=like._kind if like is not None else None,
+                       length=like._length if like is not None else None)
 
     # what Pointer calls on its client ------------------------------------------------
     def _call(self, kind: str, name: str, args: List[Any], kwargs: Dict[str, Any], want_result: bool = True,
@@ -215,7 +221,7 @@ class Plan:
 
         def swap(obj: Any, depth: int = 0) -> Any:
             if isinstance(obj, Pointer):
-                return recorder.new_placeholder(obj._label)
+                return recorder.new_placeholder(obj._label, like=obj)
             if isinstance(obj, tuple):
                 return tuple(swap(v, depth + 1) for v in obj)
             if isinstance(obj, list):

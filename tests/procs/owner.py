@@ -32,6 +32,7 @@ def main(argv: list | None = None) -> int:
     ap.add_argument("--accept-all", action="store_true", help="auto-approve every release")
     ap.add_argument("--approve-joins", action="store_true")
     ap.add_argument("--leak-assets", action="store_true", help="publish the private assets of tests/test_leak_classes.py")
+    ap.add_argument("--python-assets", action="store_true", help="publish Python values under display names")
     args = ap.parse_args(argv)
 
     owner = duet.launch(name=args.name, signaling=args.signaling, local_only=True, display=False, approve_joins=args.approve_joins)
@@ -45,6 +46,9 @@ def main(argv: list | None = None) -> int:
         owner.store.add(SECRET.clone(), name="x", description="private")
         owner.store.add(SECRET.numpy().copy(), name="xn", description="private, as numpy")
         owner.store.add(torch.tensor([1, 3, 0, 2, 3, 1]), name="ids", description="private indices")
+    if args.python_assets:
+        owner.store.add({"weights": torch.ones(2, 3), "bias": torch.zeros(2)}, name="pretrained layer")
+        owner.store.add([1.5, 2.5, 4.0], name="doses (mg)")
     if args.accept_all:
         owner.requests.add_handler(action="accept", kind=("release", "join"))
     emit(code=owner.code, fingerprint=owner.fingerprint)

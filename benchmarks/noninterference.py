@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import Bundle, RuleBasedStateMachine, initialize, precondition, rule, run_state_machine_as_test
+from hypothesis.stateful import Bundle, RuleBasedStateMachine, initialize, multiple, precondition, rule, run_state_machine_as_test
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -305,8 +305,12 @@ class Noninterference(RuleBasedStateMachine):
         STATS.programs += 1
 
     # -- running one action in both worlds ----------------------------------------------------
-    def _apply(self, op: str, fn: Callable[..., Any], *hs: int) -> Optional[int]:
-        """Run fn(scientist, *values) in both worlds; a new handle if the results are pointers."""
+    def _apply(self, op: str, fn: Callable[..., Any], *hs: int) -> Any:
+        """Run fn(scientist, *values) in both worlds; a new handle if the results are pointers.
+
+        Otherwise `multiple()`: nothing goes into the bundle (a refusal at the call site, alike in
+        both worlds, leaves no value to use later).
+        """
         STATS.actions += 1
         STATS.ops[op] += 1
         outs = []
@@ -318,18 +322,18 @@ class Noninterference(RuleBasedStateMachine):
             made.append(created.pointers)
         self._compare(op, "client", outs)
         if self.diverged:
-            return None
+            return multiple()
         self._compare(op, "ping", [_outcome(lambda w=w: w.scientist.ping(timeout=GET_TIMEOUT) and None) for w in self.worlds])
         # Every intermediate object of a composite step must have failed, or not, alike.
         for pa, pb in zip(*made):
             if self.diverged:
-                return None
+                return multiple()
             self._compare(op, "intermediate", [_outcome(lambda p=p: p.meta(timeout=GET_TIMEOUT)) for p in (pa, pb)])
         if self.diverged:
-            return None
+            return multiple()
         (ka, va), (kb, vb) = outs
         if ka != "ok":
-            return None
+            return multiple()
         if isinstance(va, Pointer) != isinstance(vb, Pointer):
             raise Leak(f"{op}: a pointer in one run, a value in the other")
         if not isinstance(va, Pointer) and _canonical(va) != _canonical(vb):
@@ -380,14 +384,12 @@ class Noninterference(RuleBasedStateMachine):
     @initialize(target=handles, seeds=st.tuples(st.integers(0, 2**16), st.integers(0, 2**16)).filter(lambda s: s[0] != s[1]))
     def start(self, seeds: Tuple[int, int]) -> Any:
         self.worlds = [World(seeds[0], self.tmp), World(seeds[1], self.tmp)]
-        from hypothesis.stateful import multiple
-
         made = []
         for name in ("x", "m", "ids", "xn"):
             made.append(self._apply(f"store[{name}]", lambda s, n=name: s.store[n]))
         made.append(self._apply("send", lambda s: s.send(torch.arange(8.0))))
         made.append(self._apply("send", lambda s: s.send(torch.ones(3, 4))))
-        return multiple(*[m for m in made if m is not None])
+        return multiple(*[m for m in made if isinstance(m, int)])
 
     def teardown(self) -> None:
         for w in self.worlds:

@@ -133,6 +133,8 @@ class Pointer:
             raise AttributeError(name)
         if name in devices.REFUSED_METHODS:
             raise NotAllowedHere(devices.REFUSED_METHODS[name])
+        if name in _META:  # (shape and dtype are properties; the rest are in the metadata reply)
+            raise AttributeError(f"read {name} of a remote value with .meta()[{name!r}]")
         kind = self._kind
         if kind is not None:  # refuse at the call site, as the owner would (it checks again)
             if name in allowlist.METHODS.get(kind, {}):

@@ -333,9 +333,10 @@ class _Encoder:
         if depth + 1 > self.limits.max_depth:
             raise ProtocolError(f"nesting deeper than max_depth={self.limits.max_depth}")
         items = wire_frames.to_items(obj)
-        self.frames += len(items) - 3  # the frame and each column
+        self.frames += wire_frames.units(items)  # the frame and each column
         if self.frames > wire_frames.MAX_COLUMNS:
-            raise ProtocolError(f"more than {wire_frames.MAX_COLUMNS} DataFrames, Series and columns in one message")
+            raise ProtocolError(f"more DataFrames, Series and columns in one message than {wire_frames.MAX_COLUMNS} "
+                                f"units ({wire_frames.FRAME_UNITS} per frame, 1 per column)")
         self.items += len(items)
         if self.items > self.limits.max_items:
             raise ProtocolError(f"more than max_items={self.limits.max_items} container elements")
@@ -573,9 +574,10 @@ class _Decoder:
     def frame(self, items: list) -> Any:
         """Counted like a tuple of its items; built only after every item was decoded and bounded."""
         self.count(items)
-        self.frames += max(len(items) - 3, 1)  # the frame and each column
+        self.frames += wire_frames.units(items)  # the frame and each column
         if self.frames > wire_frames.MAX_COLUMNS:
-            raise ProtocolError(f"more than {wire_frames.MAX_COLUMNS} DataFrames, Series and columns in one message")
+            raise ProtocolError(f"more DataFrames, Series and columns in one message than {wire_frames.MAX_COLUMNS} "
+                                f"units ({wire_frames.FRAME_UNITS} per frame, 1 per column)")
         return wire_frames.build(items, self.limits.max_items)
 
     def unpack(self, buf: Buffer) -> Any:

@@ -33,7 +33,16 @@ import numpy as np
 from duet.errors import ProtocolError
 
 KINDS = ("DataFrame", "Series")
-MAX_COLUMNS = 65_536  # frames plus their columns, per message: building one costs more than decoding an array
+# What building frames costs, per message, in units of one column (about 15 us of pandas); a frame
+# costs FRAME_UNITS (about 150 us even when empty). Decoding runs on the loop every session shares,
+# so a message may cost at most ~0.15 s of building: 512 frames, or one frame of 8,000 columns.
+FRAME_UNITS = 16
+MAX_COLUMNS = 8_192
+
+
+def units(items: List[Any]) -> int:
+    """What building the frame of these items (kind, index name, index, labels, *columns) costs."""
+    return FRAME_UNITS + max(len(items) - 4, 0)
 _INDEX_KINDS = "biuf"  # bool and real numbers: an index of complex numbers has no use here
 _COLUMN_KINDS = "biufc"
 NO_PANDAS = ("a pandas DataFrame or Series arrived, but pandas is not installed here: "

@@ -503,8 +503,8 @@ def test_frame_marker_counts_only_first_in_an_array() -> None:
 
 
 def test_frame_limits_are_the_same_on_both_sides(monkeypatch) -> None:
-    monkeypatch.setattr(wire_frames, "MAX_COLUMNS", 8)
-    four = [PATIENTS["age"]] * 4  # 2 each: the Series and its column
+    monkeypatch.setattr(wire_frames, "MAX_COLUMNS", 4 * (wire_frames.FRAME_UNITS + 1))
+    four = [PATIENTS["age"]] * 4  # FRAME_UNITS + 1 each: the Series and its column
     assert len(wire.decode(wire.encode(four))) == 4
     with pytest.raises(ProtocolError, match="columns in one message"):
         wire.encode(four + [PATIENTS["age"]])

@@ -611,6 +611,7 @@ class Executor:
         """The part of an action after its names are checked: sizes, the run, effects, the result."""
         bounds.check_dtype_arguments(dtypes)
         self._check_python(label, name, kind, call_args)
+        self.table.check_room(frames.result_bytes(kind, name, target, call_args, kw))  # pandas: before it runs
 
         # How many objects a result will hold, before anything builds them (a (10**7, 0) tensor's
         # tolist or unbind makes ten million objects out of zero bytes).

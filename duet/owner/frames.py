@@ -78,6 +78,10 @@ def check_publishable(value: Any) -> None:
     columns = [value] if kind(value) == "Series" else [value[c] for c in _unique_str_columns(value)]
     for col in columns:
         dt = col.dtype
+        if isinstance(dt, np.dtype) and (dt.kind == "c" or dt == np.float16):
+            raise TypeError(
+                f"cannot publish column {col.name!r} of dtype {dt}: pandas picks the dtype of some results "
+                "from the values there (whether any is missing); convert it with .astype('float64')")
         if not isinstance(dt, np.dtype) or dt.kind not in "biufc":
             raise TypeError(
                 f"cannot publish column {col.name!r} of dtype {dt}: only bool and numeric columns "
@@ -469,27 +473,67 @@ def predict(kind_: str, name: str, target: Any, call_args: List[Any], kw: Dict[s
 def _run_on_zeros(receiver: Any, op: str, args: List[Any], kw: Dict[str, Any], unavailable: Any) -> Any:
     from . import shapes
 
-    try:
-        dummy = zeros_like(receiver)
-        result = operator.getitem(dummy, args[0]) if op == "getitem" else method(dummy, op)(*args, **kw)
-        if kind(result) is None and not isinstance(result, np.ndarray):
-            return unavailable  # a scalar: its type and value are kept private
-        return shapes.describe(result)
-    except Exception:
-        return unavailable
+    found = []
+    for fill in _FILLS:  # values pandas chooses result dtypes by: none missing, all missing, some missing
+        try:
+            dummy = zeros_like(receiver, fill)
+            result = operator.getitem(dummy, args[0]) if op == "getitem" else method(dummy, op)(*args, **kw)
+            if kind(result) is None and not isinstance(result, np.ndarray):
+                return unavailable  # a scalar: its type and value are kept private
+            found.append(shapes.describe(result))
+        except Exception:
+            return unavailable
+        if found[-1] != found[0]:
+            return unavailable  # the structure depends on values: private
+    return found[0]
 
 
-def zeros_like(value: Any) -> Any:
-    """A frame with the same public structure (names, dtypes, length, index type and name), all zeros."""
+_FILLS = ("zeros", "missing", "some missing")
+
+
+def zeros_like(value: Any, fill: str = "zeros") -> Any:
+    """A frame with the same public structure (names, dtypes, length, index type and name).
+
+    All zeros; with `fill`, floating columns all NaN ("missing") or NaN in the first row ("some missing").
+    """
     pd = _pandas()
     k = kind(value)
     if k == "GroupBy":
-        return GroupBy(zeros_like(value.frame), value.by, value.options, value.selection)
+        return GroupBy(zeros_like(value.frame, fill), value.by, value.options, value.selection)
     index = _zeros_index(pd, value.index)
     if k == "Series":
-        return pd.Series(np.zeros(len(value), dtype=value.dtype), index=index, name=value.name)
-    data = {c: np.zeros(len(value), dtype=d) for c, d in value.dtypes.items()}
+        return pd.Series(_dummy_column(len(value), value.dtype, fill), index=index, name=value.name)
+    data = {c: _dummy_column(len(value), d, fill) for c, d in value.dtypes.items()}
     return pd.DataFrame(data, index=index, columns=value.columns)
+
+
+def _dummy_column(n: int, dtype: Any, fill: str) -> np.ndarray:
+    column = np.zeros(n, dtype=dtype)
+    if fill != "zeros" and column.dtype.kind in "fc":
+        column[: (n if fill == "missing" else 1)] = np.nan
+    return column
+
+
+def result_bytes(kind_: str, name: str, target: Any, call_args: List[Any], kw: Dict[str, Any]) -> int:
+    """An upper bound of what a pandas action allocates: its predictions, its result and a copy of it.
+
+    Checked against the scientist's budget before anything runs (to_numpy(dtype="complex128") of a
+    bool frame is sixteen times the frame).
+    """
+    if kind_ == "method" and kind(target) is not None:
+        receiver = target
+    elif kind_ == "func" and name == "operator.getitem" and call_args and kind(call_args[0]) is not None:
+        receiver = call_args[0]
+    else:
+        return 0
+    frame = receiver.frame if kind(receiver) == "GroupBy" else receiver
+    cells = (len(frame) + 1) * ((frame.shape[1] if kind(frame) == "DataFrame" else 1) + 1)
+    dtype = kw.get("dtype", call_args[0] if name == "to_numpy" and call_args else None)
+    try:
+        width = max(np.dtype(dtype).itemsize, 8) if dtype is not None else 8
+    except TypeError:
+        width = 16
+    return cells * width * (len(_FILLS) + 2)
 
 
 def _zeros_index(pd: Any, index: Any) -> Any:

@@ -4,7 +4,6 @@ Every test here failed before its fix (the issue "Real notebooks run").
 """
 from __future__ import annotations
 
-
 import pytest
 import torch
 import torch.nn as nn

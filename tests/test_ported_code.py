@@ -276,7 +276,11 @@ def test_owner_publishes_python_numbers_lists_and_dicts(pair):
 
     layer = scientist.store["pretrained layer"]
     w = layer["weights"]
-    assert w.shape == (2, 3) and w.private  # shapes inside are as public as a published tensor's
+    assert w.private
+    with pytest.raises(NotAllowed, match="depends on private values"):
+        w.shape  # the dict holds numbers, which are values: nothing computed from it has public metadata
+    owner.store.add({"w": torch.ones(2, 3)}, name="tensors only")
+    assert scientist.store["tensors only"]["w"].shape == (2, 3)  # only tensors: shapes as public as theirs
     out = scientist.send(torch.ones(4, 3)) @ w.t() + layer["bias"]
     doses = scientist.torch.tensor(scientist.store["doses (mg)"])
     first, second, third = scientist.store["doses (mg)"]  # its length is public
@@ -450,3 +454,20 @@ def test_a_plan_unpacks_a_sent_models_outputs_and_calls_its_methods(pair):
     scientist.torch.manual_seed(1)
     b = step(vae, scientist.send(x), scientist.send(z)).get(timeout=T)  # replayed: same seed, same noise
     assert torch.equal(a, b) and a.shape == ()
+
+
+def test_amended_reasons_are_capped_and_legacy_data_is_not_a_size(pair):
+    owner, scientist = pair
+    from duet.owner.requests import MAX_AMENDMENTS
+    from tests.waiting import until
+
+    m = scientist.store["ages"].sum()
+    with pytest.raises(duet.RequestTimeout):
+        m.get(timeout=0.1)
+    req = owner.requests.wait_pending(T)
+    for i in range(MAX_AMENDMENTS + 5):
+        m.request(reason=f"reason {i}")
+    scientist.ping(timeout=T)
+    until(lambda: req.amendments == MAX_AMENDMENTS, T, "the amendments")
+    assert req.reason == f"reason {MAX_AMENDMENTS - 1}"  # later ones are not applied (nor audited)
+    assert scientist.torch.LongTensor([2**62]).get(timeout=T).item() == 2**62

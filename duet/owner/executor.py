@@ -536,7 +536,9 @@ class Executor:
         """
         if target_id is None or target_id not in self.table or not self.table.get(target_id).meta:
             return label
-        return name if kind == "call" else f"(private type).{name}"
+        if kind == "call":
+            return "forward" if name == "forward" else f"model.{name}"
+        return f"(private type).{name}"
 
     def inputs_of(self, args: Any, kwargs: Any) -> List[int]:
         refs: List[int] = []
@@ -612,6 +614,12 @@ class Executor:
         bounds.check_dtype_arguments(dtypes)
         self._check_python(label, name, kind, call_args)
         self.table.check_room(frames.result_bytes(kind, name, target, call_args, kw))  # pandas: before it runs
+        if kind == "method" and isinstance(target, torch.distributions.Distribution):
+            n = bounds.sample_elements(target, name, call_args, kw)  # a sample's size comes from Python ints inside
+            bounds.check_elements(n, self.table.limits.max_elements_per_object, label)
+            self.table.check_room(n * 8)
+        elif kind == "func" and name in allowlist.DISTRIBUTIONS:
+            bounds.check_total_count(name, call_args, kw, self.table.limits.max_elements_per_object)
 
         # How many objects a result will hold, before anything builds them (a (10**7, 0) tensor's
         # tolist or unbind makes ten million objects out of zero bytes).

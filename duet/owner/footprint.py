@@ -82,6 +82,8 @@ def _children(value: Any) -> Iterator[Any]:
                 yield from state.values()
     elif isinstance(value, torch.optim.lr_scheduler.LRScheduler):
         yield value.optimizer
+    elif isinstance(value, torch.distributions.Distribution):
+        yield from vars(value).values()  # its parameters (often the very tensors it was built from), cached ones
     elif isinstance(value, (list, tuple)):
         yield from value
     elif isinstance(value, dict):
@@ -94,7 +96,8 @@ def grad_of(t: torch.Tensor) -> Optional[torch.Tensor]:
 
 
 def _mutable(value: Any) -> bool:
-    return isinstance(value, (list, dict, torch.nn.Module, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler))
+    return isinstance(value, (list, dict, torch.nn.Module, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler,
+                              torch.distributions.Distribution))
 
 
 def walk(value: Any, limit: int = MAX_NODES) -> Iterator[Any]:
@@ -209,6 +212,8 @@ def structure(value: Any) -> tuple:
             parts.append(("D", id(v), len(v), tuple((k, id(x)) for k, x in v.items())))
         elif isinstance(v, torch.optim.Optimizer):
             parts.append(("O", id(v), len(v.param_groups), tuple(len(g["params"]) for g in v.param_groups), len(v.state)))
+        elif isinstance(v, torch.distributions.Distribution):
+            parts.append(("P", id(v), tuple((k, id(x)) for k, x in vars(v).items())))
     return tuple(parts)
 
 
@@ -244,7 +249,7 @@ def map_tensors(value: Any, fn: Callable[[torch.Tensor], Any], depth: int = 0) -
 def is_data(value: Any) -> bool:
     """Tensors and arrays: values whose contents feed results but not, by themselves, sizes."""
     return isinstance(value, (torch.Tensor, np.ndarray, torch.nn.Module, torch.optim.Optimizer,
-                              torch.optim.lr_scheduler.LRScheduler))
+                              torch.optim.lr_scheduler.LRScheduler, torch.distributions.Distribution))
 
 
 # What an empty tensor or array still costs (the Python object, its storage): counted, so a million
@@ -274,7 +279,8 @@ def python_nbytes(value: Any, limit: int = MAX_NODES) -> int:
                 stack.append(grad)
         elif isinstance(v, np.ndarray):
             total += int(v.nbytes) + ARRAY_OVERHEAD
-        elif isinstance(v, (torch.nn.Module, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler)):
+        elif isinstance(v, (torch.nn.Module, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler,
+                            torch.distributions.Distribution)):
             total += 1024
             stack.extend(_children(v))
         elif isinstance(v, (list, tuple)):

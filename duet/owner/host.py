@@ -547,7 +547,10 @@ class ScientistConnection:
             value = store_mod.copy_python_value(value)
         else:
             raise NotAllowed(f"asset {name!r} is a dataset; iterate it with scientist.loader({name!r})")
-        self.objects.put(rid, value, lineage={name}, ops=[name])
+        # Numbers in a published list or dict are values; anything computed from the container could
+        # carry them as if they were metadata (a shape, an index), so all of its metadata is private.
+        meta = {name} if store_mod.holds_numbers(value) else set()
+        self.objects.put(rid, value, lineage={name}, ops=[name], meta=meta)
         self.session.reply(req_id, asset.public_info())
 
     def _meta(self, obj: RemoteObject) -> Dict[str, Any]:

@@ -196,7 +196,17 @@ def build_model(desc: Any) -> DuetModel:
             raise NotAllowed("a model method has a name that is not allowed")
         built[name] = DuetMethod(root, _build_graph(method_nodes, modules, attr_keys), class_name="DuetMethod")
     model = DuetModel(root, forward, class_name="DuetModel")
-    model.duet_methods = built  # a plain dict: the methods share the model's layers, not its state_dict
+    # Layers only another method uses belong to the model too: its parameters, state_dict, footprint.
+    for name, sub in root.named_children():
+        if not hasattr(model, name):
+            model.add_module(name, sub)
+    for name, param in root.named_parameters(recurse=False):
+        if not hasattr(model, name):
+            model.register_parameter(name, param)
+    for name, buf in root.named_buffers(recurse=False):
+        if not hasattr(model, name):
+            model.register_buffer(name, buf)
+    model.duet_methods = built  # a plain dict: the methods share the model's layers (registered above)
     model.train(bool(desc.get("training", True)))
     return model
 

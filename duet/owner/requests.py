@@ -48,6 +48,7 @@ class Request:
     status: str = PENDING
     decided_by: str = ""
     deny_reason: str = ""
+    amendments: int = 0  # new reasons the scientist gave while it waited (at most MAX_AMENDMENTS)
     decided_at: Optional[float] = None
     value: Any = field(default=None, repr=False)
     _queue: Optional["RequestQueue"] = field(default=None, repr=False)
@@ -110,6 +111,7 @@ class Request:
         return html_table(REQUEST_HEADERS, [self._row()], title=f"Request #{self.id}")
 
 
+MAX_AMENDMENTS = 10  # each is audited and redrawn: a scientist cannot grow the log or busy the view at will
 REQUEST_HEADERS = ["id", "kind", "who", "assets", "operations", "what", "reason", "status"]
 
 
@@ -205,9 +207,10 @@ class RequestQueue:
     def amend_reason(self, req: Request, reason: str) -> None:
         """The scientist asked again with a new reason while the request waits: show the new one."""
         with self._lock:
-            if req.status != PENDING or req.reason == reason:
+            if req.status != PENDING or req.reason == reason or req.amendments >= MAX_AMENDMENTS:
                 return
             old, req.reason = req.reason, reason
+            req.amendments += 1
         self.audit.append("reason", request=req.id, before=old, after=reason, fingerprint=req.requester.fingerprint)
         self._notify()
 

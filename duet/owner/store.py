@@ -64,6 +64,19 @@ def is_python_value(value: Any) -> bool:
     return isinstance(value, (bool, int, float, list, tuple, dict))
 
 
+def holds_numbers(value: Any, depth: int = 0) -> bool:
+    """Whether Python numbers are inside: they are values, yet a shadow run would pass them on as metadata."""
+    if isinstance(value, (bool, int, float)):
+        return True
+    if depth > MAX_PYTHON_DEPTH:
+        return True
+    if isinstance(value, (list, tuple)):
+        return any(holds_numbers(v, depth + 1) for v in value)
+    if isinstance(value, dict):
+        return any(holds_numbers(v, depth + 1) for v in value.values())
+    return False
+
+
 def copy_python_value(value: Any) -> Any:
     """An independent copy for one scientist (tensors cloned, arrays copied)."""
     if isinstance(value, torch.Tensor):

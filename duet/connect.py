@@ -43,9 +43,34 @@ def env_local_only(explicit: Optional[bool]) -> bool:
     return os.environ.get("DUET_LOCAL_ONLY", "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def ice_config(local_only: Optional[bool], ice_servers: Optional[List[Any]]) -> IceConfig:
-    """No STUN/TURN server is contacted unless the user names one."""
-    return IceConfig(servers=list(ice_servers or []), local_only=env_local_only(local_only))
+def ice_config(local_only: Optional[bool], ice_servers: Optional[List[Any]],
+               offered: Optional[List[Any]] = None) -> IceConfig:
+    """Which STUN/TURN servers to use: `ice_servers=`, else $DUET_ICE_SERVERS (JSON), else the service's offer.
+
+    Nothing is contacted unless one of them names a server; with local_only, the service's offer is
+    ignored (no packet leaves the loopback interface).
+    """
+    is_local = env_local_only(local_only)
+    if ice_servers is not None:
+        servers = list(ice_servers)
+    elif os.environ.get("DUET_ICE_SERVERS", "").strip():
+        servers = _env_ice_servers(os.environ["DUET_ICE_SERVERS"])
+    else:
+        servers = [] if is_local else list(offered or [])
+    return IceConfig(servers=servers, local_only=is_local)
+
+
+def _env_ice_servers(text: str) -> List[Any]:
+    """$DUET_ICE_SERVERS: a JSON list of URLs or {"urls", "username", "credential"} objects."""
+    import json
+
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise ValueError(f"$DUET_ICE_SERVERS is not JSON: {exc}") from None
+    if not isinstance(value, list) or not all(isinstance(v, (str, dict)) for v in value):
+        raise ValueError('$DUET_ICE_SERVERS must be a JSON list such as ["stun:stun.example.org:3478"]')
+    return value
 
 
 def _clean_name(name: Any) -> str:
@@ -276,7 +301,8 @@ def launch(
             if embedded is not None:
                 await embedded.stop()
             raise
-        sig = OwnerSignaling(owner=owner, code=code, client=client, ice=ice_config(local_only, ice_servers), embedded=embedded)
+        ice = ice_config(local_only, ice_servers, offered=client.ice_servers)
+        sig = OwnerSignaling(owner=owner, code=code, client=client, ice=ice, embedded=embedded)
         sig._registered()
         sig.task = asyncio.ensure_future(sig.serve())
         return sig
@@ -306,9 +332,15 @@ def _announce(owner: Owner) -> None:
     print(f"Duet owner {owner.name!r} is ready. The scientist runs:\n\n    duet.join({owner.code!r})\n", flush=True)
 
 
-async def _offer_and_connect(parsed: JoinCode, name: str, ice: IceConfig, timeout: float) -> tuple:
-    """The scientist's half of pairing: sealed offer, sealed answer, open channel."""
+async def _offer_and_connect(parsed: JoinCode, name: str, ice: Optional[IceConfig], timeout: float,
+                             local_only: Optional[bool] = None) -> tuple:
+    """The scientist's half of pairing: sealed offer, sealed answer, open channel.
+
+    `ice` None: use what the service offers at registration (ice_config's precedence).
+    """
     client = await SignalingClient.connect(parsed.signaling_url, parsed.room_id, "scientist", timeout=timeout)
+    if ice is None:
+        ice = ice_config(local_only, None, offered=client.ice_servers)
     peer = await RtcPeer.create(ice)
     try:
         sid = new_session_id()
@@ -362,13 +394,15 @@ def join(
     """
     parsed = JoinCode.parse(code)
     name = _clean_name(name)
-    ice = ice_config(local_only, ice_servers)
+    # Explicit servers (argument or $DUET_ICE_SERVERS) win; otherwise the service's offer, read at registration.
+    explicit = ice_servers is not None or bool(os.environ.get("DUET_ICE_SERVERS", "").strip())
+    ice = ice_config(local_only, ice_servers) if explicit else None
 
     def pair(seconds: float) -> tuple:
         """Pair over signaling; returns (session, handshake context, closer of the peer connection)."""
         try:
             peer, transport, ctx = runtime.run(
-                _offer_and_connect(parsed, name, ice, seconds), timeout=seconds, what="joining the owner's Duet"
+                _offer_and_connect(parsed, name, ice, seconds, local_only), timeout=seconds, what="joining the owner's Duet"
             )
         except TimeoutError:
             raise TimeoutError(

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import re
 import urllib.parse
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 from tornado.httpclient import HTTPClientError, HTTPRequest
 from tornado.iostream import StreamClosedError
@@ -21,6 +22,8 @@ from tornado.websocket import WebSocketClientConnection, WebSocketClosedError, w
 from duet.errors import SignalingError
 
 __all__ = ["SignalingClient", "SignalingEvent", "ws_endpoint"]
+
+log = logging.getLogger("duet.signaling")
 
 ROOM_ID_RE = re.compile(r"[0-9a-f]{16,64}")
 ROLES = ("owner", "scientist")
@@ -121,12 +124,15 @@ class SignalingClient:
 
     peer_id: str
 
-    def __init__(self, conn: WebSocketClientConnection, url: str, room: str, role: str, peer_id: str) -> None:
+    def __init__(self, conn: WebSocketClientConnection, url: str, room: str, role: str, peer_id: str,
+                 ice_servers: Optional[List[Dict[str, Any]]] = None) -> None:
         self._conn = conn
         self.url = url
         self.room = room
         self.role = role
         self.peer_id = peer_id
+        # STUN/TURN servers the service offered at registration ([] when it offers none).
+        self.ice_servers: List[Dict[str, Any]] = list(ice_servers or [])
         self._queue: "asyncio.Queue[Union[SignalingEvent, _Closed]]" = asyncio.Queue()
         self._closed = False
         self._finished = False
@@ -176,16 +182,16 @@ class SignalingClient:
             detail = str(exc) or type(exc).__name__
             raise _signaling_error(f"could not reach the signaling service at {url}: {detail}", "unreachable") from None
         try:
-            peer_id = await cls._join(conn, url, room, role, deadline - loop.time(), timeout)
+            peer_id, ice = await cls._join(conn, url, room, role, deadline - loop.time(), timeout)
         except BaseException:
             conn.close()
             raise
-        return cls(conn, url, room, role, peer_id)
+        return cls(conn, url, room, role, peer_id, ice)
 
     @staticmethod
     async def _join(
         conn: WebSocketClientConnection, url: str, room: str, role: str, remaining: float, timeout: float
-    ) -> str:
+    ) -> Tuple[str, List[Dict[str, Any]]]:
         try:
             await conn.write_message(json.dumps({"op": "join", "room": room, "role": role}))
         except (WebSocketClosedError, StreamClosedError):
@@ -207,7 +213,7 @@ class SignalingClient:
             code = msg["code"]
             raise _signaling_error(_friendly(code, msg.get("message")), code)
         if msg is not None and msg.get("op") == "joined" and isinstance(msg.get("peer"), str):
-            return msg["peer"]
+            return msg["peer"], offered_ice_servers(msg.get("ice"), url)
         raise _signaling_error(f"the signaling service at {url} sent an unexpected reply to the join", "bad_reply")
 
     # ---------------------------------------------------------------- public
@@ -331,6 +337,38 @@ class SignalingClient:
                     self._close_message, self._close_code = text, code
                 return SignalingEvent("error", code=code, message=text)
         return None
+
+
+MAX_OFFERED_SERVERS = 8
+_SCHEMES = ("stun:", "turn:", "turns:")
+
+
+def offered_ice_servers(value: Any, url: str) -> List[Dict[str, Any]]:
+    """The ICE servers a service offered, if well formed; otherwise none (with a warning).
+
+    The service is untrusted: a list it sends can only name servers to try, never change what
+    the sealed pairing and DTLS protect (see SECURITY.md).
+    """
+    if value is None:
+        return []
+    servers: List[Dict[str, Any]] = []
+    ok = isinstance(value, list) and len(value) <= MAX_OFFERED_SERVERS
+    for item in value if ok else []:
+        urls = item.get("urls") if isinstance(item, dict) else None
+        user, cred = (item.get("username"), item.get("credential")) if isinstance(item, dict) else (None, None)
+        if (not isinstance(urls, str) or not urls.startswith(_SCHEMES) or len(urls) > 256
+                or any(c.isspace() for c in urls)
+                or not all(v is None or (isinstance(v, str) and len(v) <= 256) for v in (user, cred))):
+            ok = False
+            break
+        server: Dict[str, Any] = {"urls": urls}
+        if user is not None:
+            server.update(username=user, credential=cred)
+        servers.append(server)
+    if not ok:
+        log.warning("the signaling service at %s offered a malformed ICE server list; ignoring it", url)
+        return []
+    return servers
 
 
 def _parse(frame: Union[str, bytes, None]) -> Optional[Dict[str, Any]]:

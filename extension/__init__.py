@@ -29,13 +29,16 @@ from __future__ import annotations
 
 import html
 import json
+import os
 import re
 from typing import Any, Dict, List, Optional, Tuple
 
-from traitlets import Float, Integer
+from traitlets import Float, Integer, Unicode
+from traitlets import List as ListTrait
 from traitlets.config import Configurable
 
 from duet_signaling import Limits, SignalingState, make_handlers
+from duet_signaling.ice import DEFAULT_TTL_SECONDS, IceOffer
 from duet_signaling.service import HealthHandler, SignalingWebSocket
 
 __all__ = [
@@ -95,6 +98,26 @@ class DuetSignaling(Configurable):
         config=True,
         help="Time a new connection has to say which room it joins.",
     )
+
+    ice_servers = ListTrait(
+        Unicode(), default_value=[], config=True,
+        help="STUN servers handed to every peer at registration, e.g. ['stun:turn.example.org:3478'].",
+    )
+    turn_urls = ListTrait(
+        Unicode(), default_value=[], config=True,
+        help="TURN servers handed to every peer with credentials made for it (needs turn_secret).",
+    )
+    turn_secret = Unicode(
+        "", config=True,
+        help="coturn's static-auth-secret (use-auth-secret); $DUET_TURN_SECRET when empty. Never sent to peers.",
+    )
+    turn_ttl_seconds = Float(DEFAULT_TTL_SECONDS, config=True, help="How long handed-out TURN credentials stay valid.")
+
+    def ice(self) -> IceOffer:
+        """The ICE servers to offer; raises ``ValueError`` naming a bad value."""
+        return IceOffer(stun_urls=list(self.ice_servers), turn_urls=list(self.turn_urls),
+                        turn_secret=self.turn_secret or os.environ.get("DUET_TURN_SECRET") or None,
+                        ttl_seconds=self.turn_ttl_seconds)
 
     def limits(self) -> Limits:
         """The configured limits; raises ``ValueError`` naming a bad value."""
@@ -232,11 +255,12 @@ def _load_jupyter_server_extension(serverapp: Any) -> None:
         serverapp.log.debug("duet_jupyter: already loaded")
         return
     try:
-        limits = DuetSignaling(parent=serverapp).limits()
+        config = DuetSignaling(parent=serverapp)
+        limits, ice = config.limits(), config.ice()
     except ValueError as exc:
         serverapp.log.error("duet_jupyter: invalid DuetSignaling configuration: %s", exc)
         raise
-    state = SignalingState(limits)
+    state = SignalingState(limits, ice)
     base_url = web_app.settings.get("base_url", "/")
     web_app.add_handlers(".*$", make_jupyter_handlers(state, base_url))
     web_app.settings[STATE_SETTING] = state

@@ -9,10 +9,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 from typing import List, Optional
 
+from .ice import DEFAULT_TTL_SECONDS, IceOffer
 from .service import Limits, start
 
 DEFAULT_PORT = 8765
@@ -52,6 +54,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--room-idle-seconds", type=_positive_float, default=d.room_idle_seconds)
     p.add_argument("--room-ttl-seconds", type=_positive_float, default=d.room_ttl_seconds)
     p.add_argument("--handshake-timeout-seconds", type=_positive_float, default=d.handshake_timeout_seconds)
+    p.add_argument("--ice-server", action="append", default=[], metavar="URL",
+                   help="a STUN server handed to every peer, e.g. stun:turn.example.org:3478 (repeatable)")
+    p.add_argument("--turn-url", action="append", default=[], metavar="URL",
+                   help='a TURN server handed to every peer with credentials made for it, e.g. '
+                        '"turn:turn.example.org:3478?transport=tcp" (repeatable; needs --turn-secret)')
+    p.add_argument("--turn-secret", default=None,
+                   help="coturn's static-auth-secret (use-auth-secret); or $DUET_TURN_SECRET, which no process list shows")
+    p.add_argument("--turn-ttl-seconds", type=_positive_float, default=DEFAULT_TTL_SECONDS,
+                   help="how long the TURN credentials handed out stay valid (default: %(default)g)")
     p.add_argument(
         "--log-level",
         default="INFO",
@@ -61,9 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-async def _serve(host: str, port: int, limits: Limits, prefix: str) -> int:
+async def _serve(host: str, port: int, limits: Limits, prefix: str, ice: Optional[IceOffer] = None) -> int:
     try:
-        service = await start(host=host, port=port, limits=limits, prefix=prefix)
+        service = await start(host=host, port=port, limits=limits, prefix=prefix, ice=ice)
     except OSError as exc:
         print(f"duet-signaling: cannot listen on {host}:{port}: {exc}", file=sys.stderr)
         return 1
@@ -106,11 +117,14 @@ def main(argv: Optional[List[str]] = None) -> int:
             room_ttl_seconds=args.room_ttl_seconds,
             handshake_timeout_seconds=args.handshake_timeout_seconds,
         )
+        ice = IceOffer(stun_urls=args.ice_server, turn_urls=args.turn_url,
+                       turn_secret=args.turn_secret or os.environ.get("DUET_TURN_SECRET") or None,
+                       ttl_seconds=args.turn_ttl_seconds)
     except ValueError as exc:
         print(f"duet-signaling: {exc}", file=sys.stderr)
         return 2
     try:
-        return asyncio.run(_serve(args.host, args.port, limits, args.prefix))
+        return asyncio.run(_serve(args.host, args.port, limits, args.prefix, ice))
     except KeyboardInterrupt:  # pragma: no cover - signal arrived before handlers were set
         return 0
 

@@ -46,6 +46,8 @@ import tornado.netutil
 import tornado.web
 import tornado.websocket
 
+from .ice import IceOffer
+
 log = logging.getLogger("duet_signaling")
 
 PROTOCOL_VERSION = 1
@@ -187,8 +189,9 @@ class SignalingState:
     and so that tests and operators can inspect it through ``stats()``.
     """
 
-    def __init__(self, limits: Optional[Limits] = None) -> None:
+    def __init__(self, limits: Optional[Limits] = None, ice: Optional[IceOffer] = None) -> None:
         self.limits = limits if limits is not None else Limits()
+        self.ice = ice if ice is not None else IceOffer()
         self._rooms: Dict[str, _Room] = {}
         self._connections: Set[SignalingWebSocket] = set()
         self._sweeper: Optional[asyncio.Task] = None
@@ -512,7 +515,10 @@ class SignalingWebSocket(tornado.websocket.WebSocketHandler):
             return
         self._joined = True
         self._cancel_handshake_timer()
-        self._send_json({"op": "joined", "peer": self.peer_id})
+        reply: Dict[str, Any] = {"op": "joined", "peer": self.peer_id}
+        if not self.state.ice.empty:  # before any offer: the peer gathers candidates with these
+            reply["ice"] = self.state.ice.servers_for(f"{role}-{self.peer_id[:8]}")
+        self._send_json(reply)
 
     def _handle_send(self, msg: Dict[str, Any]) -> None:
         data = msg.get("data")
@@ -674,13 +680,15 @@ async def start(
     port: int = 0,
     limits: Optional[Limits] = None,
     prefix: str = "",
+    ice: Optional[IceOffer] = None,
 ) -> RunningService:
     """Start a signaling service on the current asyncio loop.
 
     ``port=0`` picks a free port (read it from ``.port`` / ``.url``). The
-    service runs until ``await service.stop()``.
+    service runs until ``await service.stop()``. ``ice``: the STUN/TURN servers
+    handed to every peer when it registers (with per-registration TURN credentials).
     """
-    state = SignalingState(limits)
+    state = SignalingState(limits, ice)
     app = make_app(state=state, prefix=prefix)
     sockets = tornado.netutil.bind_sockets(port, address=host)
     server = tornado.httpserver.HTTPServer(app)

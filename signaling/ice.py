@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
-DEFAULT_TTL_SECONDS = 6 * 3600.0
+DEFAULT_TTL_SECONDS = 24 * 3600.0  # the owner's credentials are made once, when it registers
 SCHEMES = ("stun:", "turn:", "turns:")
 
 

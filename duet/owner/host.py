@@ -702,6 +702,11 @@ class ScientistConnection:
         )
         self.session.reply(req_id, {"encoded": payload, "sha256": digest})
 
+    @property
+    def route(self) -> Any:
+        """How this scientist's link is made (duet.transport.route.Route); None for an in-process pair."""
+        return getattr(self.session.transport, "route", None)
+
     def summary(self) -> List[Any]:
         r = self.requester
         return [r.name if r else self.ctx.scientist_name, r.fingerprint if r else "", self.state, len(self.objects)]

@@ -484,6 +484,25 @@ class Scientist:
 
     # -- lifecycle ----------------------------------------------------------------------
     @property
+    def connection(self) -> Any:
+        """How this link reaches the owner: direct or relayed, candidate types, protocol, and rtt (one ping)."""
+        import dataclasses
+
+        from ..transport.route import Route
+
+        transport = getattr(self.session, "transport", None)
+        route = getattr(transport, "route", None) if transport is not None and hasattr(type(transport), "route") \
+            else Route(kind="in-process")
+        if route is None:
+            route = Route(kind="direct")  # open, but no nominated pair to read
+        if self.session.closed:
+            return route
+        try:
+            return dataclasses.replace(route, rtt=self.ping(timeout=5.0))
+        except Exception:
+            return route
+
+    @property
     def connected(self) -> bool:
         return not self.session.closed
 

@@ -471,6 +471,13 @@ class WebRtcTransport(Transport):
         return self._pc
 
     @property
+    def route(self) -> Any:
+        """The path this link took (duet.transport.route.Route), or None before ICE nominated one."""
+        from .route import selected_route
+
+        return selected_route(self._pc)
+
+    @property
     def max_frame(self) -> int:
         return self._framer.max_frame
 

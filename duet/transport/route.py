@@ -1,0 +1,48 @@
+"""Which path a WebRTC link took: direct or through a TURN relay, candidate types, protocol.
+
+Read from the ICE pair aioice nominated (aiortc exposes no public accessor for it), so a user can
+see whether a relay carries the traffic, and a slow link can be explained.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+
+@dataclass(frozen=True)
+class Route:
+    """The selected candidate pair of a link, or how the link is made when it is not WebRTC."""
+
+    kind: str  # "direct", "relay" (a TURN server carries it) or "in-process"
+    local_type: Optional[str] = None  # host, srflx, prflx or relay
+    remote_type: Optional[str] = None
+    protocol: Optional[str] = None  # udp or tcp
+    rtt: Optional[float] = None  # seconds, measured by a ping when asked
+
+    def __str__(self) -> str:
+        if self.kind == "in-process":
+            return "in-process (no network)"
+        parts = [f"{self.kind} over {self.protocol or '?'}", f"{self.local_type or '?'} -> {self.remote_type or '?'} candidates"]
+        if self.rtt is not None:
+            parts.append(f"rtt {self.rtt * 1000:.1f} ms")
+        return ", ".join(parts)
+
+    def _repr_html_(self) -> str:
+        import html
+
+        return f"<code>{html.escape(str(self))}</code>"
+
+
+def selected_route(pc: Any) -> Optional[Route]:
+    """The nominated pair of a peer connection's ICE transport; None before one is nominated."""
+    try:
+        ice = pc.sctp.transport.transport  # RTCSctpTransport -> RTCDtlsTransport -> RTCIceTransport
+        pair = ice._connection._nominated.get(1)
+    except AttributeError:
+        return None
+    if pair is None:
+        return None
+    local, remote = pair.local_candidate, pair.remote_candidate
+    relayed = "relay" in (local.type, remote.type)
+    return Route(kind="relay" if relayed else "direct", local_type=local.type, remote_type=remote.type,
+                 protocol=str(local.transport).lower())

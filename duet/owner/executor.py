@@ -45,7 +45,7 @@ from .. import allowlist
 from ..allowlist import Entry
 from ..errors import LimitExceeded, NotAllowed, RemoteError, UnknownObject
 from ..wire import Ref
-from . import bounds, shapes
+from . import bounds, numpy_random, shapes
 from . import frames  # pandas, optional: a no-op unless pandas is loaded
 from .effects import Observer, active, reads_watched
 from .footprint import Footprint, arrays_in, footprint, grad_of, ranges_overlap, structure, tensor_range, tensors_in
@@ -244,7 +244,10 @@ def _callable(kind: str, name: str, target: Any, rng: ActionRandomness) -> Calla
     """The owner's callable for a looked-up action (names are allowlist keys by now)."""
     if kind == "func":
         if name.startswith("numpy.random."):
-            return getattr(_LazyNumpyRandom(rng), name.rsplit(".", 1)[1])
+            fn = numpy_random.bind(name.rsplit(".", 1)[1], rng)
+            if fn is None:
+                raise NotAllowed(f"{name} is not available on the owner")
+            return fn
         return resolve(name)
     if kind == "method":
         if isinstance(target, torch.Tensor) and name == "resize_as_":
@@ -263,30 +266,6 @@ def model_methods(module: Any) -> Dict[str, Any]:
     """The other methods of a model the scientist sent (`decode`), by name; none for other modules."""
     methods = getattr(module, "__dict__", {}).get("duet_methods") if getattr(type(module), "__duet_graph_module__", False) else None
     return methods if isinstance(methods, dict) else {}
-
-
-class _LazyNumpyRandom:
-    """numpy.random.<fn> resolved on the action's own RandomState, made on first use."""
-
-    def __init__(self, rng: ActionRandomness) -> None:
-        self._rng = rng
-
-    def __getattr__(self, short: str) -> Callable[..., Any]:
-        if short.startswith("_"):
-            raise AttributeError(short)
-        rng = self._rng
-
-        def call(*args: Any, **kwargs: Any) -> Any:
-            return getattr(rng.numpy_state, short)(*args, **kwargs)
-
-        call.__signature__ = _unbound_signature(getattr(np.random.RandomState, short))  # type: ignore[attr-defined]
-        return call
-
-
-def _unbound_signature(method: Any) -> inspect.Signature:
-    """A method's signature without `self`, read from the class (no generator is made for it)."""
-    sig = inspect.signature(method)
-    return sig.replace(parameters=list(sig.parameters.values())[1:])
 
 
 def _resize_as_zeroed(target: torch.Tensor, other: Any) -> torch.Tensor:

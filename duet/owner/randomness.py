@@ -11,9 +11,10 @@ actions: what one action draws can never change what another draws, and the
 same program with the same seed gets the same numbers. Nothing here touches
 torch's or numpy's global generators.
 
-These generators serve the scientist's own random calls (`torch.randn`,
-`numpy.random.normal`, dropout), with the semantics those libraries document;
-they are not privacy noise or masks, which come from vetted libraries only.
+One torch generator per action serves the scientist's own random calls
+(`torch.randn`, dropout, and `numpy.random.*` through `duet.owner.numpy_random`),
+with the semantics those libraries document; no numpy bit generator runs on the
+owner. These are not privacy noise or masks, which come from vetted libraries only.
 """
 from __future__ import annotations
 
@@ -21,7 +22,6 @@ import hashlib
 import secrets
 from typing import Optional
 
-import numpy as np
 import torch
 
 
@@ -61,7 +61,6 @@ class ActionRandomness:
         self._seed = seed
         self._path = path
         self._torch: Optional[torch.Generator] = None
-        self._numpy: Optional[np.random.RandomState] = None
         self.draws = 0
 
     def child(self, index: int) -> "ActionRandomness":
@@ -74,11 +73,3 @@ class ActionRandomness:
         if self._torch is None:
             self._torch = torch.Generator().manual_seed(_derive(self._seed, self._path, 0))
         return self._torch
-
-    @property
-    def numpy_state(self) -> np.random.RandomState:
-        self.draws += 1
-        if self._numpy is None:
-            seq = np.random.SeedSequence(_derive(self._seed, self._path, 1))
-            self._numpy = np.random.RandomState(np.random.MT19937(seq))
-        return self._numpy

@@ -222,32 +222,6 @@ def requested_elements(name: str, fn: Callable[..., Any], args: Tuple[Any, ...],
     return elements(list(args))
 
 
-def sample_elements(dist: Any, method: str, args: Tuple[Any, ...] | List[Any], kwargs: Dict[str, Any]) -> int:
-    """Elements a distribution's sample draws: sample_shape x batch x event, times the trials drawn.
-
-    Categorical and Multinomial sample through torch.multinomial with a plain int count, which no
-    per-operation check sees before it allocates.
-    """
-    if method not in ("sample", "rsample"):
-        return 0
-    shape = args[0] if args else kwargs.get("sample_shape", ())
-    n = elements(shape if isinstance(shape, (tuple, list, torch.Size)) else [shape])
-    n *= max(_product(size_ints(tuple(dist.batch_shape))), 1) * max(_product(size_ints(tuple(dist.event_shape))), 1)
-    trials = getattr(dist, "total_count", 1)
-    if isinstance(trials, int) and not isinstance(trials, bool):
-        n *= max(trials, 1)
-    return n
-
-
-def check_total_count(name: str, args: Any, kwargs: Dict[str, Any], limit: int) -> None:
-    """Multinomial/Binomial(total_count=10**12): every later sample would draw that many trials."""
-    if not name.endswith(("Multinomial", "Binomial")):
-        return
-    count = kwargs.get("total_count", args[0] if args else 1)
-    if isinstance(count, (int, np.integer)) and not isinstance(count, bool) and int(count) > limit:
-        raise LimitExceeded(f"{name} with total_count {int(count)} would draw more than {limit} trials per sample")
-
-
 def numpy_elements(name: str, fn: Callable[..., Any], args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> int:
     """Elements a numpy function's result would hold, for those whose size comes from arguments."""
     short = name.rsplit(".", 1)[-1]

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
+import torch.utils._pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..errors import LimitExceeded, NotAllowed
@@ -160,9 +161,9 @@ class Observer(TorchDispatchMode):
         info = _INFO.get(func) or _info(func)
         if info.reads_values:
             self.read_values = True
+        check_pieces(func, args, kwargs)  # first: a shadow of chunk into ten million pieces would make them all
         if self.max_elements is not None:
             self._check_size(func, info, args, kwargs)
-        check_pieces(func, args, kwargs)
         if info.random:
             func, args, kwargs = self._route_random(func, info, args, kwargs)
             info = _INFO.get(func) or _info(func)
@@ -198,6 +199,10 @@ class Observer(TorchDispatchMode):
             elif isinstance(repeats, int):
                 n = max(n, repeats * args[0].numel())
         assert self.max_elements is not None
+        if n <= self.max_elements:
+            # Sizes given as plain ints (multinomial's num_samples, a distribution's trial count) are
+            # in no size list: what the operation makes is read from a run on meta tensors.
+            n = max(n, _meta_elements(func, args, kwargs))
         if n > self.max_elements:
             raise LimitExceeded(f"{name.split('::')[-1]} would allocate more than {self.max_elements} elements")
 
@@ -257,6 +262,28 @@ def reads_watched(observer: "Observer") -> Iterator[None]:
         yield
     finally:
         sys.setprofile(previous)
+
+
+def _meta_elements(func: Any, args: tuple, kwargs: Dict[str, Any]) -> int:
+    """Elements an operation's results hold, from a run on meta copies of its tensors; 0 if it cannot say.
+
+    Runs inside the dispatch mode, which is off while it handles an operation, so nothing recurses.
+    """
+    leaves = pytree.tree_leaves((args, kwargs))
+    if not any(isinstance(v, int) and not isinstance(v, bool) for v in leaves):
+        return 0  # every size is then in a size list, a tensor's shape, or nowhere
+    if not any(isinstance(v, torch.Tensor) for v in leaves):
+        return 0  # a factory: its sizes are in size lists, and a run here would allocate for real
+    try:
+        meta_args, meta_kwargs = pytree.tree_map_only(
+            torch.Tensor, lambda t: torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta"), (args, kwargs))
+        meta_kwargs.pop("generator", None)
+        if "device" in meta_kwargs:
+            meta_kwargs["device"] = torch.device("meta")  # new_zeros and the like: never a real allocation
+        out = func(*meta_args, **meta_kwargs)
+    except Exception:  # no meta kernel, or a size that depends on values: the other checks stand
+        return 0
+    return sum(t.numel() for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor))
 
 
 def _product(values: Any) -> int:

@@ -592,13 +592,9 @@ class Executor:
         """The part of an action after its names are checked: sizes, the run, effects, the result."""
         bounds.check_dtype_arguments(dtypes)
         self._check_python(label, name, kind, call_args)
-        self.table.check_room(frames.result_bytes(kind, name, target, call_args, kw))  # pandas: before it runs
-        if kind == "method" and isinstance(target, torch.distributions.Distribution):
-            n = bounds.sample_elements(target, name, call_args, kw)  # a sample's size comes from Python ints inside
-            bounds.check_elements(n, self.table.limits.max_elements_per_object, label)
-            self.table.check_room(n * 8)
-        elif kind == "func" and name in allowlist.DISTRIBUTIONS:
-            bounds.check_total_count(name, call_args, kw, self.table.limits.max_elements_per_object)
+        frame_bytes = frames.result_bytes(kind, name, target, call_args, kw)  # pandas: before it runs
+        if frame_bytes:
+            self.table.check_room(frame_bytes)
 
         # How many objects a result will hold, before anything builds them (a (10**7, 0) tensor's
         # tolist or unbind makes ten million objects out of zero bytes).

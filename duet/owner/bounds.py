@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from ..allowlist import LEGACY_CONSTRUCTORS
 from ..errors import LimitExceeded, NotAllowed
 from .footprint import MAX_DEPTH
 
@@ -167,7 +168,7 @@ def requested_elements(name: str, fn: Callable[..., Any], args: Tuple[Any, ...],
     """How many elements a call would allocate, from its arguments (0 when it cannot say)."""
     short = name.rsplit(".", 1)[-1]
     size_kw = kwargs.get("size", kwargs.get("shape"))
-    if short.endswith("Tensor") and not all(isinstance(a, int) and not isinstance(a, bool) for a in args):
+    if name in LEGACY_CONSTRUCTORS and not all(isinstance(a, int) and not isinstance(a, bool) for a in args):
         return 0  # torch.LongTensor(data): data already in memory, bounded by the wire; sizes are ints only
     if short in ("arange",):
         nums = [a for a in args if isinstance(a, (int, float, np.number)) and not isinstance(a, bool)]

@@ -544,7 +544,7 @@ class ScientistConnection:
         elif frames.kind(value) is not None:
             value = frames.copy(value)
         elif store_mod.is_python_value(value):
-            value = store_mod.copy_python_value(value)
+            value = snapshot(value)  # tensors cloned, arrays and containers copied
         else:
             raise NotAllowed(f"asset {name!r} is a dataset; iterate it with scientist.loader({name!r})")
         # Numbers in a published list or dict are values; anything computed from the container could

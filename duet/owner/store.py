@@ -77,21 +77,6 @@ def holds_numbers(value: Any, depth: int = 0) -> bool:
     return False
 
 
-def copy_python_value(value: Any) -> Any:
-    """An independent copy for one scientist (tensors cloned, arrays copied)."""
-    if isinstance(value, torch.Tensor):
-        return value.detach().clone()
-    if isinstance(value, np.ndarray):
-        return value.copy()
-    if isinstance(value, list):
-        return [copy_python_value(v) for v in value]
-    if isinstance(value, tuple):
-        return tuple(copy_python_value(v) for v in value)
-    if isinstance(value, dict):
-        return {k: copy_python_value(v) for k, v in value.items()}
-    return value
-
-
 @dataclass
 class Asset:
     """A published value. Its name, description, tags, type, shape and dtype are public; its values are not."""

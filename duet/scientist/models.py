@@ -152,7 +152,6 @@ def describe(module: torch.nn.Module, methods: Optional[List[str]] = None) -> De
     """
     if not isinstance(module, torch.nn.Module):
         raise TypeError("describe() takes an nn.Module")
-    methods_wanted = methods
     gm = _traced_twice(module)
     funcs = _function_names()
     modules: List[Dict[str, Any]] = []
@@ -245,29 +244,29 @@ def describe(module: torch.nn.Module, methods: Optional[List[str]] = None) -> De
         return nodes
 
     nodes = convert(gm)
-    methods: Dict[str, List[List[Any]]] = {}
+    method_graphs: Dict[str, List[List[Any]]] = {}
     outputs: Dict[str, Optional[int]] = {"forward": _output_length(gm)}
     unavailable: Dict[str, str] = {}
-    for name, traced in _trace_methods(module, methods_wanted).items():
+    for name, traced in _trace_methods(module, methods).items():
         if isinstance(traced, str):
             unavailable[name] = traced
             continue
         try:
-            methods[name] = convert(traced)
+            method_graphs[name] = convert(traced)
         except NotAllowed as exc:
-            if methods_wanted is not None:
+            if methods is not None:
                 raise NotAllowed(f"method {name}: {exc}") from None
             unavailable[name] = str(exc)
             continue
         outputs[name] = _output_length(traced)
-    # Modules that forward never calls (and parameters it never reads) stay with the scientist.
+    # Modules no graph calls (and parameters none reads) stay with the scientist.
     graph = {
         "format": FORMAT,
         "modules": modules,
         "attrs": attrs,
         "state": state,
         "nodes": nodes,
-        "methods": methods,
+        "methods": method_graphs,
         "training": bool(module.training),
     }
     return Described(graph, keymap, outputs, unavailable)
@@ -482,24 +481,7 @@ def rebuild(template: torch.nn.Module, state: Dict[str, Any], keymap: Dict[str, 
     return model
 
 
-from .pointer import Pointer  # noqa: E402
-
-
-class _ModelMethod:
-    """A method of a sent model other than forward (`vae.decode`), traced when the model was sent."""
-
-    __slots__ = ("_ptr", "_name")
-
-    def __init__(self, ptr: "ModelPointer", name: str) -> None:
-        self._ptr = ptr
-        self._name = name
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Pointer:
-        ptr = self._ptr
-        return ptr._client._call("call", self._name, [ptr, *args], kwargs, length=ptr._outputs.get(self._name))
-
-    def __repr__(self) -> str:
-        return f"<remote method {self._name} of {self._ptr!r}>"
+from .pointer import Pointer, _RemoteMethod  # noqa: E402
 
 
 class ModelPointer(Pointer):
@@ -528,7 +510,7 @@ class ModelPointer(Pointer):
     def __getattr__(self, name: str) -> Any:
         if not name.startswith("_"):
             if name in self._outputs:
-                return _ModelMethod(self, name)
+                return _RemoteMethod(self, name, kind="call", length=self._outputs.get(name))
             if name in self._unavailable:
                 raise NotAllowedHere(f"{name} of the sent model cannot run remotely: {self._unavailable[name]}")
         return super().__getattr__(name)
@@ -536,14 +518,8 @@ class ModelPointer(Pointer):
     def __dir__(self) -> List[str]:
         return sorted(set(object.__dir__(self)) | set(self._outputs) | set(allowlist.MODULE_METHODS))
 
-    def request(self, reason: str = "") -> Any:
-        handle = self._handle
-        if handle is not None and not handle.delivered and handle.status != "failed":
-            if reason and reason != handle.reason and handle.status == "pending":
-                self._client._amend_request(self, handle, reason)
-            return handle
-        self._handle = self._client._request_release(self, reason, decode=self._decode)
-        return self._handle
+    def _decoder(self) -> Any:
+        return self._decode
 
     def _decode(self, raw: Any) -> torch.nn.Module:
         value = self._client._decode_release(raw)

@@ -75,9 +75,13 @@ class Pointer:
             if reason and reason != handle.reason and handle.status == "pending":
                 self._client._amend_request(self, handle, reason)
             return handle
-        self._handle = self._client._request_release(self, reason)
+        self._handle = self._client._request_release(self, reason, decode=self._decoder())
         self._handle.progress_source = getattr(self._client.session, "transport", None)
         return self._handle
+
+    def _decoder(self) -> Optional[Callable[[Any], Any]]:
+        """How a released value is decoded (None: as plain data); a sent model's pointer rebuilds the model."""
+        return None
 
     def get(self, reason: str = "", timeout: Optional[float] = None) -> Any:
         """The value, once the owner approves (at once for values of your own)."""
@@ -216,16 +220,23 @@ class Pointer:
 
 
 class _RemoteMethod:
-    """A method of a remote object, bound to its pointer."""
+    """A method of a remote object, bound to its pointer.
 
-    __slots__ = ("_ptr", "_name")
+    kind "call": another method of a sent model (`vae.decode`), whose output length is known.
+    """
 
-    def __init__(self, ptr: Pointer, name: str) -> None:
+    __slots__ = ("_ptr", "_name", "_kind", "_length")
+
+    def __init__(self, ptr: Pointer, name: str, kind: str = "method", length: Optional[int] = None) -> None:
         self._ptr = ptr
         self._name = name
+        self._kind = kind
+        self._length = length
 
     def __call__(self, *args: Any, **kwargs: Any) -> Pointer:
         name = self._name
+        if self._kind == "call":
+            return self._ptr._client._call("call", name, [self._ptr, *args], kwargs, length=self._length)
         if name == "to":
             args, kwargs = devices.without_cpu_device(tuple(args), dict(kwargs), "to")
             if not args and not kwargs:

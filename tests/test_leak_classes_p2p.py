@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import duet
-from tests.procs.helpers import start_owner, start_signaling
+from tests.procs.helpers import scientist_of_owner_process
 from tests.test_leak_classes import ATTACKS, needs_approval, shape_hidden
 
 pytestmark = pytest.mark.slow
@@ -18,16 +18,8 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def remote_scientist():
-    sig, url = start_signaling()
-    owner_proc, info = start_owner("--signaling", url, "--leak-assets")
-    scientist = duet.join(info["code"], name="hostile", local_only=True)
-    try:
+    with scientist_of_owner_process("--leak-assets", name="hostile") as scientist:
         yield scientist
-    finally:
-        scientist.close()
-        rc = owner_proc.stop()
-        sig.stop()
-        assert rc == 0, "".join(owner_proc.stderr[-40:])
 
 
 @pytest.mark.parametrize("name", sorted(ATTACKS))

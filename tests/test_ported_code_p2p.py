@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import duet
-from tests.procs.helpers import start_owner, start_signaling
+from tests.procs.helpers import scientist_of_owner_process
 from tests.test_ported_code import VAE, Recurrent
 
 pytestmark = pytest.mark.slow
@@ -18,16 +18,8 @@ T = 30
 
 @pytest.fixture(scope="module")
 def remote():
-    sig, url = start_signaling()
-    owner_proc, info = start_owner("--signaling", url, "--accept-all", "--python-assets")
-    scientist = duet.join(info["code"], name="porter", local_only=True)
-    try:
+    with scientist_of_owner_process("--accept-all", "--python-assets", name="porter") as scientist:
         yield scientist
-    finally:
-        scientist.close()
-        rc = owner_proc.stop()
-        sig.stop()
-        assert rc == 0, "".join(owner_proc.stderr[-40:])
 
 
 def test_vae_unpacks_and_decodes_over_webrtc(remote):

@@ -1,6 +1,7 @@
 """Start and stop real processes for integration tests: signaling service and owner."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -8,7 +9,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Iterator, List, Optional
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -86,3 +87,23 @@ def start_owner(*args: str, env: Optional[Dict[str, str]] = None) -> tuple:
     """A real owner process; returns (proc, first JSON line with the code)."""
     proc = Proc([sys.executable, "-m", "tests.procs.owner", *args], env=env)
     return proc, proc.next_json(60)
+
+
+@contextlib.contextmanager
+def scientist_of_owner_process(*owner_args: str, name: str) -> Iterator[Any]:
+    """A signaling process, an owner process started with `owner_args`, and a scientist here joined to it.
+
+    Everything is stopped afterwards, and the owner process must have exited cleanly.
+    """
+    import duet
+
+    sig, url = start_signaling()
+    owner_proc, info = start_owner("--signaling", url, *owner_args)
+    scientist = duet.join(info["code"], name=name, local_only=True)
+    try:
+        yield scientist
+    finally:
+        scientist.close()
+        rc = owner_proc.stop()
+        sig.stop()
+        assert rc == 0, "".join(owner_proc.stderr[-40:])

@@ -6,6 +6,7 @@ value derived from private data leaves the owner without approval.
 from .api import local_pair
 from .connect import join, launch
 from .errors import (
+    ConnectionFailed,
     ConnectionLost,
     DuetError,
     LimitExceeded,
@@ -36,6 +37,7 @@ __all__ = [
     "plan",
     "Limits",
     "DuetError",
+    "ConnectionFailed",
     "ConnectionLost",
     "LimitExceeded",
     "NotAllowed",

@@ -9,23 +9,25 @@ keys to this session's DTLS fingerprints (duet.owner.host.HandshakeContext).
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import os
-import socket
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
-from typing import Any, List, Optional, Set
+from typing import Any, List, Optional, Set, Tuple
 
 from . import runtime
-from .errors import PairingError, SignalingError
+from .errors import ConnectionFailed, PairingError, SignalingError
 from .owner.host import HandshakeContext, Owner
 from .pairing import JoinCode, Sealer, new_session_id, peek_session
 from .scientist.client import Scientist
 from .session import Session
 from .signaling_client import SignalingClient
 from .text import clean
-from .transport.webrtc import IceConfig, RtcPeer
+from .transport.ice import IceConfig
+from .transport.webrtc import RtcPeer
 
 log = logging.getLogger("duet.connect")
 
@@ -176,7 +178,13 @@ class OwnerSignaling:
         try:
             answer = await peer.accept_offer(body["sdp"])
             await self.client.send(sealer.seal("answer", {"sdp": answer, "name": self.owner.name}), to=peer_id)
-            transport = await peer.wait_open(CHANNEL_OPEN_TIMEOUT)
+            transport = await peer.wait_open(CHANNEL_OPEN_TIMEOUT, peer="the scientist")
+        except ConnectionFailed as exc:
+            log.warning("connection to scientist %r failed: %s", scientist_name, exc)
+            self.owner.record_connection_failure(scientist_name, str(exc))
+            await peer.close()
+            self.peers.remove(peer)
+            return
         except Exception as exc:
             log.warning("pairing with %r failed: %s", scientist_name, exc)
             await peer.close()
@@ -216,12 +224,42 @@ async def _forget_peer(sig: OwnerSignaling, peer: RtcPeer) -> None:
     await peer.close()
 
 
-def _advertised_host(bind_host: str, local_only: bool) -> str:
+def _advertised_host(bind_host: str, local_only: bool, addresses: Optional[List[str]] = None) -> Tuple[str, Optional[str]]:
+    """The address the join code names for an embedded service, and a warning for the owner if any.
+
+    Never a host name (socket.getfqdn() usually resolves only on this computer): an address of one
+    of this computer's interfaces, public before private; a private one works only on this network.
+    `addresses`: the interfaces' IPv4 addresses (read from the system when None).
+    """
     if local_only or bind_host in ("127.0.0.1", "localhost"):
-        return "127.0.0.1"
+        return "127.0.0.1", None
     if bind_host not in ("0.0.0.0", "::", ""):
-        return bind_host
-    return socket.getfqdn()
+        chosen = bind_host
+    else:
+        if addresses is None:
+            import aioice.ice
+
+            addresses = aioice.ice.get_host_addresses(use_ipv4=True, use_ipv6=False)
+        usable = [a for a in addresses if not ipaddress.ip_address(a).is_loopback and not ipaddress.ip_address(a).is_link_local]
+        public = [a for a in usable if ipaddress.ip_address(a).is_global]
+        if not usable:
+            return "127.0.0.1", ("this computer has no network address besides 127.0.0.1: the join code works only "
+                                 "here (see docs/networks.md)")
+        chosen = (public or usable)[0]
+    try:
+        address = ipaddress.ip_address(chosen)
+    except ValueError:
+        return chosen, None  # a name the owner chose on purpose
+    if address.is_global:
+        return chosen, None
+    return chosen, (f"the join code points to {chosen}, a private address: only computers on the same network "
+                    "can join. Between two networks, use a signaling service both sides can reach "
+                    "(signaling=URL or $DUET_SIGNALING_URL; see docs/networks.md)")
+
+
+def _url_host(host: str) -> str:
+    """IPv6 literals go in brackets in a URL."""
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
 
 
 def embedded_limits() -> Any:
@@ -285,6 +323,8 @@ def launch(
         resume_window=resume_window,
     )
 
+    warnings_found: List[str] = []
+
     async def start() -> OwnerSignaling:
         embedded = None
         base = url
@@ -293,7 +333,10 @@ def launch(
             # network open rooms in the owner's process. host="0.0.0.0" (or a LAN address) serves others.
             bind = host or "127.0.0.1"
             embedded = await _start_embedded(bind, port)
-            base = f"http://{_advertised_host(bind, is_local)}:{embedded.port}"
+            advertised, warning = _advertised_host(bind, is_local)
+            if warning:
+                warnings_found.append(warning)
+            base = f"http://{_url_host(advertised)}:{embedded.port}"
         code = JoinCode.new(base, owner_key=owner.identity.public_key)  # the scientist checks who answers
         try:
             client = await SignalingClient.connect(base, code.room_id, "owner", timeout=timeout)
@@ -312,6 +355,9 @@ def launch(
     except BaseException:
         owner.close()
         raise
+    for text in warnings_found:
+        log.warning("%s", text)
+        warnings.warn(text, stacklevel=2)
     owner.code = str(sig.code)
     owner.signaling = sig  # type: ignore[attr-defined]
     owner._closers.append(lambda: runtime.run(sig.close(), timeout=10, what="closing signaling"))
@@ -360,7 +406,7 @@ async def _offer_and_connect(parsed: JoinCode, name: str, ice: Optional[IceConfi
                 raise PairingError("the owner's reply is not an answer")
             owner_name = _clean_name(body.get("name"))
             await peer.accept_answer(body["sdp"])
-            transport = await peer.wait_open(CHANNEL_OPEN_TIMEOUT)
+            transport = await peer.wait_open(CHANNEL_OPEN_TIMEOUT, peer="the owner")
             ctx = HandshakeContext(
                 room_id=parsed.room_id,
                 session_id=sid,
@@ -389,8 +435,10 @@ def join(
     """Join an owner's Duet with the code they shared; returns the scientist's handle.
 
     Fails with a clear error, never a hang: PairingError for a mistyped code,
-    SignalingError when the service or room cannot be reached, TimeoutError
-    when the owner does not answer within `timeout` seconds.
+    SignalingError when the service or room cannot be reached, ConnectionFailed
+    (a PairingError) when the owner answered but no network route exists (in about
+    10 s, saying what to configure), TimeoutError when the owner does not answer
+    within `timeout` seconds.
     """
     parsed = JoinCode.parse(code)
     name = _clean_name(name)

@@ -66,5 +66,13 @@ class PairingError(DuetError):
     """A join code that is malformed, mistyped, expired, or a pairing that failed verification."""
 
 
+class ConnectionFailed(PairingError):
+    """Pairing worked but no network path between the peers did: ICE found no route.
+
+    Raised from the ICE state well before the join timeout, with what each side gathered and what
+    to configure (usually a TURN server); see docs/networks.md.
+    """
+
+
 class SignalingError(DuetError, ConnectionError):
     """The signaling service refused, closed, or could not be reached."""

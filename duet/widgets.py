@@ -210,7 +210,8 @@ def _history_rows(history: List["Request"]) -> List[List[Any]]:
     return rows
 
 
-SCIENTIST_HEADERS = ["scientist (their chosen name)", "key fingerprint", "state", "objects"]
+SCIENTIST_HEADERS = ["scientist (their chosen name)", "key fingerprint", "state", "objects", "route"]
+FAILURES_SHOWN = 3
 
 
 def _connection_state(owner: "Owner") -> str:
@@ -226,6 +227,11 @@ def _connection_state(owner: "Owner") -> str:
         why = getattr(sig, "close_reason", "") or "closed"
         return f"signaling lost ({why}): no new scientist can join; {serving}"
     return f"serving, waiting for scientists to join; {serving}" if n == 0 else f"serving; {serving}"
+
+
+def _recent_failures(owner: "Owner") -> List[tuple]:
+    """The latest pairings whose network path failed, newest first (what to configure is in the text)."""
+    return list(getattr(owner, "connection_failures", []))[-FAILURES_SHOWN:][::-1]
 
 
 # -- the owner's panel ---------------------------------------------------------------
@@ -420,6 +426,9 @@ class OwnerPanel:
                 head += ("<br>The scientist runs: <code style='user-select:all'>"
                          f"duet.join({_esc(repr(owner.code))})</code> "
                          "<span class='duet-muted'>(share this code only with them)</span>")
+            for who, why in _recent_failures(owner):
+                head += (f"<br><span style='color:#b00'>Could not connect to {_esc(who)}:</span> "
+                         f"<span class='duet-muted'>{_esc(why)}</span>")
             self.header.value = head + "</div>"
             self.scientists_html.value = "<div class='duet-panel'>" + html_table(
                 SCIENTIST_HEADERS, owner._rows(), title="Connected scientists") + "</div>"
@@ -495,6 +504,7 @@ class OwnerPanel:
         lines = [f"Duet owner {owner.name!r} ({owner.fingerprint})", f"State: {_connection_state(owner)}"]
         if owner.code and not owner.closed:
             lines.append(f"The scientist runs: duet.join({owner.code!r})")
+        lines.extend(f"Could not connect to {who}: {why}" for who, why in _recent_failures(owner))
         parts = ["\n".join(lines),
                  text_table(SCIENTIST_HEADERS, owner._rows(), title="Connected scientists"),
                  text_table(STORE_HEADERS, store_rows(owner.store.listing()), title="Published assets")]

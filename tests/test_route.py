@@ -35,7 +35,7 @@ def test_a_webrtc_link_reports_a_direct_udp_route_on_both_sides():
 def test_relay_routes_are_named_relay():
     class Cand:
         def __init__(self, type_: str) -> None:
-            self.type, self.transport = type_, "TCP"
+            self.type, self.transport = type_, "UDP"
 
     class Pair:
         local_candidate, remote_candidate = Cand("relay"), Cand("srflx")
@@ -48,6 +48,7 @@ def test_relay_routes_are_named_relay():
     pc.sctp.transport = Obj()
     pc.sctp.transport.transport = Obj()
     pc.sctp.transport.transport._connection = Obj()
+    pc.sctp.transport.transport._connection.turn_transport = "tcp"  # TURN over TCP: the relay candidate itself is UDP
     pc.sctp.transport.transport._connection._nominated = {1: Pair()}
     from duet.transport.route import selected_route
 

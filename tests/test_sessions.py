@@ -94,6 +94,23 @@ def test_launch_binds_its_embedded_service_to_loopback(tmp_path):
         owner.close()
 
 
+def test_an_embedded_service_for_others_advertises_an_interface_address_never_a_host_name():
+    from duet.connect import _advertised_host
+
+    host, warning = _advertised_host("0.0.0.0", False, ["127.0.0.1", "192.168.1.20", "8.8.4.4"])
+    assert (host, warning) == ("8.8.4.4", None), "a public address first, with no warning"
+    host, warning = _advertised_host("0.0.0.0", False, ["127.0.0.1", "169.254.3.4", "192.168.1.20"])
+    assert host == "192.168.1.20" and "private address" in warning and "same network" in warning
+    host, warning = _advertised_host("0.0.0.0", False, ["127.0.0.1"])
+    assert host == "127.0.0.1" and "works only here" in warning
+    assert _advertised_host("10.1.2.3", False, [])[0] == "10.1.2.3" and "private" in _advertised_host("10.1.2.3", False, [])[1]
+    assert _advertised_host("0.0.0.0", True, ["8.8.4.4"]) == ("127.0.0.1", None)
+    # This machine's own interfaces: an IP literal, never socket.getfqdn().
+    import ipaddress
+
+    ipaddress.ip_address(_advertised_host("0.0.0.0", False)[0])
+
+
 @pytest.mark.timeout(120)
 def test_embedded_service_stays_far_below_the_file_limit(tmp_path):
     """Connections anyone opens to the embedded service cannot exhaust the owner's file descriptors."""

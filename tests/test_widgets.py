@@ -228,6 +228,28 @@ def test_signaling_loss_shows_in_the_state(tmp_path):
         owner.close()
 
 
+def test_failed_connections_show_newest_first_escaped_in_panel_and_text(tmp_path):
+    owner = duet.Owner(name="o", audit_log=tmp_path / "a.jsonl", identity=duet.identity.Identity.ephemeral())
+    try:
+        panel = owner.panel()
+        assert "Could not connect" not in panel.header.value
+        for i in range(5):
+            owner.record_connection_failure(f"sci{i}", f"no network route to the scientist ({i}); a TURN server is needed")
+        owner.record_connection_failure(HOSTILE, "why " + HOSTILE)
+        panel.wait_until(lambda p: "Could not connect to &lt;script&gt;" in p.header.value)
+        assert "<script>" not in panel.header.value
+        value = panel.header.value
+        assert value.index("&lt;script&gt;") < value.index("sci4") < value.index("sci3")
+        assert "sci2" not in value, "only the latest few are shown"
+        assert "Could not connect to sci4: no network route to the scientist (4); a TURN server is needed" in panel.text()
+        assert len(owner.connection_failures) == 6
+        for i in range(30):
+            owner.record_connection_failure("x", str(i))
+        assert len(owner.connection_failures) == 20 and owner.connection_failures[-1] == ("x", "29")
+    finally:
+        owner.close()
+
+
 def test_panel_updates_are_coalesced(owner_pair):
     owner, _ = owner_pair
     panel = owner.panel()

@@ -36,8 +36,9 @@ log = logging.getLogger("duet.owner")
 
 APPROVE_MODES = ("auto", "everything")
 REFUSED_LABELS = ("refused action", "action")
-HANDSHAKE_TIMEOUT = 30.0  # seconds a new link has to send a verified hello  # what Executor.describe says of names it does not know
+HANDSHAKE_TIMEOUT = 30.0  # seconds a new link has to send a verified hello
 MAX_FAILURES_KEPT = 10_000
+CONNECTION_FAILURES_KEPT = 20  # failed pairings the panel can show
 _STOP = object()
 
 
@@ -709,7 +710,9 @@ class ScientistConnection:
 
     def summary(self) -> List[Any]:
         r = self.requester
-        return [r.name if r else self.ctx.scientist_name, r.fingerprint if r else "", self.state, len(self.objects)]
+        route = self.route
+        return [r.name if r else self.ctx.scientist_name, r.fingerprint if r else "", self.state, len(self.objects),
+                str(route) if route is not None else ""]
 
 
 class Owner:
@@ -740,6 +743,8 @@ class Owner:
         self.requests = RequestQueue(self.audit, default_expiry=request_expiry)
         self.code: Optional[str] = None
         self._connections: List[ScientistConnection] = []
+        # (scientist's chosen name, why) of pairings whose network path failed, newest last.
+        self.connection_failures: List[Tuple[str, str]] = []
         self._budgets: Dict[str, Budget] = {}  # per identity key, shared by its sessions
         self._lock = threading.Lock()
         self._listeners: List[Callable[[], None]] = []
@@ -781,6 +786,13 @@ class Owner:
         with self._lock:
             self._connections.append(conn)
         return conn
+
+    def record_connection_failure(self, scientist_name: str, message: str) -> None:
+        """A scientist paired but no network route was found: keep it for the panel (the latest few)."""
+        with self._lock:
+            self.connection_failures.append((scientist_name, message))
+            del self.connection_failures[:-CONNECTION_FAILURES_KEPT]
+        self._changed()
 
     def wait_for_scientist(self, timeout: float = 60.0) -> ScientistConnection:
         """Block until at least one scientist has joined; for scripts and tests."""
@@ -893,7 +905,7 @@ class Owner:
         if self.code:
             head += f"\njoin code: {self.code}\nscientists run: duet.join({self.code!r})"
         return "\n".join(
-            [head, text_table(["scientist", "fingerprint", "state", "objects"], self._rows(), title="Scientists"),
+            [head, text_table(["scientist", "fingerprint", "state", "objects", "route"], self._rows(), title="Scientists"),
              repr(self.store), repr(self.requests)]
         )
 
@@ -905,7 +917,7 @@ class Owner:
             head += f"<p>Scientists run: <code>duet.join({html.escape(repr(self.code))})</code></p>"
         return (
             head
-            + html_table(["scientist", "fingerprint", "state", "objects"], self._rows(), title="Scientists")
+            + html_table(["scientist", "fingerprint", "state", "objects", "route"], self._rows(), title="Scientists")
             + self.store._repr_html_()
             + self.requests._repr_html_()
         )

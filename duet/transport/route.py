@@ -16,7 +16,7 @@ class Route:
     kind: str  # "direct", "relay" (a TURN server carries it) or "in-process"
     local_type: Optional[str] = None  # host, srflx, prflx or relay
     remote_type: Optional[str] = None
-    protocol: Optional[str] = None  # udp or tcp
+    protocol: Optional[str] = None  # udp, tcp or tls: how our packets travel (to the TURN server, when relayed)
     rtt: Optional[float] = None  # seconds, measured by a ping when asked
 
     def __str__(self) -> str:
@@ -37,12 +37,17 @@ def selected_route(pc: Any) -> Optional[Route]:
     """The nominated pair of a peer connection's ICE transport; None before one is nominated."""
     try:
         ice = pc.sctp.transport.transport  # RTCSctpTransport -> RTCDtlsTransport -> RTCIceTransport
-        pair = ice._connection._nominated.get(1)
+        connection = ice._connection
+        pair = connection._nominated.get(1)
     except AttributeError:
         return None
     if pair is None:
         return None
     local, remote = pair.local_candidate, pair.remote_candidate
     relayed = "relay" in (local.type, remote.type)
+    protocol = str(local.transport).lower()
+    if local.type == "relay":
+        # A relay candidate is UDP at the TURN server; what crosses our network is the way to it.
+        protocol = "tls" if getattr(connection, "turn_ssl", False) else str(getattr(connection, "turn_transport", protocol)).lower()
     return Route(kind="relay" if relayed else "direct", local_type=local.type, remote_type=remote.type,
-                 protocol=str(local.transport).lower())
+                 protocol=protocol)

@@ -29,21 +29,16 @@ import logging
 import re
 import socket
 import threading
-from dataclasses import dataclass, field
 from typing import Any, Deque, List, Optional, Union
 
 import aioice.ice
-from aiortc import (
-    RTCConfiguration,
-    RTCDataChannel,
-    RTCIceServer,
-    RTCPeerConnection,
-    RTCSessionDescription,
-)
+from aiortc import RTCDataChannel, RTCPeerConnection, RTCSessionDescription
 
-from ..errors import ConnectionLost, ProtocolError
+from ..errors import ConnectionFailed, ConnectionLost, ProtocolError
 from .base import CloseHandler, MessageHandler, Transport
 from .framing import CTRL_BYE, CTRL_PING, DEFAULT_MAX_MESSAGE, MAX_FRAME, Deframer, Framer
+from .ice import IceConfig  # noqa: F401  (defined in .ice, importable from here as before)
+from .ice import ICE_CHECK_TIMEOUT, IceServerUrl, no_route_message, relay_gathered, rtc_configuration, srflx_gathered
 
 log = logging.getLogger(__name__)
 
@@ -67,41 +62,7 @@ CLOSE_LINGER = 3.0
 
 
 # --------------------------------------------------------------------------
-# ICE configuration and loopback-only gathering
-
-
-@dataclass
-class IceConfig:
-    """Which ICE servers to use, and whether to stay on loopback.
-
-    servers: STUN/TURN servers, as URL strings or dicts
-        {"urls": ..., "username": ..., "credential": ...}. None by default:
-        nothing outside the two peers is contacted (aiortc would otherwise
-        use a public STUN server and block up to 5 s when offline).
-    local_only: every local candidate is 127.0.0.1 and every remote
-        candidate that is not 127.0.0.1 is dropped. For tests and for two
-        peers on one machine; no packet leaves the loopback interface.
-    """
-
-    servers: list = field(default_factory=list)
-    local_only: bool = False
-
-    def rtc_configuration(self) -> RTCConfiguration:
-        """An explicit RTCConfiguration (never aiortc's default STUN server)."""
-        servers: List[RTCIceServer] = []
-        for s in self.servers:
-            if isinstance(s, str):
-                servers.append(RTCIceServer(urls=s))
-            elif isinstance(s, dict):
-                servers.append(RTCIceServer(
-                    urls=s["urls"], username=s.get("username"),
-                    credential=s.get("credential")))
-            elif isinstance(s, RTCIceServer):
-                servers.append(s)
-            else:
-                raise TypeError(f"an ICE server is a URL string or a dict, not {type(s).__name__}")
-        return RTCConfiguration(iceServers=servers)
-
+# Loopback-only gathering
 
 # True while a coroutine that asked for loopback-only gathering runs
 # setLocalDescription. A ContextVar (not a global flag) so that other peer
@@ -755,33 +716,46 @@ class RtcPeer:
     Signaling is the caller's business: move the offer and answer SDP
     strings between the peers (sealed, through the pairing layer). There is no
     trickle ICE: each description carries all candidates.
+
+    aioice takes one STUN and one TURN server; when the TURN server tried gives no relay
+    candidate (UDP blocked, say), the description is gathered again with the next TURN URL
+    (`ice.server_choices`). When ICE checks find no route, `wait_open` raises ConnectionFailed
+    after `ICE_CHECK_TIMEOUT`, saying what each side gathered.
     """
 
     def __init__(self, ice: IceConfig, pc: RTCPeerConnection, transport_options: dict,
                  socket_buffer: Optional[int] = SOCKET_BUFFER,
-                 cwnd_max: Optional[int] = CWND_MAX, sack_every: int = SACK_EVERY) -> None:
+                 cwnd_max: Optional[int] = CWND_MAX, sack_every: int = SACK_EVERY,
+                 ice_check_timeout: float = ICE_CHECK_TIMEOUT) -> None:
         self.ice = ice
         self._socket_buffer = socket_buffer
         self._cwnd_max = cwnd_max
         self._sack_every = sack_every
-        self.sctp_tuned = False
-        self.pc = pc
         self._options = transport_options
+        self._ice_check_timeout = ice_check_timeout
+        self._choices = ice.choices()
+        self._choice = 0
         self._transport: Optional[WebRtcTransport] = None
         self._local_sdp: Optional[str] = None
         self._remote_sdp: Optional[str] = None
+        self._checks_started: Optional[float] = None
+        self._ice_connected = False
         self.socket_buffers: List[int] = []
+        self.pc = pc
+        self._watch(pc)
 
     @classmethod
     async def create(cls, ice: Optional[IceConfig] = None, *,
                      socket_buffer: Optional[int] = SOCKET_BUFFER,
                      cwnd_max: Optional[int] = CWND_MAX,
                      sack_every: int = SACK_EVERY,
+                     ice_check_timeout: float = ICE_CHECK_TIMEOUT,
                      **transport_options: Any) -> "RtcPeer":
         """A new peer on the running loop.
 
         socket_buffer: UDP buffer size to ask for (None: leave aioice's 256 KiB).
         cwnd_max, sack_every: SCTP tuning (see `tune_sctp`); None and 1 turn it off.
+        ice_check_timeout: seconds of ICE checks without a route before ConnectionFailed.
         transport_options: keyword arguments of WebRtcTransport (high_water,
         low_water, keepalive_interval, dead_peer_timeout, max_message_size).
         """
@@ -791,7 +765,19 @@ class RtcPeer:
         if ice.local_only:
             _install_loopback_patch()
         pc = RTCPeerConnection(configuration=ice.rtc_configuration())
-        return cls(ice, pc, transport_options, socket_buffer, cwnd_max, sack_every)
+        return cls(ice, pc, transport_options, socket_buffer, cwnd_max, sack_every, ice_check_timeout)
+
+    def _watch(self, pc: RTCPeerConnection) -> None:
+        def on_ice_state() -> None:
+            if pc is self.pc and pc.iceConnectionState in ("connected", "completed"):
+                self._ice_connected = True
+
+        pc.on("iceconnectionstatechange", on_ice_state)
+
+    @property
+    def servers(self) -> List[IceServerUrl]:
+        """The STUN/TURN URLs this peer gathered with (one of each at most)."""
+        return self._choices[self._choice] if self._choices else []
 
     def _make_channel(self) -> WebRtcTransport:
         if self._transport is not None:
@@ -799,7 +785,7 @@ class RtcPeer:
         channel = self.pc.createDataChannel(
             CHANNEL_LABEL, ordered=True, negotiated=True, id=CHANNEL_ID)
         if self._cwnd_max or self._sack_every > 1:
-            self.sctp_tuned = tune_sctp(self.pc, self._cwnd_max, self._sack_every)
+            tune_sctp(self.pc, self._cwnd_max, self._sack_every)
         # The transport attaches its handlers now, before anything can arrive.
         self._transport = WebRtcTransport(self.pc, channel, **self._options)
         return self._transport
@@ -812,6 +798,24 @@ class RtcPeer:
         self._local_sdp = sdp
         return sdp
 
+    async def _try_next_servers(self, sdp: str) -> bool:
+        """After gathering: if the TURN server gave no relay and another TURN URL is left, start over with it."""
+        tried = self.servers
+        if not any(u.is_turn for u in tried) or relay_gathered(sdp) or self._choice + 1 >= len(self._choices):
+            return False
+        if not srflx_gathered(sdp):
+            # The STUN server did not answer either (UDP blocked): asking it again costs another 5 s.
+            self._choices = self._choices[:self._choice + 1] + self.ice.choices(with_stun=False)[self._choice + 1:]
+        self._choice += 1
+        log.info("TURN %s gave no relay candidate; gathering again with %s",
+                 ", ".join(u.url for u in tried if u.is_turn), ", ".join(u.url for u in self.servers) or "no servers")
+        old = self.pc
+        self._transport = None
+        self.pc = RTCPeerConnection(configuration=rtc_configuration(self.servers))
+        self._watch(self.pc)
+        await old.close()
+        return True
+
     def _remote(self, sdp: str, kind: str) -> RTCSessionDescription:
         if not isinstance(sdp, str) or not sdp.startswith("v=0"):
             raise ProtocolError(f"the remote {kind} is not an SDP description")
@@ -823,29 +827,62 @@ class RtcPeer:
 
     async def create_offer(self) -> str:
         """Offerer: create the channel, gather candidates (no trickle), return the offer SDP."""
-        self._make_channel()
-        offer = await self.pc.createOffer()
-        return await self._set_local(offer)
+        while True:
+            self._make_channel()
+            offer = await self.pc.createOffer()
+            sdp = await self._set_local(offer)
+            if not await self._try_next_servers(sdp):
+                return sdp
 
     async def accept_offer(self, sdp: str) -> str:
-        """Answerer: apply the offer, gather candidates, return the answer SDP."""
-        self._make_channel()
-        await self.pc.setRemoteDescription(self._remote(sdp, "offer"))
-        answer = await self.pc.createAnswer()
-        return await self._set_local(answer)
+        """Answerer: apply the offer, gather candidates, return the answer SDP; ICE checks start."""
+        while True:
+            self._make_channel()
+            await self.pc.setRemoteDescription(self._remote(sdp, "offer"))
+            answer = await self.pc.createAnswer()
+            local = await self._set_local(answer)
+            if not await self._try_next_servers(local):
+                self._checks_started = asyncio.get_running_loop().time()
+                return local
 
     async def accept_answer(self, sdp: str) -> None:
         """Offerer: apply the answer; ICE and DTLS start connecting."""
         if self._transport is None:
             raise RuntimeError("accept_answer() before create_offer()")
         await self.pc.setRemoteDescription(self._remote(sdp, "answer"))
+        self._checks_started = asyncio.get_running_loop().time()
 
-    async def wait_open(self, timeout: float) -> WebRtcTransport:
-        """The transport, once the data channel is open. Never waits longer than `timeout`."""
-        if self._transport is None:
+    def no_route_message(self, peer: str) -> str:
+        """What ICE tried and what to configure, for a link that found no route."""
+        return no_route_message(self._local_sdp, self._remote_sdp, self.servers, peer, self._ice_check_timeout)
+
+    async def wait_open(self, timeout: float, peer: str = "the peer") -> WebRtcTransport:
+        """The transport, once the data channel is open. Never waits longer than `timeout`.
+
+        ConnectionFailed (naming `peer` and what each side gathered) when ICE has found no route
+        `ice_check_timeout` seconds after the checks started; TimeoutError if `timeout` comes first.
+        """
+        transport = self._transport
+        if transport is None:
             raise RuntimeError("wait_open() before create_offer()/accept_offer()")
-        await self._transport.wait_open(timeout)
-        return self._transport
+        loop = asyncio.get_running_loop()
+        started = self._checks_started if self._checks_started is not None else loop.time()
+        ice_left = max(0.0, started + self._ice_check_timeout - loop.time())
+        first = min(timeout, ice_left)
+        try:
+            await transport.wait_open(first)
+            return transport
+        except TimeoutError:
+            if self._ice_connected:  # a route exists; DTLS/SCTP are still coming up
+                await transport.wait_open(max(0.0, timeout - first))
+                return transport
+            if first < ice_left:
+                raise
+            raise ConnectionFailed(self.no_route_message(peer)) from None
+        except ConnectionLost:
+            if self._ice_connected:
+                raise
+            raise ConnectionFailed(self.no_route_message(peer)) from None
 
     @property
     def transport(self) -> Optional[WebRtcTransport]:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, List, Optional, Set, Tuple
 
 from . import runtime
-from .errors import ConnectionFailed, PairingError, SignalingError
+from .errors import ConnectionFailed, PairingError, RequestTimeout, SignalingError
 from .owner.host import HandshakeContext, Owner
 from .pairing import JoinCode, Sealer, new_session_id, peek_session
 from .scientist.client import Scientist
@@ -453,7 +453,7 @@ def join(
                 _offer_and_connect(parsed, name, ice, seconds, local_only), timeout=seconds, what="joining the owner's Duet"
             )
         except TimeoutError:
-            raise TimeoutError(
+            raise RequestTimeout(
                 f"the owner did not answer within {seconds} s; check that their Duet is still running and the code is current"
             ) from None
         session = Session(transport, name=f"scientist<->{ctx.owner_name}")

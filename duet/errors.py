@@ -55,7 +55,10 @@ class RequestDenied(DuetError):
 
 
 class RequestTimeout(DuetError, TimeoutError):
-    """No decision in time. The request stays pending and can be waited on again."""
+    """No answer or decision in time (also a TimeoutError).
+
+    A release request stays pending and can be waited on again.
+    """
 
 
 class ConnectionLost(DuetError, ConnectionError):

@@ -13,64 +13,13 @@ import threading
 from typing import Any, Callable, Dict, Optional
 
 from . import wire
-from .errors import (
-    ConnectionLost,
-    DuetError,
-    LimitExceeded,
-    NotAllowed,
-    ProtocolError,
-    RemoteError,
-    RequestDenied,
-    RequestTimeout,
-    UnknownObject,
-)
+from .errors import ConnectionLost, ProtocolError, RequestTimeout
+from .protocol import Msg, error_from_wire, error_to_wire  # noqa: F401  (error_*: importable from here as before)
 from .transport.base import Transport
 
 log = logging.getLogger("duet.session")
 
 MessageHandler = Callable[[Dict[str, Any]], None]
-
-_ERROR_TYPES = {
-    "NotAllowed": NotAllowed,
-    "LimitExceeded": LimitExceeded,
-    "ProtocolError": ProtocolError,
-    "ConnectionLost": ConnectionLost,
-    "UnknownObject": UnknownObject,
-}
-
-
-def error_to_wire(exc: BaseException, op: str = "") -> Dict[str, Any]:
-    """Describe an error for the peer without any value from the owner's data.
-
-    Our own error types carry messages we wrote (they name operations and
-    limits, never values). Any other exception is reduced to its type name.
-    """
-    if isinstance(exc, RequestDenied):
-        return {"type": "RequestDenied", "message": exc.reason, "request": exc.request_id}
-    if isinstance(exc, RemoteError):
-        return {"type": "RemoteError", "op": exc.op, "exc_type": exc.exc_type, "message": exc.detail}
-    if isinstance(exc, (NotAllowed, LimitExceeded, ProtocolError, ConnectionLost)):  # our own words
-        return {"type": type(exc).__name__, "message": str(exc)}
-    return {"type": "RemoteError", "op": op, "exc_type": type(exc).__name__, "message": ""}
-
-
-def error_from_wire(err: Any) -> DuetError | Exception:
-    """Rebuild the error a peer described; anything unexpected is a ProtocolError."""
-    if not isinstance(err, dict) or not isinstance(err.get("type"), str):
-        return ProtocolError("malformed error from the peer")
-    kind = err["type"]
-    message = str(err.get("message") or "")
-    if kind == "RequestDenied":
-        req = err.get("request")
-        return RequestDenied(message, req if isinstance(req, int) else None)
-    if kind == "RequestTimeout":
-        return RequestTimeout(message)
-    if kind == "RemoteError":
-        return RemoteError(str(err.get("op") or "operation"), str(err.get("exc_type") or "Exception"), message)
-    cls = _ERROR_TYPES.get(kind)
-    if cls is None:
-        return RemoteError("operation", kind, message)
-    return cls(message)
 
 
 class Session:
@@ -106,7 +55,7 @@ class Session:
                 raise ConnectionLost(self._closed_message())
             self._pending[req_id] = fut
         try:
-            self.send({**msg, "t": "req", "id": req_id})
+            self.send({**msg, "t": Msg.REQ, "id": req_id})
         except BaseException:
             with self._lock:
                 self._pending.pop(req_id, None)
@@ -120,13 +69,13 @@ class Session:
         try:
             return fut.result(timeout)
         except concurrent.futures.TimeoutError:
-            raise TimeoutError(f"{what}: no reply from the peer within {timeout} s") from None
+            raise RequestTimeout(f"{what}: no reply from the peer within {timeout} s") from None
 
     def reply(self, req_id: int, value: Any = None, error: Optional[BaseException] = None, op: str = "") -> None:
         if error is not None:
-            msg = {"t": "rep", "id": req_id, "ok": False, "error": error_to_wire(error, op)}
+            msg = {"t": Msg.REP, "id": req_id, "ok": False, "error": error_to_wire(error, op)}
         else:
-            msg = {"t": "rep", "id": req_id, "ok": True, "value": value}
+            msg = {"t": Msg.REP, "id": req_id, "ok": True, "value": value}
         try:
             self.send(msg)
         except ConnectionLost:
@@ -135,7 +84,7 @@ class Session:
     def reply_error(self, req_id: int, error: Dict[str, Any]) -> None:
         """Reply with an error already in wire form (an earlier failure, passed on as it was)."""
         try:
-            self.send({"t": "rep", "id": req_id, "ok": False, "error": error})
+            self.send({"t": Msg.REP, "id": req_id, "ok": False, "error": error})
         except ConnectionLost:
             log.info("%s: reply %s dropped, the link is closed", self.name, req_id)
 
@@ -158,9 +107,9 @@ class Session:
         except ProtocolError as exc:
             log.warning("%s: dropped a malformed message: %s", self.name, exc)
             if self._handler is not None:
-                self._handler({"t": "$invalid", "error": exc})
+                self._handler({"t": Msg.INVALID, "error": exc})
             return
-        if msg["t"] == "rep":
+        if msg["t"] == Msg.REP:
             self._resolve(msg)
         elif self._handler is not None:
             self._handler(msg)

@@ -22,14 +22,16 @@ import torch
 from .. import identity as identity_mod
 from .. import wire
 from ..errors import ConnectionLost, DuetError, LimitExceeded, NotAllowed, PairingError, RemoteError, RequestDenied
-from ..session import Session, error_to_wire
+from ..protocol import Msg, RequestKind, Status, error_to_wire, problem
+from ..session import Session
 from ..tables import html_table, text_table
 from ..text import clean
 from .audit import AuditLog
+from .connection_state import LIVE, ConnState, check as check_transition
 from . import frames, store as store_mod
 from .executor import Executor, type_name
 from .objects import Budget, Limits, ObjectTable, RemoteObject
-from .requests import ACCEPTED, Request, RequestQueue, Requester
+from .requests import Request, RequestQueue, Requester
 from .store import AssetStore
 
 log = logging.getLogger("duet.owner")
@@ -144,12 +146,29 @@ class ScientistConnection:
         self.session = session
         self.ctx = ctx
         self.requester: Optional[Requester] = None
-        self.state = "handshake"
+        self.state = ConnState.HANDSHAKE
         self.objects = ObjectTable(owner.limits)
         self.executor = Executor(self.objects)
         from .training import TrainingHandlers  # models, plans, remote loaders
 
         self.training = TrainingHandlers(self)
+        # What the worker does with each message type (the scientist's side sends these; see duet.protocol).
+        self._handlers: Dict[str, Callable[[Dict[str, Any]], None]] = {
+            Msg.CALL: self._run_call,
+            Msg.PUT: self._put,
+            Msg.FREE: lambda msg: self._free_ids(msg.get("ids")),
+            Msg.REASON: self._amend_reason,
+            Msg.REQ: self._handle_request,
+            **self.training.handlers(),
+        }
+        self._request_handlers: Dict[str, Callable[[int, Dict[str, Any]], None]] = {
+            RequestKind.STORE: lambda req_id, _msg: self.session.reply(req_id, self.owner.store.listing()),
+            RequestKind.ASSET: self._point_at_asset,
+            RequestKind.META: lambda req_id, msg: self.session.reply(req_id, self._meta(self._object(msg.get("obj")))),
+            RequestKind.RELEASE: self._release,
+            RequestKind.LOADER: lambda req_id, msg: self.session.reply(req_id, self.training.open_loader(msg)),
+            RequestKind.PING: lambda req_id, _msg: self.session.reply(req_id, "pong"),
+        }
         self.failures: Dict[int, Dict[str, Any]] = {}
         self.connected_at = time.time()
         # Resume: a dropped link suspends this connection (objects, requests and
@@ -176,21 +195,29 @@ class ScientistConnection:
 
         runtime.call_soon(lambda: runtime.loop().call_later(HANDSHAKE_TIMEOUT, self._handshake_deadline))
 
+    def _to(self, new: ConnState) -> bool:
+        """Move to `new` if the state machine allows it from here (duet.owner.connection_state)."""
+        who = self.requester.name if self.requester else self.ctx.scientist_name
+        if not check_transition(self.state, new, who):
+            return False
+        self.state = new
+        return True
+
     # -- inbound (runtime loop thread) -------------------------------------------
     def _on_message(self, msg: Dict[str, Any]) -> None:
         kind = msg.get("t")
-        if self.state == "handshake":
-            if kind == "hello":
+        if self.state == ConnState.HANDSHAKE:
+            if kind == Msg.HELLO:
                 self._on_hello(msg)
             else:
                 log.warning("scientist sent %r before the handshake; closing", kind)
                 self._drop("protocol violation during the handshake")
             return
-        if self.state != "active":
+        if self.state != ConnState.ACTIVE:
             return
-        if kind == "$invalid":
+        if kind == Msg.INVALID:
             return
-        if kind == "leave":
+        if kind == Msg.LEAVE:
             self._left = True
             return
         size = getattr(self.session, "last_message_bytes", 0)
@@ -198,15 +225,15 @@ class ScientistConnection:
             # Round trips (get, ping, listings) get a higher ceiling: an honest
             # scientist waits for each, and refusing them would fail a get()
             # merely because actions are backed up.
-            ceiling = self.owner.limits.max_queued_actions * (10 if kind == "req" else 1)
+            ceiling = self.owner.limits.max_queued_actions * (10 if kind == Msg.REQ else 1)
             too_many = self._queued >= ceiling
             too_big = self._queued_bytes + size > self.owner.limits.max_queued_bytes and self._queued > 0
-            if (too_many or too_big) and kind != "free":
+            if (too_many or too_big) and kind != Msg.FREE:
                 rid = msg.get("rid")
                 error = LimitExceeded(
                     f"too many queued actions ({self.owner.limits.max_queued_actions}); wait for earlier ones" if too_many
                     else f"too many bytes queued ({self.owner.limits.max_queued_bytes}); wait for earlier actions")
-                if kind == "req" and isinstance(msg.get("id"), int):
+                if kind == Msg.REQ and isinstance(msg.get("id"), int):
                     self.session.reply(msg["id"], error=error)
                 else:  # reported even without a result id, so nothing is lost silently
                     self._fail(rid if isinstance(rid, int) else None, error, "queue")
@@ -238,7 +265,7 @@ class ScientistConnection:
             return
         self.objects.share_budget(self.owner.budget_of(self.requester.fingerprint))
         if self.owner.approve_joins:
-            self.state = "joining"
+            self._to(ConnState.JOINING)
             self._requests.append(
                 self.owner.requests.submit(
                     {"kind": "join", "requester": self.requester, "reason": clean(msg.get("reason") or "", newlines=True)},
@@ -250,10 +277,10 @@ class ScientistConnection:
 
     def _reject(self, reason: str) -> None:
         try:
-            self.session.send({"t": "rejected", "reason": reason})
+            self.session.send({"t": Msg.REJECTED, "reason": reason})
         except ConnectionLost:
             pass
-        self.state = "rejected"
+        self._to(ConnState.REJECTED)
         self.owner._forget(self)
         self.stop_worker(0)
         from .. import runtime
@@ -262,31 +289,31 @@ class ScientistConnection:
 
     def _handshake_deadline(self) -> None:
         """A link that never proves who it is must not hold a worker and a queue forever."""
-        if self.state == "handshake":
+        if self.state == ConnState.HANDSHAKE:
             log.warning("no verified hello within %g s; closing the link", HANDSHAKE_TIMEOUT)
             self._drop(f"no verified hello within {HANDSHAKE_TIMEOUT:g} s")
             self._finish("the handshake timed out")
 
     def _on_join_decided(self, req: Request) -> None:
-        if req.status == ACCEPTED:
+        if req.status == Status.ACCEPTED:
             self._welcome()
-        else:
+        elif self._to(ConnState.REJECTED):  # not when the link closed first (the join was cancelled then)
             try:
-                self.session.send({"t": "rejected", "reason": req.deny_reason or "the owner declined the join"})
+                self.session.send({"t": Msg.REJECTED, "reason": req.deny_reason or "the owner declined the join"})
             except ConnectionLost:
                 pass
-            self.state = "rejected"
             self.owner._forget(self)
 
     def _welcome(self, resumed: bool = False) -> None:
         ident = self.owner.identity
-        self.state = "active"
+        if not self._to(ConnState.ACTIVE):
+            return
         self.owner.audit.append(
             "resume" if resumed else "join", scientist=self.requester.name, fingerprint=self.requester.fingerprint
         )
         self.session.send(
             {
-                "t": "welcome",
+                "t": Msg.WELCOME,
                 "pub": ident.public_key,
                 "sig": ident.sign(self.ctx.transcript("owner", ident.public_key)),
                 "approve": self.owner.approve,
@@ -300,15 +327,15 @@ class ScientistConnection:
         """A returning scientist: hand this new link to their suspended connection."""
         old = self.owner._take_suspended(token, self.requester.fingerprint)
         if old is None:
-            self.state = "rejected"
+            self._to(ConnState.REJECTED)
             try:
-                self.session.send({"t": "rejected", "reason": "nothing to resume: the owner's resume window passed, or it restarted"})
+                self.session.send({"t": Msg.REJECTED, "reason": "nothing to resume: the owner's resume window passed, or it restarted"})
             except ConnectionLost:
                 pass
             self.owner._forget(self)
             self.stop_worker(0)
             return
-        self.state = "merged"
+        self._to(ConnState.MERGED)
         self.owner._forget(self)
         self.stop_worker(0)
         old.adopt(self.session, self.ctx)
@@ -325,9 +352,9 @@ class ScientistConnection:
         self._welcome(resumed=True)
 
     def _drop(self, reason: str) -> None:
-        self.state = "closed"
+        self._to(ConnState.CLOSED)
         try:
-            self.session.send({"t": "bye", "reason": reason})
+            self.session.send({"t": Msg.BYE, "reason": reason})
         except ConnectionLost:
             pass
         from .. import runtime
@@ -335,11 +362,10 @@ class ScientistConnection:
         runtime.submit(self.session.close())
 
     def _on_close(self, reason: Optional[BaseException]) -> None:
-        if self.state in ("merged", "suspended", "finished"):
+        if self.state in (ConnState.MERGED, ConnState.SUSPENDED, ConnState.FINISHED):
             return
-        if self.state == "active" and not self._left and not self.owner.closed and self.owner.resume_window > 0:
-            self.state = "suspended"
-            self.suspended_at = time.time()
+        if self.state == ConnState.ACTIVE and not self._left and not self.owner.closed and self.owner.resume_window > 0:
+            self._to(ConnState.SUSPENDED)
             from .. import runtime
 
             window = self.owner.resume_window
@@ -353,14 +379,13 @@ class ScientistConnection:
 
     def _finish(self, reason: str) -> None:
         """Forget this scientist for good: stop the worker, cancel their pending requests."""
-        if self.state == "finished":
+        if not self._to(ConnState.FINISHED):
             return
-        self.state = "finished"
         self._inbox.put(_STOP)
         for req in list(self._requests):
             if req.pending:
                 try:
-                    self.owner.requests.decide(req, "cancelled", by="system", reason=reason)
+                    self.owner.requests.decide(req, Status.CANCELLED, by="system", reason=reason)
                 except ValueError:
                     pass
         self.owner._forget(self)
@@ -389,28 +414,31 @@ class ScientistConnection:
 
     def _handle(self, msg: Dict[str, Any]) -> None:
         kind = msg.get("t")
-        freed = msg.get("free")
-        if freed is not None and kind != "free":  # frees riding on an action go first
-            self._free_ids(freed)
-        if kind == "call":
-            self._run_call(msg)
-        elif kind == "put":
-            rid = msg.get("rid")
-            if isinstance(rid, int):
-                try:
-                    self.objects.put(rid, msg.get("value"), lineage=(), ops=["upload"])
-                except DuetError as exc:
-                    self._fail(rid, exc, "upload")
-        elif kind == "free":
-            self._free_ids(msg.get("ids"))
-        elif kind == "reason":
-            self._amend_reason(msg)
-        elif kind == "req":
-            self._handle_request(msg)
-        elif kind in ("model", "plan_def", "plan_run", "epoch", "batch"):
-            self.training.handle(kind, msg)
-        else:
+        handler = self._handlers.get(kind) if isinstance(kind, str) else None
+        if handler is None:
             log.warning("unknown message type %r from scientist", kind)
+            return
+        wrong = problem(msg)
+        if wrong is not None:
+            rid, req_id = msg.get("rid"), msg.get("id")
+            error = NotAllowed(f"malformed message: {wrong}")
+            if kind == Msg.REQ and type(req_id) is int:
+                self.session.reply(req_id, error=error)
+            else:  # reported even without a valid result id, so nothing is lost silently
+                self._fail(rid if type(rid) is int else None, error, str(kind))
+            return
+        freed = msg.get("free")
+        if freed is not None and kind != Msg.FREE:  # frees riding on an action go first
+            self._free_ids(freed)
+        handler(msg)
+
+    def _put(self, msg: Dict[str, Any]) -> None:
+        rid = msg.get("rid")
+        if isinstance(rid, int):
+            try:
+                self.objects.put(rid, msg.get("value"), lineage=(), ops=["upload"])
+            except DuetError as exc:
+                self._fail(rid, exc, "upload")
 
     def _free_ids(self, ids: Any) -> None:
         if isinstance(ids, list):
@@ -426,7 +454,7 @@ class ScientistConnection:
             if len(self.failures) > MAX_FAILURES_KEPT:
                 self.failures.pop(next(iter(self.failures)))
         try:
-            self.session.send({"t": "failed", "rid": rid, "error": err})
+            self.session.send({"t": Msg.FAILED, "rid": rid, "error": err})
         except ConnectionLost:
             pass
 
@@ -448,7 +476,7 @@ class ScientistConnection:
                 if ref in self.failures:
                     if rid is not None:
                         self.failures[rid] = self.failures[ref]
-                    self.session.send({"t": "failed", "rid": rid, "error": self.failures[ref]})
+                    self.session.send({"t": Msg.FAILED, "rid": rid, "error": self.failures[ref]})
                     return
             if self.owner.approve == "everything" and label not in REFUSED_LABELS:
                 self._await_compute_approval(label, inputs, msg)  # only names Duet checked are shown
@@ -476,23 +504,27 @@ class ScientistConnection:
 
     def _await_compute_approval(self, label: str, inputs: List[int], msg: Dict[str, Any]) -> None:
         lineage, ops, _ = self.executor.lineage_of(inputs)
+        self.await_approval(
+            {"kind": "compute", "lineage": tuple(sorted(lineage)), "ops": tuple(ops + [label]), "type_name": label},
+            denied="the owner did not approve this computation")
+
+    def await_approval(self, fields: Dict[str, Any], denied: str) -> Request:
+        """Queue a request (for this scientist) and block this worker until the owner decides.
+
+        One wait for actions and plans alike: a dropped link may resume, so only the end of the
+        connection (finished: its pending requests are then cancelled) ends the wait early.
+        RequestDenied unless accepted.
+        """
         decided = threading.Event()
-        req = self.owner.requests.submit(
-            {
-                "kind": "compute",
-                "requester": self.requester,
-                "lineage": tuple(sorted(lineage)),
-                "ops": tuple(ops + [label]),
-                "type_name": label,
-            },
-            lambda _r: decided.set(),
-        )
+        req = self.owner.requests.submit({**fields, "requester": self.requester}, lambda _r: decided.set())
         self._requests.append(req)
+        del self._requests[:-1000]
         while not decided.wait(0.5):
-            if self.state == "finished":  # a dropped link may resume: only giving up ends the wait
+            if self.state == ConnState.FINISHED:
                 raise NotAllowed("the session ended before the owner decided")
-        if req.status != ACCEPTED:
-            raise RequestDenied(req.deny_reason or "the owner did not approve this computation", req.id)
+        if req.status != Status.ACCEPTED:
+            raise RequestDenied(req.deny_reason or denied, req.id)
+        return req
 
     # -- requests (round trips) --------------------------------------------------
     def _handle_request(self, msg: Dict[str, Any]) -> None:
@@ -501,20 +533,10 @@ class ScientistConnection:
             return
         what = msg.get("kind")
         try:
-            if what == "store":
-                self.session.reply(req_id, self.owner.store.listing())
-            elif what == "asset":
-                self._point_at_asset(req_id, msg)
-            elif what == "meta":
-                self.session.reply(req_id, self._meta(self._object(msg.get("obj"))))
-            elif what == "release":
-                self._release(req_id, msg)
-            elif what == "loader":
-                self.session.reply(req_id, self.training.open_loader(msg))
-            elif what == "ping":
-                self.session.reply(req_id, "pong")
-            else:
+            handler = self._request_handlers.get(what) if isinstance(what, str) else None
+            if handler is None:
                 raise NotAllowed(f"unknown request kind {what!r}")
+            handler(req_id, msg)
         except _EarlierFailure as exc:
             self.session.reply_error(req_id, exc.error)
         except DuetError as exc:
@@ -581,7 +603,7 @@ class ScientistConnection:
         if earlier is not None:  # asked again (e.g. after a resume): same request, same decision
             self._reply_to[earlier.id] = (self.session, req_id)
             if earlier.pending:
-                self.session.send({"t": "queued", "id": req_id, "request": earlier.id})
+                self.session.send({"t": Msg.QUEUED, "id": req_id, "request": earlier.id})
             else:
                 self._deliver(earlier)
                 self._drop_snapshot_if_done(earlier)
@@ -630,7 +652,7 @@ class ScientistConnection:
             self._held[req.id] = nbytes
         if req.pending:
             try:
-                self.session.send({"t": "queued", "id": req_id, "request": req.id})
+                self.session.send({"t": Msg.QUEUED, "id": req_id, "request": req.id})
             except ConnectionLost:
                 pass
 
@@ -643,7 +665,7 @@ class ScientistConnection:
 
     def _drop_snapshot_if_done(self, req: Request) -> None:
         """A snapshot stops counting once it was sent, or the request was denied, expired or cancelled."""
-        if not req.pending and (req.status != ACCEPTED or req.value is None):
+        if not req.pending and (req.status != Status.ACCEPTED or req.value is None):
             n = self._held.pop(req.id, 0)
             if n:
                 self.objects.hold(-n)
@@ -682,7 +704,7 @@ class ScientistConnection:
         while len(self._delivered) > 10_000:
             self._delivered.pop(next(iter(self._delivered)))
         self._releases = {k: v for k, v in self._releases.items() if v is not req}
-        if req.status == ACCEPTED:
+        if req.status == Status.ACCEPTED:
             self._send_release(req_id, req.value, request=req, private=True)
             req.value = None
         else:
@@ -776,7 +798,7 @@ class Owner:
     @property
     def scientists(self) -> List[ScientistConnection]:
         with self._lock:
-            return [c for c in self._connections if c.state == "active"]
+            return [c for c in self._connections if c.state == ConnState.ACTIVE]
 
     def attach(self, session: Session, ctx: HandshakeContext) -> ScientistConnection:
         """Serve a scientist over an open session; the handshake then runs on messages."""
@@ -810,7 +832,7 @@ class Owner:
             return sum(
                 1 for c in self._connections
                 if c is not besides and c.requester is not None and c.requester.fingerprint == fingerprint
-                and c.state in ("active", "joining", "suspended", "resuming")
+                and c.state in LIVE
             )
 
     def budget_of(self, fingerprint: str) -> Budget:
@@ -825,19 +847,18 @@ class Owner:
     def suspended(self) -> List[ScientistConnection]:
         """Scientists whose link dropped and who may still resume."""
         with self._lock:
-            return [c for c in self._connections if c.state == "suspended"]
+            return [c for c in self._connections if c.state == ConnState.SUSPENDED]
 
     def _take_suspended(self, token: bytes, fingerprint: str) -> Optional[ScientistConnection]:
         with self._lock:
             for conn in self._connections:
                 if (
-                    conn.state == "suspended"
+                    conn.state == ConnState.SUSPENDED
                     and secrets.compare_digest(conn.resume_token, token)
                     and conn.requester is not None
                     and conn.requester.fingerprint == fingerprint
                 ):
-                    conn.state = "resuming"
-                    return conn
+                    return conn if conn._to(ConnState.RESUMING) else None
         return None
 
     def _forget(self, conn: ScientistConnection) -> None:
@@ -877,7 +898,7 @@ class Owner:
             conns = list(self._connections)
         for conn in conns:
             try:
-                conn.session.send({"t": "bye", "reason": reason})
+                conn.session.send({"t": Msg.BYE, "reason": reason})
             except ConnectionLost:
                 pass
             try:
@@ -886,7 +907,7 @@ class Owner:
                 pass
         for req in self.requests.pending:
             try:
-                self.requests.decide(req, "cancelled", by="system", reason=reason)
+                self.requests.decide(req, Status.CANCELLED, by="system", reason=reason)
             except ValueError:
                 pass
         for conn in conns:

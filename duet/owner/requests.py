@@ -12,12 +12,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
+from ..protocol import Status
 from ..tables import html_table, human_bytes, text_table
 from .audit import AuditLog
 from .opchain import describe_ops
 
 KINDS = ("join", "release", "compute")
-PENDING, ACCEPTED, DENIED, EXPIRED, CANCELLED = "pending", "accepted", "denied", "expired", "cancelled"
+PENDING, ACCEPTED, DENIED, EXPIRED, CANCELLED = Status.PENDING, Status.ACCEPTED, Status.DENIED, Status.EXPIRED, Status.CANCELLED
 
 
 @dataclass(frozen=True)

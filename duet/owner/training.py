@@ -20,23 +20,19 @@ model is the scientist's own data.
 from __future__ import annotations
 
 import logging
-import threading
-from typing import TYPE_CHECKING, Any, Dict, List
+from typing import TYPE_CHECKING, Any, Callable, Dict, List
 
-from ..errors import ConnectionLost, DuetError, NotAllowed, RemoteError, RequestDenied
+from ..errors import ConnectionLost, DuetError, NotAllowed, RemoteError
+from ..protocol import Msg
 from ..wire import Ref
 from .datasets import MAX_LOADERS, OwnerLoader
 from .models import build_model
 from .plans import PlanRunner
-from .requests import ACCEPTED
 
 if TYPE_CHECKING:
     from .host import ScientistConnection
 
 log = logging.getLogger("duet.owner")
-
-MESSAGES = ("model", "plan_def", "plan_run", "epoch", "batch")
-
 
 class TrainingHandlers:
     """Per scientist: their plans and loaders."""
@@ -47,24 +43,23 @@ class TrainingHandlers:
         self.loaders: Dict[int, OwnerLoader] = {}
 
     # -- messages ------------------------------------------------------------------
-    def handle(self, kind: str, msg: Dict[str, Any]) -> None:
-        if kind == "model":
-            self._model(msg)
-        elif kind == "plan_def":
-            try:
-                self.plans.define(msg)
-            except DuetError as exc:
-                log.warning("refused a plan definition: %s", exc)
-                pid = msg.get("pid")
-                self.conn._fail(pid if type(pid) is int else None, exc, "plan definition")
-        elif kind == "plan_run":
-            self._plan_run(msg)
-        elif kind == "epoch":
-            loader = self.loaders.get(msg.get("loader"))  # type: ignore[arg-type]
-            if loader is not None:
-                loader.start_epoch()
-        elif kind == "batch":
-            self._batch(msg)
+    def handlers(self) -> Dict[str, Callable[[Dict[str, Any]], None]]:
+        """The training messages this side handles, for the connection's dispatch table."""
+        return {Msg.MODEL: self._model, Msg.PLAN_DEF: self._plan_def, Msg.PLAN_RUN: self._plan_run,
+                Msg.EPOCH: self._epoch, Msg.BATCH: self._batch}
+
+    def _plan_def(self, msg: Dict[str, Any]) -> None:
+        try:
+            self.plans.define(msg)
+        except DuetError as exc:
+            log.warning("refused a plan definition: %s", exc)
+            pid = msg.get("pid")
+            self.conn._fail(pid if type(pid) is int else None, exc, "plan definition")
+
+    def _epoch(self, msg: Dict[str, Any]) -> None:
+        loader = self.loaders.get(msg.get("loader"))  # type: ignore[arg-type]
+        if loader is not None:
+            loader.start_epoch()
 
     def _model(self, msg: Dict[str, Any]) -> None:
         rid = msg.get("rid")
@@ -103,7 +98,7 @@ class TrainingHandlers:
                     for r in out:
                         if type(r) is int:
                             conn.failures[r] = conn.failures[rid]
-                            conn.session.send({"t": "failed", "rid": r, "error": conn.failures[rid]})
+                            conn.session.send({"t": Msg.FAILED, "rid": r, "error": conn.failures[rid]})
                     return
             if any(type(r) is not int or r < 0 for r in out):
                 raise NotAllowed("malformed plan run")
@@ -137,22 +132,10 @@ class TrainingHandlers:
         lineage, _ops, _ = conn.executor.lineage_of(arg_ids)
         if plan.approved_lineage is not None and lineage <= plan.approved_lineage:
             return
-        decided = threading.Event()
-        req = conn.owner.requests.submit(
-            {
-                "kind": "compute",
-                "requester": conn.requester,
-                "lineage": tuple(sorted(lineage)),
-                "ops": tuple(plan.ops),
-                "type_name": f"plan {plan.name} ({len(plan.ops)} actions)",
-            },
-            lambda _r: decided.set(),
-        )
-        while not decided.wait(0.5):
-            if conn.session.closed:
-                raise NotAllowed("the session closed before the owner decided")
-        if req.status != ACCEPTED:
-            raise RequestDenied(req.deny_reason or "the owner did not approve this plan", req.id)
+        conn.await_approval(
+            {"kind": "compute", "lineage": tuple(sorted(lineage)), "ops": tuple(plan.ops),
+             "type_name": f"plan {plan.name} ({len(plan.ops)} actions)"},
+            denied="the owner did not approve this plan")
         plan.approved_lineage = set(lineage) | (plan.approved_lineage or set())
 
     def _batch(self, msg: Dict[str, Any]) -> None:

@@ -17,8 +17,9 @@ import numpy as np
 import torch
 
 from .. import allowlist, identity as identity_mod, runtime, wire
-from ..errors import ConnectionLost, NotAllowed, PairingError, ProtocolError, RequestDenied
-from ..session import Session, error_from_wire
+from ..errors import ConnectionLost, NotAllowed, PairingError, ProtocolError, RequestDenied, RequestTimeout
+from ..protocol import Msg, RequestKind, error_from_wire, problem
+from ..session import Session
 from ..tables import STORE_HEADERS, html_table, store_rows, text_table
 from . import devices
 from .pointer import Pointer, RefErrors, refs_in
@@ -142,7 +143,7 @@ class StoreView:
         self._client = client
 
     def listing(self, timeout: float = DEFAULT_TIMEOUT) -> List[Dict[str, Any]]:
-        return self._client.session.call({"kind": "store"}, timeout, "listing the owner's store")
+        return self._client.session.call({"kind": RequestKind.STORE}, timeout, "listing the owner's store")
 
     def __getitem__(self, key: Any) -> Pointer:
         """An asset by its exact name, or by position in publication order (`store[0]`, `store[-1]`)."""
@@ -158,7 +159,7 @@ class StoreView:
         client = self._client
         rid = client._new_rid()
         try:
-            info = client.session.call({"kind": "asset", "name": name, "rid": rid}, DEFAULT_TIMEOUT, f"pointing at {name!r}")
+            info = client.session.call({"kind": RequestKind.ASSET, "name": name, "rid": rid}, DEFAULT_TIMEOUT, f"pointing at {name!r}")
         except NotAllowed as exc:
             raise KeyError(str(exc)) from None
         info = info if isinstance(info, dict) else {}
@@ -217,6 +218,11 @@ class Scientist:
         self._closers: List[Any] = []
         self._recorder: Any = None  # a duet.plan being recorded on this session
         self._code: Any = None  # the join code, whose owner commitment every (re)handshake is checked against
+        # What each message from the owner does (see duet.protocol).
+        self._handlers: Dict[str, Any] = {
+            Msg.FAILED: self._on_failed, Msg.QUEUED: self._on_queued, Msg.WELCOME: self._on_welcome,
+            Msg.REJECTED: self._on_rejected, Msg.BYE: self._on_bye,
+        }
         session.set_handler(self._on_message)
         session.on_close(self._on_close)
 
@@ -225,14 +231,14 @@ class Scientist:
         """Prove our identity, and verify the owner's, bound to this session (and to the join code's owner)."""
         pub = self.identity.public_key
         self.owner_name = ctx.owner_name
-        hello = {"t": "hello", "pub": pub, "sig": self.identity.sign(ctx.transcript("scientist", pub)), "reason": reason}
+        hello = {"t": Msg.HELLO, "pub": pub, "sig": self.identity.sign(ctx.transcript("scientist", pub)), "reason": reason}
         if resume is not None:
             hello["resume"] = resume
         self.session.send(hello)
         try:
             welcome = self._welcome.result(timeout)
         except concurrent.futures.TimeoutError:
-            raise TimeoutError(
+            raise RequestTimeout(
                 f"the owner did not let us in within {timeout} s (they may need to approve the join)"
             ) from None
         owner_pub, sig = welcome.get("pub"), welcome.get("sig")
@@ -254,42 +260,59 @@ class Scientist:
     # -- inbound (runtime loop thread) ------------------------------------------------
     def _on_message(self, msg: Dict[str, Any]) -> None:
         kind = msg.get("t")
-        if kind == "failed":
-            rid = msg.get("rid")
-            exc = error_from_wire(msg.get("error"))
-            if isinstance(rid, int):
-                self.failures[rid] = exc
-                if len(self.failures) > MAX_FAILURES_KEPT:
-                    self.failures.pop(next(iter(self.failures)))
-            else:  # an action without a result: nothing to .get(), so ping() reports it
-                self._orphan_errors.append(exc)
-                del self._orphan_errors[:-100]
-            log.warning("a remote operation failed: %s", exc)
-        elif kind == "queued":
-            req_id, owner_id = msg.get("id"), msg.get("request")
-            if isinstance(req_id, int) and isinstance(owner_id, int):
-                with self._handles_lock:
-                    handle = self._handles.get(req_id)
-                    if handle is None:  # the notice beat the handle's registration
-                        self._early_queued[req_id] = owner_id
-                        while len(self._early_queued) > 1000:
-                            self._early_queued.pop(next(iter(self._early_queued)))
-                if handle is not None:
-                    self._note_queued(handle, owner_id)
-        elif kind == "welcome":
-            if not self._welcome.done():
-                self._welcome.set_result(msg)
-        elif kind == "rejected":
-            if not self._welcome.done():
-                self._welcome.set_exception(RequestDenied(str(msg.get("reason") or "the owner declined the join")))
-        elif kind == "bye":
-            self._bye_reason = str(msg.get("reason") or "the owner left")
-            if self.session.close_reason is None:
-                self.session.close_reason = ConnectionLost(self._bye_reason)
-            if not self._welcome.done():
-                self._welcome.set_exception(ConnectionLost(self._bye_reason))
-        elif kind == "$invalid":
+        if kind == Msg.INVALID:
             log.warning("the owner sent a malformed message")
+            return
+        handler = self._handlers.get(kind) if isinstance(kind, str) else None
+        if handler is None:
+            log.warning("the owner sent an unknown message type %r", kind)
+            return
+        wrong = problem(msg)
+        if wrong is not None:
+            log.warning("the owner sent a malformed message: %s", wrong)
+            if kind in (Msg.WELCOME, Msg.REJECTED) and not self._welcome.done():  # fail the handshake now
+                self._welcome.set_exception(PairingError(f"the owner's {kind} is malformed: {wrong}"))
+            return
+        handler(msg)
+
+    def _on_failed(self, msg: Dict[str, Any]) -> None:
+        rid = msg.get("rid")
+        exc = error_from_wire(msg.get("error"))
+        if isinstance(rid, int):
+            self.failures[rid] = exc
+            if len(self.failures) > MAX_FAILURES_KEPT:
+                self.failures.pop(next(iter(self.failures)))
+        else:  # an action without a result: nothing to .get(), so ping() reports it
+            self._orphan_errors.append(exc)
+            del self._orphan_errors[:-100]
+        log.warning("a remote operation failed: %s", exc)
+
+    def _on_queued(self, msg: Dict[str, Any]) -> None:
+        req_id, owner_id = msg.get("id"), msg.get("request")
+        if isinstance(req_id, int) and isinstance(owner_id, int):
+            with self._handles_lock:
+                handle = self._handles.get(req_id)
+                if handle is None:  # the notice beat the handle's registration
+                    self._early_queued[req_id] = owner_id
+                    while len(self._early_queued) > 1000:
+                        self._early_queued.pop(next(iter(self._early_queued)))
+            if handle is not None:
+                self._note_queued(handle, owner_id)
+
+    def _on_welcome(self, msg: Dict[str, Any]) -> None:
+        if not self._welcome.done():
+            self._welcome.set_result(msg)
+
+    def _on_rejected(self, msg: Dict[str, Any]) -> None:
+        if not self._welcome.done():
+            self._welcome.set_exception(RequestDenied(str(msg.get("reason") or "the owner declined the join")))
+
+    def _on_bye(self, msg: Dict[str, Any]) -> None:
+        self._bye_reason = str(msg.get("reason") or "the owner left")
+        if self.session.close_reason is None:
+            self.session.close_reason = ConnectionLost(self._bye_reason)
+        if not self._welcome.done():
+            self._welcome.set_exception(ConnectionLost(self._bye_reason))
 
     def _on_close(self, reason: Optional[BaseException]) -> None:
         if not self._welcome.done():
@@ -316,7 +339,7 @@ class Scientist:
             return recorder._call(kind, name, args, kwargs, want_result, result_kind=result_kind, length=length)
         rid = self._new_rid() if want_result else None
         msg = {
-            "t": "call",
+            "t": Msg.CALL,
             "rid": rid,
             "kind": kind,
             "name": name,
@@ -354,10 +377,10 @@ class Scientist:
             template = copy_module(value)  # before anything is uploaded: a failure leaves nothing behind
             described = describe(value, methods)  # refuses a module with an off-list call, naming it
             rid = self._new_rid()
-            self._send_with_frees({"t": "model", "rid": rid, "graph": described.graph})
+            self._send_with_frees({"t": Msg.MODEL, "rid": rid, "graph": described.graph})
             return ModelPointer(self, rid, f"model {type(value).__name__}", template, described)
         rid = self._new_rid()
-        self._send_with_frees({"t": "put", "rid": rid, "value": value})
+        self._send_with_frees({"t": Msg.PUT, "rid": rid, "value": value})
         kind = "Tensor" if isinstance(value, torch.Tensor) else "ndarray" if isinstance(value, np.ndarray) else None
         length = len(value) if isinstance(value, (list, tuple)) else None
         return Pointer(self, rid, f"sent {type(value).__name__}", kind=kind, length=length)
@@ -406,7 +429,7 @@ class Scientist:
         ids = self._take_frees()
         if ids and not self.session.closed:
             try:
-                self.session.send({"t": "free", "ids": ids})
+                self.session.send({"t": Msg.FREE, "ids": ids})
             except ConnectionLost:
                 pass
 
@@ -422,13 +445,13 @@ class Scientist:
 
     def _meta(self, ptr: Pointer, timeout: Optional[float]) -> Dict[str, Any]:
         self._check_failed(ptr)
-        return self.session.call({"kind": "meta", "obj": ptr._rid}, timeout or DEFAULT_TIMEOUT, f"metadata of {ptr!r}")
+        return self.session.call({"kind": RequestKind.META, "obj": ptr._rid}, timeout or DEFAULT_TIMEOUT, f"metadata of {ptr!r}")
 
     def _request_release(self, ptr: Pointer, reason: str, decode: Any = None) -> RequestHandle:
         self._check_failed(ptr)
         if not isinstance(reason, str):
             raise TypeError("reason must be a string")
-        fut = self.session.request({"kind": "release", "obj": ptr._rid, "reason": reason})
+        fut = self.session.request({"kind": RequestKind.RELEASE, "obj": ptr._rid, "reason": reason})
         handle = RequestHandle(ptr._label, reason, fut, decode or self._decode_release)
         with self._handles_lock:
             self._handles[fut.request_id] = handle  # type: ignore[attr-defined]
@@ -445,7 +468,7 @@ class Scientist:
         """
         if not isinstance(reason, str):
             raise TypeError("reason must be a string")
-        self._send_with_frees({"t": "reason", "obj": ptr._rid, "reason": reason})
+        self._send_with_frees({"t": Msg.REASON, "obj": ptr._rid, "reason": reason})
         handle.reason = reason
         if handle.on_change is not None:
             handle.on_change(handle)
@@ -475,7 +498,7 @@ class Scientist:
 
         self._flush_frees()
         start = time.perf_counter()
-        self.session.call({"kind": "ping"}, timeout, "ping")
+        self.session.call({"kind": RequestKind.PING}, timeout, "ping")
         elapsed = time.perf_counter() - start
         if self._orphan_errors:
             first, self._orphan_errors = self._orphan_errors[0], []
@@ -535,7 +558,7 @@ class Scientist:
         """Leave the session; the owner frees everything of ours."""
         if not self.session.closed:
             try:
-                self.session.send({"t": "leave"})
+                self.session.send({"t": Msg.LEAVE})
             except ConnectionLost:
                 pass
             try:

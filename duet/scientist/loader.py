@@ -20,6 +20,7 @@ import collections
 from typing import TYPE_CHECKING, Any, Deque, Iterator, List, Optional, Tuple
 
 from ..errors import DuetError
+from ..protocol import Msg, RequestKind
 from .pointer import Pointer
 
 if TYPE_CHECKING:
@@ -58,7 +59,7 @@ class RemoteLoader:
         self.epoch = 0
         self._lid = client._new_rid()
         info = client.session.call(
-            {"kind": "loader", "lid": self._lid, "name": name, "batch_size": batch_size, "shuffle": bool(shuffle),
+            {"kind": RequestKind.LOADER, "lid": self._lid, "name": name, "batch_size": batch_size, "shuffle": bool(shuffle),
              "drop_last": bool(drop_last), "seed": seed},
             30.0,
             f"opening a loader on {name!r}",
@@ -79,7 +80,7 @@ class RemoteLoader:
         client = self._client
         session = client.session
         self.epoch += 1
-        session.send({"t": "epoch", "loader": self._lid})
+        session.send({"t": Msg.EPOCH, "loader": self._lid})
         bar = None
         if self.progress:
             from tqdm.auto import tqdm
@@ -91,10 +92,10 @@ class RemoteLoader:
         try:
             for i in range(self._batches):
                 rids = [client._new_rid() for _ in range(self._fields)]
-                session.send({"t": "batch", "loader": self._lid, "rids": rids})
+                session.send({"t": Msg.BATCH, "loader": self._lid, "rids": rids})
                 ptrs: List[Pointer] = [Pointer(client, r, f"{self.name} batch {i}" + ("" if self._single else f"[{k}]")) for k, r in enumerate(rids)]
                 if (i + 1) % self.window == 0:
-                    acks.append((i, session.request({"kind": "ping"})))
+                    acks.append((i, session.request({"kind": RequestKind.PING})))
                 while len(acks) > 2 or (acks and acks[0][1].done()):
                     idx, fut = acks.popleft()
                     fut.result(self.timeout)
@@ -103,7 +104,7 @@ class RemoteLoader:
                 self._step = i
                 yield ptrs[0] if self._single else tuple(ptrs)
                 del ptrs
-            fut = session.request({"kind": "ping"})
+            fut = session.request({"kind": RequestKind.PING})
             while acks:
                 idx, f = acks.popleft()
                 f.result(self.timeout)

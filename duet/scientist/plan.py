@@ -32,6 +32,7 @@ import torch
 
 from .. import allowlist
 from ..errors import NotAllowed
+from ..protocol import Msg
 from ..wire import Ref
 from .pointer import Pointer, RefErrors, refs_in
 
@@ -189,7 +190,7 @@ class Plan:
         pointers = [p for p in flat if isinstance(p, Pointer)]
         out_rids = [client._new_rid() for _ in range(rec.n_outputs)]
         client.session.send(
-            {"t": "plan_run", "pid": rec.pid, "args": [Ref(p._rid) for p in pointers], "out": out_rids}
+            {"t": Msg.PLAN_RUN, "pid": rec.pid, "args": [Ref(p._rid) for p in pointers], "out": out_rids}
         )
         name = getattr(self.fn, "__name__", "plan")
         ptrs = [Pointer(client, r, f"{name}()[{i}]") for i, r in enumerate(out_rids)]
@@ -243,7 +244,7 @@ class Plan:
         template = _template(result, recorder, outputs)
         pid = client._new_rid()
         client.session.send(
-            {"t": "plan_def", "pid": pid, "inputs": n_inputs, "actions": recorder.actions, "outputs": outputs,
+            {"t": Msg.PLAN_DEF, "pid": pid, "inputs": n_inputs, "actions": recorder.actions, "outputs": outputs,
              "name": str(getattr(self.fn, "__name__", "plan"))[:80]}
         )
         rec = _Recorded(pid, n_inputs, constants, template, len(outputs), recorder.labels)

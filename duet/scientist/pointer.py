@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, Optional
 
 from .. import allowlist
 from ..errors import NotAllowed, NotAllowedHere
+from ..protocol import Status
 from . import devices
 from ..wire import Ref
 
@@ -72,7 +73,7 @@ class Pointer:
         handle = self._handle
         if handle is not None and not handle.delivered and handle.status != "failed":
             # e.g. a get() that timed out: wait for the same request, with the new reason if one is given
-            if reason and reason != handle.reason and handle.status == "pending":
+            if reason and reason != handle.reason and handle.status == Status.PENDING:
                 self._client._amend_request(self, handle, reason)
             return handle
         self._handle = self._client._request_release(self, reason, decode=self._decoder())

@@ -8,6 +8,7 @@ import time
 from typing import Any, Callable, Iterator, Optional
 
 from ..errors import RequestDenied, RequestTimeout
+from ..protocol import Status
 from ..tables import html_table, text_table
 
 DEFAULT_GET_TIMEOUT = 300.0
@@ -35,11 +36,11 @@ class RequestHandle:
     def status(self) -> str:
         """pending, accepted, denied, or failed."""
         if not self._future.done():
-            return "pending"
+            return Status.PENDING
         exc = self._future.exception()
         if exc is None:
-            return "accepted"
-        return "denied" if isinstance(exc, RequestDenied) else "failed"
+            return Status.ACCEPTED
+        return Status.DENIED if isinstance(exc, RequestDenied) else Status.FAILED
 
     def done(self) -> bool:
         return self._future.done()

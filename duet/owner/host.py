@@ -869,9 +869,11 @@ class Owner:
 
     def panel(self) -> Any:
         """The live owner panel (ipywidgets): the same object on every call."""
-        from ..widgets import OwnerPanel  # the ui layer sits above; import it only when asked
+        from .. import views  # the ui layer sits above and registers its panel there
 
-        return OwnerPanel.for_owner(self)
+        if views.owner_panel is None:
+            raise RuntimeError("the owner panel is not available (duet.widgets was not loaded)")
+        return views.owner_panel(self)
 
     def subscribe(self, callback: Callable[[], None]) -> None:
         """Call back whenever scientists join or leave."""

@@ -90,13 +90,11 @@ def _live_status(handle: RequestHandle, timeout: float) -> Any:
     """In a Jupyter kernel, duet.widgets shows what a waiting get() is doing; elsewhere a text progress bar."""
     if handle._future.done():
         return contextlib.nullcontext()
-    try:
-        from ..widgets import get_status, in_kernel  # the ui layer sits above; import it only when needed
-    except ImportError:
+    from .. import views  # the ui layer sits above and registers its views there
+
+    if views.get_status is None or not views.in_kernel():
         return _text_progress(handle)
-    if not in_kernel():
-        return _text_progress(handle)
-    return get_status(handle, timeout)
+    return views.get_status(handle, timeout)
 
 
 PROGRESS_MIN_BYTES = 4 * 2**20  # smaller transfers finish before a bar would help

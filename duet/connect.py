@@ -199,7 +199,11 @@ class OwnerSignaling:
             scientist_name=scientist_name,
         )
         session = Session(transport, name=f"owner<->{scientist_name}")
-        session.on_close(lambda _r: runtime.submit(_forget_peer(self, peer)))
+
+        def forget(_reason: Optional[BaseException]) -> None:
+            runtime.submit(_forget_peer(self, peer))
+
+        session.on_close(forget)
         self.owner.attach(session, ctx)
 
     async def _notify(self, peer_id: str, text: str) -> None:

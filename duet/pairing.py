@@ -1,12 +1,13 @@
 """Join codes, key derivation and sealed signaling messages.
 
-The signaling service is untrusted (DESIGN.md, security rule 5). The owner
+The signaling service is untrusted (docs/design.md, section 6 "Security rules", rule 5). The owner
 creates a :class:`JoinCode` holding a 128-bit secret and the signaling URL and
 reads it to the scientist out of band (video call chat). From the secret both
 sides derive two independent values with keyed BLAKE2b:
 
 * ``room_id``: what the signaling service sees, to relay messages between the two.
-  A PRF output under its own personalization, so it reveals nothing about
+  A PRF output under its own personalization, so it reveals nothing about the
+  secret or the seal key.
 * ``seal_key``: the PyNaCl ``SecretBox`` key that seals every signaling payload
   (SDP, roles, session id). The service can neither read nor forge nor swap them.
 

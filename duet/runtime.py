@@ -54,7 +54,7 @@ def run(coro: Awaitable[T], timeout: Optional[float] = None, what: str = "operat
     """
     if in_loop_thread():
         raise RuntimeError(f"{what}: a blocking call was made from the Duet loop thread")
-    fut = asyncio.run_coroutine_threadsafe(coro, loop())  # type: ignore[arg-type]
+    fut: "concurrent.futures.Future[Any]" = asyncio.run_coroutine_threadsafe(coro, loop())  # type: ignore[arg-type]
     try:
         return fut.result(timeout)
     except concurrent.futures.TimeoutError:

@@ -160,7 +160,7 @@ class SignalingClient:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         request = HTTPRequest(endpoint, connect_timeout=timeout, request_timeout=timeout)
-        fut = websocket_connect(request, max_message_size=MAX_INCOMING_FRAME_BYTES)
+        fut: "asyncio.Future[Any]" = websocket_connect(request, max_message_size=MAX_INCOMING_FRAME_BYTES)  # type: ignore[assignment]  # tornado returns a Future
         try:
             conn = await asyncio.wait_for(asyncio.shield(fut), timeout)
         except asyncio.TimeoutError:

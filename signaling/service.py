@@ -2,7 +2,7 @@
 
 Why it looks like this:
 
-* The service is untrusted (DESIGN.md, security rule 5). It sees only an opaque
+* The service is untrusted (docs/design.md, section 6 "Security rules", rule 5). It sees only an opaque
   room id derived from the join secret and sealed payloads it cannot read. So it
   needs no authentication of its own: knowing the room id *is* the capability,
   which is also why ``check_origin`` accepts every origin.

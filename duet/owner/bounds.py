@@ -171,7 +171,7 @@ def requested_elements(name: str, fn: Callable[..., Any], args: Tuple[Any, ...],
     if name in LEGACY_CONSTRUCTORS and not all(isinstance(a, int) and not isinstance(a, bool) for a in args):
         return 0  # torch.LongTensor(data): data already in memory, bounded by the wire; sizes are ints only
     if short in ("arange",):
-        nums = [a for a in args if isinstance(a, (int, float, np.number)) and not isinstance(a, bool)]
+        nums = [float(a) for a in args if isinstance(a, (int, float, np.number)) and not isinstance(a, bool)]
         start, end, step = 0.0, 0.0, 1.0
         if len(nums) == 1:
             end = nums[0]

@@ -456,7 +456,7 @@ def predict(kind_: str, name: str, target: Any, call_args: List[Any], kw: Dict[s
         receiver, op, args = call_args[0], "getitem", list(call_args[1:])
     else:
         return None
-    if op not in PREDICTED.get(kind(receiver), ()):
+    if op not in PREDICTED.get(kind(receiver) or "", ()):
         return unavailable
     key = (op, describe(receiver), repr(args), repr(sorted(kw.items())))
     with _PREDICTIONS_LOCK:

@@ -306,6 +306,7 @@ class ScientistConnection:
 
     def _welcome(self, resumed: bool = False) -> None:
         ident = self.owner.identity
+        assert self.requester is not None, "welcomed before the hello verified"
         if not self._to(ConnState.ACTIVE):
             return
         self.owner.audit.append(
@@ -325,6 +326,7 @@ class ScientistConnection:
 
     def _resume(self, token: bytes) -> None:
         """A returning scientist: hand this new link to their suspended connection."""
+        assert self.requester is not None
         old = self.owner._take_suspended(token, self.requester.fingerprint)
         if old is None:
             self._to(ConnState.REJECTED)
@@ -372,7 +374,7 @@ class ScientistConnection:
             self._suspend_timer = runtime.loop().call_later(
                 window, self._finish, f"the scientist did not come back within {window:g} s"
             )
-            log.info("link to %s dropped; keeping their session for %g s", self.requester.name, window)
+            log.info("link to %s dropped; keeping their session for %g s", self.requester.name if self.requester else "?", window)
             self.owner._changed()
             return
         self._finish("the scientist disconnected")
@@ -647,6 +649,7 @@ class ScientistConnection:
             self._deliver(decided)
             self._drop_snapshot_if_done(decided)
 
+        assert isinstance(rid, int)  # _object() checked it
         req = self._submit(fields, deliver, reply_to=req_id, obj=rid)
         if "id" not in holder:
             self._held[req.id] = nbytes

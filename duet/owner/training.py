@@ -100,6 +100,7 @@ class TrainingHandlers:
                             conn.failures[r] = conn.failures[rid]
                             conn.session.send({"t": Msg.FAILED, "rid": r, "error": conn.failures[rid]})
                     return
+            assert plan is not None  # a plan that failed to be defined returned above
             if any(type(r) is not int or r < 0 for r in out):
                 raise NotAllowed("malformed plan run")
             if conn.owner.approve == "everything":
@@ -179,7 +180,7 @@ class TrainingHandlers:
         if not isinstance(dataset, torch.utils.data.Dataset) or not hasattr(dataset, "__len__"):
             raise NotAllowed(f"asset {name!r} cannot be loaded in batches")
         loader = OwnerLoader(
-            name, dataset, msg.get("batch_size"), bool(msg.get("shuffle")), bool(msg.get("drop_last")), msg.get("seed")
+            name, dataset, msg.get("batch_size"), bool(msg.get("shuffle")), bool(msg.get("drop_last")), msg.get("seed")  # type: ignore[arg-type]  # OwnerLoader checks them
         )
         self.loaders[lid] = loader
         return loader.info()

@@ -19,7 +19,7 @@ import contextlib
 import functools
 import inspect
 import threading
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -223,9 +223,10 @@ def describe(module: torch.nn.Module, methods: Optional[List[str]] = None) -> De
                         attr_names[target] = name
                 out = ["get_attr", attr_names[target], [], {}]
             elif op == "call_function":
-                name = funcs.get(id(target))
-                if name is None:
+                found = funcs.get(id(target))
+                if found is None:
                     raise NotAllowed(f"model uses {_qualname(target)}, which is not on the allowlist")
+                name = found
                 if name == "builtins.getattr":
                     attr = node.args[1] if len(node.args) > 1 else None
                     if not isinstance(attr, str) or attr not in allowlist.TENSOR_ATTRIBUTES:
@@ -334,7 +335,7 @@ def _output_length(gm: torch.fx.GraphModule) -> Optional[int]:
 # torch random functions that take no tensor (allowlist.GRAPH_RANDOM_FACTORIES): called in forward,
 # they would run once at trace time and be frozen as constants. Recorded as graph nodes instead; the
 # owner draws them from your generator.
-_RANDOM_FACTORIES = tuple(allowlist.import_dotted(n) for n in sorted(allowlist.GRAPH_RANDOM_FACTORIES))
+_RANDOM_FACTORIES: Tuple[Any, ...] = tuple(allowlist.import_dotted(n) for n in sorted(allowlist.GRAPH_RANDOM_FACTORIES))
 
 
 _tracing = threading.local()

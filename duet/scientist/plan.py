@@ -26,9 +26,12 @@ import functools
 import itertools
 import threading
 import weakref
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple, cast
 
 import torch
+
+if TYPE_CHECKING:
+    from .client import Scientist
 
 from .. import allowlist
 from ..errors import NotAllowed
@@ -55,6 +58,10 @@ def _walk(obj: Any, depth: int = 0) -> Any:
 class _Recorder:
     """Stands in for the Scientist while a plan is recorded: actions are kept, not sent."""
 
+    def _as_client(self) -> "Scientist":
+        """While a plan is traced, the recorder stands in for the scientist its pointers talk to."""
+        return cast("Scientist", self)
+
     def __init__(self, client: Any) -> None:
         self.client = client
         self.actions: List[Dict[str, Any]] = []
@@ -68,7 +75,7 @@ class _Recorder:
 
         if isinstance(like, ModelPointer):
             return like._stand_in(self, next(self._ids), label)
-        return Pointer(self, next(self._ids), label, kind=like._kind if like is not None else None,
+        return Pointer(self._as_client(), next(self._ids), label, kind=like._kind if like is not None else None,
                        length=like._length if like is not None else None)
 
     # what Pointer calls on its client ------------------------------------------------
@@ -88,7 +95,7 @@ class _Recorder:
         self.labels.append(name if kind == "func" else (name if kind == "call" else f".{name}"))
         if rid is None:
             return None
-        return Pointer(self, rid, f"plan value {name}", kind=result_kind, length=length)
+        return Pointer(self._as_client(), rid, f"plan value {name}", kind=result_kind, length=length)
 
     def _torch_function(self, func: Any, args: Any, kwargs: Dict[str, Any]) -> Any:
         from .client import _TORCH_NAMES

@@ -272,7 +272,7 @@ def frame_all(messages: List[Buffer], max_frame: int = MAX_FRAME) -> List[bytes]
     framer = Framer(max_frame)
     for m in messages:
         framer.add(m)
-    frames = []
+    frames: List[bytes] = []
     while True:
         f = framer.next_frame()
         if f is None:

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 import duet
 from duet import wire
+from tests.clock import FakeClock
 from tests.waiting import until
 
 
@@ -134,12 +135,22 @@ def test_audit_log_records_decisions_and_releases(pair):
 
 def test_expired_request_is_denied(tmp_path):
     owner, scientist = duet.local_pair(audit_log=tmp_path / "a.jsonl")
-    owner.requests.default_expiry = 0.2
+    clock = FakeClock()
+    owner.requests.clock = clock  # before any request, so created and expires come from it
     owner.store.add(torch.ones(2), name="x")
     try:
+        handle = scientist.store["x"].sum().request("total")
+        req = owner.requests.wait_pending(10)
+        expiry = owner.requests.default_expiry
+        assert req.expires == clock() + expiry
+        clock.advance(expiry - 1)
+        assert owner.requests.expire_due() == 0 and req.pending
+        clock.advance(1)
+        # Nothing here expires it: the owner's own periodic tick must.
         with pytest.raises(duet.RequestDenied, match="expired"):
-            scientist.store["x"].sum().get(timeout=10)
-        assert owner.requests.history[0].status == "expired"
+            handle.wait(10)
+        assert owner.requests.history == [req] and req.status == "expired" and req.decided_by == "expiry"
+        assert req.decided_at == clock()
     finally:
         scientist.close()
         owner.close()

@@ -155,9 +155,13 @@ class Rule:
 class RequestQueue:
     """Pending requests, decided ones, and the owner's rules. Safe to use from any thread."""
 
-    def __init__(self, audit: AuditLog, default_expiry: Optional[float] = 24 * 3600) -> None:
+    def __init__(self, audit: AuditLog, default_expiry: Optional[float] = 24 * 3600,
+                 clock: Callable[[], float] = time.time) -> None:
         self.audit = audit
         self.default_expiry = default_expiry
+        # Wall-clock seconds for created, expires and decided_at, and what expire_due() compares
+        # them with; injectable so expiry can be tested without waiting.
+        self.clock = clock
         self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)
         self._requests: Dict[int, Request] = {}
@@ -169,7 +173,7 @@ class RequestQueue:
     def submit(self, req_fields: Dict[str, Any], on_decided: Callable[[Request], None]) -> Request:
         """Queue a new request; an owner rule may decide it at once."""
         with self._lock:
-            req = Request(id=self._next_id, **req_fields)
+            req = Request(id=self._next_id, **{"created": self.clock(), **req_fields})
             self._next_id += 1
             if req.expires is None and self.default_expiry is not None:
                 req.expires = req.created + self.default_expiry
@@ -192,7 +196,7 @@ class RequestQueue:
             req.status = status
             req.decided_by = by
             req.deny_reason = str(reason) if status != ACCEPTED else ""
-            req.decided_at = time.time()
+            req.decided_at = self.clock()
             self._changed.notify_all()
         self.audit.append(
             "decision", request=req.id, kind=req.kind, decision=status, by=by, reason=req.deny_reason,
@@ -217,7 +221,7 @@ class RequestQueue:
 
     def expire_due(self, now: Optional[float] = None) -> int:
         """Deny requests past their expiry; returns how many."""
-        now = time.time() if now is None else now
+        now = self.clock() if now is None else now
         due = [r for r in self.pending if r.expires is not None and r.expires <= now]
         for req in due:
             try:

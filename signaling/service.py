@@ -39,7 +39,7 @@ import re
 import secrets
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Set, Tuple
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 import tornado.httpserver
 import tornado.netutil
@@ -189,9 +189,13 @@ class SignalingState:
     and so that tests and operators can inspect it through ``stats()``.
     """
 
-    def __init__(self, limits: Optional[Limits] = None, ice: Optional[IceOffer] = None) -> None:
+    def __init__(self, limits: Optional[Limits] = None, ice: Optional[IceOffer] = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.limits = limits if limits is not None else Limits()
         self.ice = ice if ice is not None else IceOffer()
+        # Seconds for room idle/ttl expiry and the per-connection token buckets; injectable so
+        # tests move time instead of waiting for it. (Shutdown deadlines stay on real time.)
+        self.clock = clock
         self._rooms: Dict[str, _Room] = {}
         self._connections: Set[SignalingWebSocket] = set()
         self._sweeper: Optional[asyncio.Task] = None
@@ -237,7 +241,7 @@ class SignalingState:
         Runs periodically on its own; public so it can be driven directly.
         Returns the number of rooms closed.
         """
-        now = time.monotonic() if now is None else now
+        now = self.clock() if now is None else now
         idle = self.limits.room_idle_seconds
         ttl = self.limits.room_ttl_seconds
         expired = [
@@ -298,7 +302,7 @@ class SignalingState:
 
     def _join(self, conn: "SignalingWebSocket", room_id: str, role: str) -> Optional[Tuple[str, str]]:
         """Put ``conn`` into a room. Returns None on success, else (code, message)."""
-        now = time.monotonic()
+        now = self.clock()
         room = self._rooms.get(room_id)
         if role == "owner":
             if room is not None:
@@ -359,7 +363,7 @@ class SignalingState:
         )
 
     def _relay(self, room: _Room, target: "SignalingWebSocket", sender_id: str, data: str) -> None:
-        room.last_activity = time.monotonic()
+        room.last_activity = self.clock()
         room.relayed += 1
         self._counters["messages_relayed"] += 1
         target._send_json({"op": "msg", "from": sender_id, "data": data})
@@ -383,7 +387,7 @@ class SignalingWebSocket(tornado.websocket.WebSocketHandler):
         self._closing = False
         self._registered = False
         self._tokens = float(state.limits.burst_messages)
-        self._last_refill = time.monotonic()
+        self._last_refill = state.clock()
         self._strikes = 0
         self._handshake_timer: Optional[asyncio.TimerHandle] = None
 
@@ -480,7 +484,7 @@ class SignalingWebSocket(tornado.websocket.WebSocketHandler):
 
     def _take_token(self) -> bool:
         limits = self.state.limits
-        now = time.monotonic()
+        now = self.state.clock()
         self._tokens = min(
             float(limits.burst_messages),
             self._tokens + (now - self._last_refill) * limits.messages_per_second,

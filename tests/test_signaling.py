@@ -1,8 +1,8 @@
 """The signaling service and its client, over real sockets on 127.0.0.1.
 
-Every wait is on an event with a timeout; the only time-based waits are where
-time itself is the thing under test (token refill, idle/ttl expiry), and those
-are bounded retries or deadlines, never a sleep used as synchronization.
+Every wait is on an event with a timeout. Token refill and idle/ttl expiry read
+the service's injected clock, which those tests move by hand instead of waiting;
+client-side timeouts are bounded deadlines, never a sleep used as synchronization.
 """
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ from typing import Any, AsyncIterator, Awaitable, Optional, TypeVar
 
 import pytest
 
+from tests.clock import FakeClock
 from tests.waiting import eventually as _eventually
 from tornado.httpclient import AsyncHTTPClient
 from tornado.websocket import websocket_connect
@@ -262,39 +263,27 @@ def test_too_large_message_is_refused_clearly() -> None:
 def test_rate_limit_drops_messages_but_keeps_connection() -> None:
     async def body() -> None:
         async with serving(messages_per_second=20, burst_messages=5) as svc:
+            clock = svc.state.clock = FakeClock()  # tokens refill only when the test moves time
             owner = await connect(svc, "owner")
             sci = await connect(svc, "scientist")
             await expect(owner, "peer_joined")
-            t0 = time.monotonic()
-            for i in range(40):
-                await sci.send(f"m{i}")
-            err = await expect(sci, "error")
-            assert err.code == "rate_limited"
 
-            # Tokens refill with time: retry (bounded) until one gets through.
-            async def owner_until_late() -> list:
-                got = []
-                while True:
-                    ev = await expect(owner, "msg", timeout=WAIT)
-                    got.append(ev.data)
-                    if ev.data.startswith("late"):
-                        return got
+            async def burst(prefix: str, sent: int, relayed: int) -> None:
+                for i in range(sent):
+                    await sci.send(f"{prefix}{i}")
+                for _ in range(sent - relayed):
+                    assert (await expect(sci, "error")).code == "rate_limited"
+                got = [(await expect(owner, "msg")).data for _ in range(relayed)]
+                assert got == [f"{prefix}{i}" for i in range(relayed)], "the first ones pass, in order"
 
-            waiter = asyncio.ensure_future(owner_until_late())
-            for i in range(60):
-                await sci.send(f"late{i}")
-                done, _ = await asyncio.wait({waiter}, timeout=0.1)
-                if done:
-                    break
-            got = await asyncio.wait_for(waiter, WAIT)
-            elapsed = time.monotonic() - t0  # the server was done with m* by now
-            accepted = [d for d in got if d.startswith("m")]
-            # Burst of 5 (the join took one) plus whatever refilled while sending.
-            assert 4 <= len(accepted) <= 5 + 20 * elapsed + 1
-            assert len(accepted) < 40
-            assert accepted == sorted(accepted, key=lambda d: int(d[1:]))  # order kept
+            await burst("m", 40, 4)  # a burst of 5, of which the join took one
+            clock.advance(0.125)  # 2.5 tokens at 20 per second (a step exact in binary)
+            await burst("late", 5, 2)
+            clock.advance(60)  # refills up to the burst, not beyond
+            await burst("after", 8, 5)
             assert not sci.closed
-            assert svc.state.stats()["counters"]["errors_sent"] >= 40 - len(accepted)
+            counters = svc.state.stats()["counters"]
+            assert counters["errors_sent"] == 36 + 3 + 3 and counters["messages_relayed"] == 4 + 2 + 5
 
     run(body())
 
@@ -330,10 +319,14 @@ def test_sustained_flooding_gets_the_connection_closed() -> None:
 
 def test_idle_room_expires() -> None:
     async def body() -> None:
-        async with serving(room_idle_seconds=0.3) as svc:
+        async with serving(room_idle_seconds=30) as svc:
+            clock = svc.state.clock = FakeClock()  # the periodic sweep reads it
             owner = await connect(svc, "owner")
             sci = await connect(svc, "scientist")
             await expect(owner, "peer_joined")
+            clock.advance(29.9)  # the scientist's join was the last activity
+            assert svc.state.sweep() == 0 and svc.state.stats()["rooms"] == 1
+            clock.advance(0.1)
             ev = await expect(sci, "room_closed")
             assert ev.code == "expired"
             assert (await expect(owner, "room_closed")).code == "expired"
@@ -350,14 +343,19 @@ def test_idle_room_expires() -> None:
 
 def test_room_ttl_expires_regardless_of_traffic() -> None:
     async def body() -> None:
-        async with serving(room_ttl_seconds=0.3, room_idle_seconds=3600) as svc:
-            t0 = time.monotonic()
+        async with serving(room_ttl_seconds=100, room_idle_seconds=30) as svc:
+            clock = svc.state.clock = FakeClock()
             owner = await connect(svc, "owner")
             sci = await connect(svc, "scientist")
             await expect(owner, "peer_joined")
+            for i in range(3):  # traffic every 25 s keeps the room from going idle ...
+                clock.advance(25)
+                await sci.send(f"still here {i}")
+                assert (await expect(owner, "msg")).data == f"still here {i}"
+                assert svc.state.sweep() == 0 and svc.state.stats()["rooms"] == 1
+            clock.advance(25)  # ... but not past its lifetime, 100 s after it opened
             ev = await expect(sci, "room_closed")
             assert ev.code == "expired"
-            assert time.monotonic() - t0 >= 0.3 - 1e-3
             assert (await expect(owner, "room_closed")).code == "expired"
             assert svc.state.stats()["rooms"] == 0
 

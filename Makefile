@@ -5,12 +5,16 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
+# An editable install skips data files, so the install step puts the file that
+# enables the Jupyter server extension where a regular install would.
+JUPYTER_CONFIG := jupyter-config/jupyter_server_config.d/duet_jupyter.json
 
 .PHONY: install demo test test-fast bench clean
 
-$(STAMP): setup.cfg pyproject.toml constraints.txt
+$(STAMP): pyproject.toml signaling/pyproject.toml constraints.txt $(JUPYTER_CONFIG)
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet -c constraints.txt -e '.[test]'
+	$(PY) -m pip install --quiet -c constraints.txt -e ./signaling -e '.[test]'
+	install -D -m 644 $(JUPYTER_CONFIG) $(VENV)/etc/jupyter/jupyter_server_config.d/duet_jupyter.json
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -28,4 +32,4 @@ bench: $(STAMP)
 	$(PY) benchmarks/p2p.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info test-output
+	rm -rf $(VENV) build *.egg-info signaling/build signaling/*.egg-info extension/*.egg-info test-output

@@ -79,7 +79,7 @@ class Service:
                 "--peers-per-room", str(peers_per_room), "--log-level", "WARNING",
                 "--handshake-timeout-seconds", "60"]
         # The child needs file descriptors too: raise our soft limit first, it inherits it.
-        env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+        env = {**os.environ, "PYTHONPATH": str(ROOT / "signaling") + os.pathsep + os.environ.get("PYTHONPATH", "")}
         self.popen = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
                                       text=True, cwd=ROOT, env=env)
         self.url = ""

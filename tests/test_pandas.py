@@ -543,11 +543,11 @@ def test_duet_works_without_pandas(tmp_path) -> None:
 
 
 def test_setup_declares_the_optional_extra() -> None:
-    import configparser
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
 
-    cfg = configparser.ConfigParser()
-    cfg.read(os.path.join(os.path.dirname(__file__), "..", "setup.cfg"))
-    extras = cfg["options.extras_require"]
-    assert extras["pandas"].split() == ["pandas>=2,<3"]
-    assert "pandas>=2,<3" in extras["test"].split()
-    assert "pandas" not in cfg["options"]["install_requires"]
+    with open(os.path.join(os.path.dirname(__file__), "..", "pyproject.toml"), "rb") as f:
+        project = tomllib.load(f)["project"]
+    extras = project["optional-dependencies"]
+    assert extras["pandas"] == ["pandas>=2,<3"]
+    assert "pandas>=2,<3" in extras["test"]
+    assert not [r for r in project["dependencies"] if r.startswith("pandas")]

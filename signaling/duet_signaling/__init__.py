@@ -11,6 +11,8 @@ and can be deployed (or mounted in a Jupyter server) on its own.
 """
 from __future__ import annotations
 
+__version__ = "0.1.0"
+
 from .service import (
     ERROR_CODES,
     FATAL_CODES,
@@ -24,6 +26,7 @@ from .service import (
 )
 
 __all__ = [
+    "__version__",
     "ERROR_CODES",
     "FATAL_CODES",
     "PROTOCOL_VERSION",

@@ -13,6 +13,9 @@ JUPYTER_CONFIG := jupyter-config/jupyter_server_config.d/duet_jupyter.json
 
 $(STAMP): pyproject.toml signaling/pyproject.toml constraints.txt $(JUPYTER_CONFIG)
 	$(PYTHON) -m venv $(VENV)
+	@# The duet-signaling script once came with duet-p2p: uninstalling that after
+	@# installing duet-signaling would delete it, so both go first (cheap: editable).
+	$(PY) -m pip uninstall -qq --yes duet-p2p duet-signaling
 	$(PY) -m pip install --quiet -c constraints.txt -e ./signaling -e '.[test]'
 	install -D -m 644 $(JUPYTER_CONFIG) $(VENV)/etc/jupyter/jupyter_server_config.d/duet_jupyter.json
 	touch $(STAMP)

@@ -13,6 +13,7 @@ import re
 import shutil
 import subprocess
 import sys
+import sysconfig
 import urllib.request
 import zipfile
 from pathlib import Path
@@ -79,6 +80,7 @@ def test_duet_p2p_depends_on_duet_signaling_and_the_relay_on_tornado_only() -> N
     script = [e for e in importlib.metadata.entry_points(group="console_scripts") if e.name == "duet-signaling"]
     assert [(e.value, e.dist.name if e.dist else None) for e in script] == [
         ("duet_signaling.__main__:main", "duet-signaling")]
+    assert (Path(sysconfig.get_path("scripts")) / "duet-signaling").is_file()
 
 
 # ------------------------------------------------------------------ layout and py.typed

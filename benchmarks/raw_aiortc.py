@@ -24,7 +24,8 @@ _util.ensure_path()
 
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription  # noqa: E402
 
-from duet.transport.webrtc import keep_loopback_candidates, set_local_description  # noqa: E402
+from duet.transport.patches import set_local_description  # noqa: E402
+from duet.transport.sdp import keep_loopback_candidates  # noqa: E402
 
 MAX_MSG = 262144
 HIGH_WATER = 1 << 20

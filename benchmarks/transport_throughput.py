@@ -27,7 +27,8 @@ except ImportError:  # run as a script
 _util.ensure_path()
 
 from duet import runtime  # noqa: E402
-from duet.transport.webrtc import IceConfig, RtcPeer  # noqa: E402
+from duet.transport.ice import IceConfig  # noqa: E402
+from duet.transport.webrtc import RtcPeer  # noqa: E402
 
 
 def duet_measure(bulk: int = 64 << 20, small: int = 50000, small_size: int = 100,

@@ -29,13 +29,9 @@ from duet.errors import ConnectionLost, ProtocolError  # noqa: E402
 from duet.transport import framing  # noqa: E402
 from duet.transport.framing import MAX_FRAME, Deframer, Framer, frame_all  # noqa: E402
 from duet.transport.memory import memory_pair  # noqa: E402
-from duet.transport.webrtc import (  # noqa: E402
-    IceConfig,
-    RtcPeer,
-    WebRtcTransport,
-    candidate_addresses,
-    keep_loopback_candidates,
-)
+from duet.transport.ice import IceConfig  # noqa: E402
+from duet.transport.sdp import candidate_addresses, keep_loopback_candidates  # noqa: E402
+from duet.transport.webrtc import RtcPeer, WebRtcTransport  # noqa: E402
 
 if __name__ != "__main__":
     import pytest

@@ -9,6 +9,8 @@ What this adds on top of a bare `RTCDataChannel`, and why:
   thread safe (aiortc's own `send` must only be called on the loop thread).
 - Bigger UDP socket buffers: aioice asks for 256 KiB; a dropped datagram costs
   an SCTP retransmission timeout (at least 1 s) and collapses the window.
+- SCTP tuning: a capped congestion window and delayed SACKs, which cut
+  aiortc's CPU work per byte sent.
 - A keepalive record and a dead-peer timeout: aiortc notices a vanished peer
   only through ICE consent freshness (about 30 s, measured); we want ~10 s.
 - An orderly close (a goodbye record) so the peer's `on_close` gets `None`
@@ -17,6 +19,12 @@ What this adds on top of a bare `RTCDataChannel`, and why:
   tests must keep every packet on loopback, and two peers on one machine have
   no need for any other interface.
 
+This module holds the transport (`WebRtcTransport`) and the peer connection
+that negotiates it (`RtcPeer`). The pieces that reach into aioice and aiortc
+internals (loopback gathering, SCTP tuning, socket buffers) are in
+`duet.transport.patches`; reading SDP text is in `duet.transport.sdp`; ICE
+servers and the no-route diagnosis are in `duet.transport.ice`.
+
 Everything here runs on the runtime loop (`duet.runtime`); only
 `WebRtcTransport.send` may be called from other threads.
 """
@@ -24,27 +32,32 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextvars
 import logging
-import re
-import socket
 import threading
 from typing import Any, Deque, List, Optional, Union
 
-import aioice.ice
 from aiortc import RTCDataChannel, RTCPeerConnection, RTCSessionDescription
 
 from ..errors import ConnectionFailed, ConnectionLost, ProtocolError
 from .base import CloseHandler, MessageHandler, Transport
 from .framing import CTRL_BYE, CTRL_PING, DEFAULT_MAX_MESSAGE, MAX_FRAME, Deframer, Framer
-from .ice import IceConfig  # noqa: F401  (defined in .ice, importable from here as before)
-from .ice import ICE_CHECK_TIMEOUT, IceServerUrl, no_route_message, relay_gathered, rtc_configuration, srflx_gathered
+from .ice import ICE_CHECK_TIMEOUT, IceConfig, IceServerUrl, no_route_message, relay_gathered, rtc_configuration, srflx_gathered
+from .patches import (
+    CWND_MAX,
+    SACK_EVERY,
+    SOCKET_BUFFER,
+    enlarge_socket_buffers,
+    install_loopback_patch,
+    set_local_description,
+    t3_expirations,
+    tune_sctp,
+)
+from .sdp import fingerprint_of, keep_loopback_candidates
 
 log = logging.getLogger(__name__)
 
 CHANNEL_LABEL = "duet"
 CHANNEL_ID = 0  # negotiated out of band: both sides create it, no open handshake
-LOOPBACK = "127.0.0.1"
 
 # Writer backpressure on aiortc's bufferedAmount (bytes SCTP has not taken
 # yet). SCTP takes one data channel message at a time (when its previous one
@@ -54,237 +67,9 @@ LOOPBACK = "127.0.0.1"
 # at 1 MiB (benchmarks/transport_throughput.py --high-water/--low-water).
 HIGH_WATER = 1 << 20
 LOW_WATER = 1 << 18
-# UDP socket buffers asked of the OS (capped by net.core.rmem_max/wmem_max).
-SOCKET_BUFFER = 8 << 20
 KEEPALIVE_INTERVAL = 1.0
 DEAD_PEER_TIMEOUT = 10.0
 CLOSE_LINGER = 3.0
-
-
-# --------------------------------------------------------------------------
-# Loopback-only gathering
-
-# True while a coroutine that asked for loopback-only gathering runs
-# setLocalDescription. A ContextVar (not a global flag) so that other peer
-# connections gathering concurrently on the same loop are not affected: the
-# tasks aiortc spawns for gathering copy the context of the caller.
-_LOOPBACK_GATHERING: contextvars.ContextVar[bool] = contextvars.ContextVar(
-    "duet_loopback_gathering", default=False)
-_patch_lock = threading.Lock()
-_patched = False
-
-
-def _install_loopback_patch() -> None:
-    """Wrap aioice's host address lookup once, so it can answer 127.0.0.1 alone.
-
-    aioice deliberately skips 127.0.0.1 in `get_host_addresses`; there is no
-    option to ask for it. The wrapper defers to the original unless the
-    current context asked for loopback-only gathering.
-    """
-    global _patched
-    with _patch_lock:
-        if _patched:
-            return
-        original = aioice.ice.get_host_addresses
-
-        def get_host_addresses(use_ipv4: bool, use_ipv6: bool) -> List[str]:
-            if _LOOPBACK_GATHERING.get():
-                return [LOOPBACK] if use_ipv4 else []
-            return original(use_ipv4, use_ipv6)
-
-        get_host_addresses.__wrapped__ = original  # type: ignore[attr-defined]
-        aioice.ice.get_host_addresses = get_host_addresses
-        _patched = True
-
-
-async def set_local_description(
-    pc: RTCPeerConnection, desc: RTCSessionDescription, local_only: bool
-) -> None:
-    """setLocalDescription (which gathers candidates), loopback-only if asked."""
-    if not local_only:
-        await pc.setLocalDescription(desc)
-        return
-    _install_loopback_patch()
-    token = _LOOPBACK_GATHERING.set(True)
-    try:
-        await pc.setLocalDescription(desc)
-    finally:
-        _LOOPBACK_GATHERING.reset(token)
-
-
-_CANDIDATE_RE = re.compile(r"^a=candidate:\S+ \d+ \S+ \d+ (\S+) \d+ typ ", re.IGNORECASE)
-
-
-def candidate_addresses(sdp: str) -> List[str]:
-    """The connection address of every `a=candidate` line of an SDP."""
-    out = []
-    for line in sdp.splitlines():
-        if line.startswith("a=candidate:"):
-            m = _CANDIDATE_RE.match(line)
-            out.append(m.group(1) if m else "?")
-    return out
-
-
-def keep_loopback_candidates(sdp: str) -> str:
-    """Drop every remote candidate that is not 127.0.0.1 (loopback-only mode).
-
-    Without this aioice would also probe the peer's other addresses (and
-    resolve mDNS names with multicast), sending packets off loopback.
-    Raises ConnectionLost if no loopback candidate is left.
-    """
-    lines = sdp.splitlines()
-    kept = []
-    n_loop = 0
-    for line in lines:
-        if line.startswith("a=candidate:"):
-            m = _CANDIDATE_RE.match(line)
-            if not m or m.group(1) != LOOPBACK:
-                continue
-            n_loop += 1
-        kept.append(line)
-    if n_loop == 0:
-        raise ConnectionLost(
-            "loopback-only ICE: the remote description offers no 127.0.0.1 candidate "
-            "(is the peer also in local_only mode, on this machine?)")
-    return "\r\n".join(kept) + "\r\n"
-
-
-def fingerprint_of(sdp: str, algorithm: str = "sha-256") -> str:
-    """The DTLS certificate fingerprint an SDP announces (upper-case hex with colons)."""
-    for line in sdp.splitlines():
-        if line.startswith("a=fingerprint:"):
-            alg, _, value = line[len("a=fingerprint:"):].strip().partition(" ")
-            if alg.lower() == algorithm:
-                return value.strip().upper()
-    raise ProtocolError(f"the session description has no {algorithm} DTLS fingerprint")
-
-
-def ice_sockets(pc: RTCPeerConnection) -> List[socket.socket]:
-    """The UDP sockets aioice opened for this peer connection (aiortc internals)."""
-    socks = []
-    try:
-        conn = pc.sctp.transport.transport.iceGatherer._connection  # type: ignore[union-attr]
-        for proto in list(conn._protocols):
-            tr = getattr(proto, "transport", None)
-            sock = tr.get_extra_info("socket") if tr is not None else None
-            if sock is not None:
-                socks.append(sock)
-    except AttributeError:  # a different aiortc/aioice layout: skip the tuning
-        pass
-    return socks
-
-
-def enlarge_socket_buffers(pc: RTCPeerConnection, size: int = SOCKET_BUFFER) -> List[int]:
-    """Ask for larger UDP buffers on the ICE sockets; returns the receive sizes granted.
-
-    Why: aioice sets a 256 KiB receive buffer. A burst that overflows it drops
-    datagrams, and aiortc's SCTP then waits for its retransmission timer
-    (1 s minimum) with the congestion window collapsed. Failure is ignored.
-    """
-    granted = []
-    for sock in ice_sockets(pc):
-        for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, opt, size)
-            except OSError:
-                pass
-        try:
-            granted.append(sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF))
-        except OSError:
-            pass
-    return granted
-
-
-# --------------------------------------------------------------------------
-# SCTP tuning (aiortc internals, applied per connection)
-
-# Measured here (benchmarks/transport_throughput.py): aiortc's SCTP sender is
-# CPU bound, and each SACK it handles walks its whole queue of unacknowledged
-# chunks. Its congestion window grows without bound on a lossless path and it
-# ignores the receiver's advertised window, so with large socket buffers the
-# flight grows to megabytes and every SACK costs more. Capping the window and
-# acknowledging every second packet (RFC 9260 section 6.2 allows up to 200 ms
-# of delay; we use a few ms) cuts the sender's work per byte.
-CWND_MAX = 4 << 20
-SACK_DELAY = 0.005
-SACK_EVERY = 2
-
-try:
-    from aiortc.rtcsctptransport import RTCSctpTransport as _RTCSctpTransport
-except ImportError:  # pragma: no cover - layout changed
-    _RTCSctpTransport = None  # type: ignore[assignment,misc]
-
-
-if _RTCSctpTransport is not None:
-
-    class _TunedSctpTransport(_RTCSctpTransport):  # type: ignore[misc,valid-type]
-        """aiortc's SCTP association with a capped window and delayed SACKs.
-
-        Installed by swapping the class of an existing instance, so nothing
-        changes for other connections in the process.
-        """
-
-        _duet_cwnd_max: int = CWND_MAX
-        _duet_sack_every: int = SACK_EVERY
-        _duet_sack_delay: float = SACK_DELAY
-
-        @property  # type: ignore[override]
-        def _cwnd(self) -> int:
-            return self.__dict__["_duet_cwnd"]
-
-        @_cwnd.setter
-        def _cwnd(self, value: int) -> None:
-            self.__dict__["_duet_cwnd"] = min(value, self._duet_cwnd_max)
-
-        async def _send_sack(self) -> None:
-            if (
-                self._duet_sack_every > 1
-                and self._association_state == self.State.ESTABLISHED
-                and not self._sack_misordered
-                and not self._sack_duplicates
-            ):
-                count = self.__dict__.get("_duet_sack_count", 0) + 1
-                if count < self._duet_sack_every:
-                    self.__dict__["_duet_sack_count"] = count
-                    if self.__dict__.get("_duet_sack_timer") is None:
-                        self.__dict__["_duet_sack_timer"] = self._loop.call_later(
-                            self._duet_sack_delay, self._duet_sack_due)
-                    return
-            self._duet_sack_now()
-            await super()._send_sack()
-
-        def _t3_expired(self) -> None:
-            # Counted for diagnostics: each expiry is a stall of at least 1 s.
-            self.__dict__["_duet_t3_expired"] = self.__dict__.get("_duet_t3_expired", 0) + 1
-            super()._t3_expired()
-
-        def _duet_sack_now(self) -> None:
-            self.__dict__["_duet_sack_count"] = 0
-            timer = self.__dict__.pop("_duet_sack_timer", None)
-            if timer is not None:
-                timer.cancel()
-
-        def _duet_sack_due(self) -> None:
-            self.__dict__["_duet_sack_timer"] = None
-            if self._sack_needed and self._association_state == self.State.ESTABLISHED:
-                self._duet_sack_now()
-                asyncio.ensure_future(_RTCSctpTransport._send_sack(self))
-
-
-def tune_sctp(pc: RTCPeerConnection, cwnd_max: Optional[int] = CWND_MAX,
-              sack_every: int = SACK_EVERY) -> bool:
-    """Apply the SCTP tuning above to this peer connection; False if not possible."""
-    sctp = pc.sctp
-    if _RTCSctpTransport is None or sctp is None or type(sctp) is not _RTCSctpTransport:
-        return False
-    if not hasattr(sctp, "_cwnd") or not hasattr(sctp, "_sack_needed"):
-        return False
-    cwnd = sctp.__dict__.pop("_cwnd")
-    sctp.__class__ = _TunedSctpTransport
-    sctp._duet_cwnd_max = cwnd_max or (1 << 62)
-    sctp._duet_sack_every = max(1, sack_every)
-    sctp._cwnd = cwnd
-    return True
 
 
 # --------------------------------------------------------------------------
@@ -454,7 +239,7 @@ class WebRtcTransport(Transport):
         """Counters for diagnostics and benchmarks."""
         sctp = self._pc.sctp
         return {
-            "sctp_t3_expired": getattr(sctp, "__dict__", {}).get("_duet_t3_expired", 0),
+            "sctp_t3_expired": t3_expirations(sctp),
             "sctp_cwnd": getattr(sctp, "_cwnd", None),
             "frames_sent": self._frames_sent,
             "frames_received": self._frames_received,
@@ -763,7 +548,7 @@ class RtcPeer:
         if ice.local_only and ice.servers:
             raise ValueError("IceConfig(local_only=True) cannot use STUN/TURN servers")
         if ice.local_only:
-            _install_loopback_patch()
+            install_loopback_patch()
         pc = RTCPeerConnection(configuration=ice.rtc_configuration())
         return cls(ice, pc, transport_options, socket_buffer, cwnd_max, sack_every, ice_check_timeout)
 

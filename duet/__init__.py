@@ -30,7 +30,7 @@ from . import views, widgets
 # Looked up on each use, so the ui layer's functions can be replaced (tests do).
 views.register(owner_panel=lambda owner: widgets.OwnerPanel.for_owner(owner),
                get_status=lambda handle, timeout: widgets.get_status(handle, timeout),
-               in_kernel=lambda: widgets.in_kernel())
+               in_kernel=lambda: widgets.common.in_kernel())
 
 __version__ = "0.1.0"
 

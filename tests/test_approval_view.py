@@ -84,7 +84,7 @@ def test_scientist_text_is_shown_without_control_characters(tmp_path, payload):
             _no_controls(text)
         html = widgets.request_html(req)
         _no_controls(html)
-        assert "max-height:8em;overflow:auto" in widgets._STYLE  # a long reason scrolls inside its box
+        assert "max-height:8em;overflow:auto" in widgets.approval.STYLE  # a long reason scrolls inside its box
         assert "\ufffd" in req.reason or payload.isprintable()  # replaced visibly, not silently dropped
     finally:
         scientist.close()

@@ -207,7 +207,7 @@ def test_display_owner_outside_a_kernel_writes_only_the_handoff(tmp_path, monkey
 def test_display_owner_in_a_kernel_shows_the_panel(owner_pair, monkeypatch):
     owner, _ = owner_pair
     shown = []
-    monkeypatch.setattr(widgets, "in_kernel", lambda: True)
+    monkeypatch.setattr(widgets.common, "in_kernel", lambda: True)
     import IPython.display
 
     monkeypatch.setattr(IPython.display, "display", lambda obj: shown.append(obj))
@@ -279,8 +279,8 @@ class Shown(list):
 @pytest.fixture
 def fake_kernel(monkeypatch):
     shown = Shown()
-    monkeypatch.setattr(widgets, "in_kernel", lambda: True)
-    monkeypatch.setattr(widgets, "_show", shown)
+    monkeypatch.setattr(widgets.common, "in_kernel", lambda: True)
+    monkeypatch.setattr(widgets.status, "_show", shown)
     return shown
 
 
@@ -317,7 +317,7 @@ def test_get_status_is_shown_as_the_widget_view_only(monkeypatch):
     published = []
     monkeypatch.setattr(IPython.display, "display", lambda obj, raw=False: published.append((obj, raw)))
     handle = RequestHandle("x", "", concurrent.futures.Future(), lambda raw: raw)
-    widgets._show(widgets.GetStatus(handle))
+    widgets.status._show(widgets.GetStatus(handle))
     ((bundle, raw),) = published
     assert raw and list(bundle) == ["application/vnd.jupyter.widget-view+json"]
 
@@ -350,7 +350,7 @@ def test_no_status_for_values_that_need_no_approval(owner_pair, fake_kernel):
 def test_no_status_outside_a_kernel(owner_pair, monkeypatch):
     owner, scientist = owner_pair
     shown = []
-    monkeypatch.setattr(widgets, "_show", shown.append)
+    monkeypatch.setattr(widgets.status, "_show", shown.append)
     t = threading.Thread(target=lambda: owner.requests.wait_pending(10).accept())
     t.start()
     scientist.store["ages"].mean().get(reason="m", timeout=10)
@@ -382,8 +382,8 @@ def test_get_status_follows_the_owners_queue_notice(monkeypatch):
     import concurrent.futures
 
     shown = Shown()
-    monkeypatch.setattr(widgets, "in_kernel", lambda: True)
-    monkeypatch.setattr(widgets, "_show", shown)
+    monkeypatch.setattr(widgets.common, "in_kernel", lambda: True)
+    monkeypatch.setattr(widgets.status, "_show", shown)
     future: concurrent.futures.Future = concurrent.futures.Future()
     handle = RequestHandle("mean(ages)", "r", future, lambda raw: raw)
 

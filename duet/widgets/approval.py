@@ -1,0 +1,126 @@
+"""How a request reads for the owner who decides it: its facts as escaped HTML and as text.
+
+Everything the scientist wrote (their name, their reasons) is escaped and shown
+as their words, never as markup; every distinct operation is listed, with the
+ones that pick out single values in bold (see duet.owner.opchain).
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, List
+
+from ..owner.opchain import is_selecting
+from ..tables import human_bytes
+from .common import esc
+
+if TYPE_CHECKING:
+    from ..owner.requests import Request
+
+HISTORY_SHOWN = 50
+PREVIEW_CHARS = 4000
+
+STYLE = (
+    "<style>"
+    ".duet-panel table.duet-table{border-collapse:collapse;margin:2px 0 8px 0}"
+    ".duet-panel table.duet-table td,.duet-panel table.duet-table th{border:1px solid #ccc;padding:2px 6px;text-align:left}"
+    ".duet-words{border-left:3px solid #b58900;margin:4px 0;padding:2px 8px;background:#fdf6e3;white-space:pre-wrap;"
+    "max-height:8em;overflow:auto;overflow-wrap:anywhere}"
+    ".duet-ops{max-height:8em;overflow:auto;overflow-wrap:anywhere}"
+    ".duet-muted{color:#666}"
+    "</style>"
+)
+
+
+def _ops_text(ops: Any) -> str:
+    """Every distinct operation, in first-use order; nothing is dropped (see duet.owner.opchain)."""
+    return " → ".join(str(o) for o in ops)
+
+
+def _ops_html(ops: Any) -> str:
+    """The same, with operations that pick out single values in bold so they cannot hide in a long chain."""
+    parts = []
+    for op in ops:
+        text = esc(str(op))
+        parts.append(f"<b title='picks out individual values'>{text}</b>" if is_selecting(str(op).split(" ×", 1)[0]) else text)
+    return " → ".join(parts)
+
+
+def _what_text(req: "Request") -> str:
+    parts = []
+    if req.type_name:
+        parts.append(req.type_name)
+    if req.shape is not None:
+        parts.append("shape " + "×".join(str(s) for s in req.shape) if req.shape else "a single number")
+    if req.dtype:
+        parts.append(req.dtype)
+    if req.numel is not None:
+        parts.append(f"{req.numel} element{'s' if req.numel != 1 else ''}")
+    if req.nbytes is not None:
+        parts.append(human_bytes(req.nbytes))
+    return ", ".join(parts)
+
+
+_KIND_TEXT = {
+    "join": "asks to join",
+    "release": "asks for a value",
+    "compute": "asks to run an operation",
+}
+
+
+def request_html(req: "Request") -> str:
+    """The facts of one pending request, escaped."""
+    rows = [
+        ("Who", f"<b>{esc(req.requester.name)}</b> <span class='duet-muted'>(their chosen name)</span>"
+                f"<br><code>{esc(req.requester.fingerprint)}</code> <span class='duet-muted'>(key fingerprint)</span>"),
+    ]
+    if req.kind != "join":
+        rows.append(("Assets", esc(", ".join(req.lineage)) or "<i>none</i>"))
+        rows.append(("Operations", f"<div class='duet-ops'>{_ops_html(req.ops)}</div>" if req.ops else "<i>none</i>"))
+        what = _what_text(req)
+        if what:
+            rows.append(("What", esc(what)))
+    if req.reason:
+        rows.append(("Reason", "<div class='duet-words' title='written by the scientist; unverified'>"
+                               f"{esc(req.reason)}</div><span class='duet-muted'>their words, unverified</span>"))
+    else:
+        rows.append(("Reason", "<i class='duet-muted'>none given</i>"))
+    body = "".join(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in rows)
+    head = f"<b>Request #{req.id}</b>: {esc(req.kind)} — {esc(_KIND_TEXT.get(req.kind, req.kind))}"
+    return f"<div class='duet-panel'>{head}<table class='duet-table'>{body}</table></div>"
+
+
+def request_text(req: "Request") -> str:
+    lines = [f"Request #{req.id}: {req.kind} from {req.requester.name} ({req.requester.fingerprint})"]
+    if req.kind != "join":
+        lines.append(f"  assets: {', '.join(req.lineage) or 'none'}")
+        lines.append(f"  operations: {_ops_text(req.ops) or 'none'}")
+        what = _what_text(req)
+        if what:
+            lines.append(f"  what: {what}")
+    lines.append(f"  reason (their words): {req.reason!r}" if req.reason else "  reason: none given")
+    return "\n".join(lines)
+
+
+def preview_html(value: Any) -> str:
+    """The owner's own look at a value, as escaped, bounded text."""
+    try:
+        text = repr(value)
+    except Exception as exc:  # the owner's own object; still, never break the panel
+        text = f"<could not show: {type(exc).__name__}>"
+    if len(text) > PREVIEW_CHARS:
+        text = text[:PREVIEW_CHARS] + f"\n… ({len(text) - PREVIEW_CHARS} more characters)"
+    return ("<div class='duet-panel'><span class='duet-muted'>Preview (only you see this; nothing is sent):</span>"
+            f"<pre style='max-height:16em;overflow:auto;margin:2px 0'>{esc(text)}</pre></div>")
+
+
+HISTORY_HEADERS = ["id", "kind", "who", "assets", "what", "decision", "by", "note to scientist"]
+
+
+def history_rows(history: List["Request"]) -> List[List[Any]]:
+    """The latest decided requests, newest first, as table rows."""
+    rows = []
+    for r in history[-HISTORY_SHOWN:][::-1]:
+        rows.append([
+            r.id, r.kind, f"{r.requester.name} ({r.requester.fingerprint[:19]})", ", ".join(r.lineage),
+            _what_text(r) if r.kind != "join" else "", r.status, r.decided_by, r.deny_reason,
+        ])
+    return rows

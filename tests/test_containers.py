@@ -1,0 +1,282 @@
+"""Depth limits of the walks over nested lists, tuples and dicts.
+
+Each test pins, at the boundary, the limit a walk in duet enforces and what it does beyond
+it (refuse with its own error, leave the rest out, or answer conservatively): these guard
+against hostile nesting, so they must not move.
+"""
+from __future__ import annotations
+
+import collections
+import types
+
+import numpy as np
+import pytest
+import torch
+
+from duet.errors import NotAllowed
+from duet.wire import Ref
+
+
+def nest(leaf, n, kind=list):
+    """`leaf` inside n containers of `kind`: at depth n (the top-level value is at depth 0)."""
+    for _ in range(n):
+        leaf = kind([leaf]) if kind is not dict else {"k": leaf}
+    return leaf
+
+
+def innermost(value):
+    while isinstance(value, (list, tuple, dict)):
+        value = next(iter(value.values())) if isinstance(value, dict) else value[0]
+    return value
+
+
+# -- owner: action arguments -----------------------------------------------------------------
+
+
+def test_collect_refs_refuses_beyond_32():
+    from duet.owner.executor import collect_refs
+
+    for kind in (list, tuple, dict):
+        out = []
+        collect_refs(nest(Ref(7), 32, kind), out)
+        assert out == [7]
+        with pytest.raises(NotAllowed, match="action arguments are nested too deeply"):
+            collect_refs(nest(Ref(7), 33, kind), [])
+        with pytest.raises(NotAllowed, match="action arguments are nested too deeply"):
+            collect_refs(nest(1, 33, kind), [])
+    out = []
+    collect_refs([Ref(1), (Ref(2), {"a": Ref(3), "b": [Ref(4)]}), 5], out)
+    assert out == [1, 2, 3, 4]
+
+
+def test_substitute_and_remap_follow_collect_refs():
+    from duet.owner.executor import substitute
+    from duet.owner.plans import remap
+
+    class Table:
+        def get(self, rid):
+            return types.SimpleNamespace(value=f"value{rid}")
+
+    deep = nest(Ref(3), 32, tuple)
+    assert innermost(substitute(deep, Table())) == "value3"
+    assert innermost(remap(deep, {3: 9})) == Ref(9)
+    Point = collections.namedtuple("Point", "x y")
+    assert substitute([Point(Ref(1), 2), {"k": Ref(2)}], Table()) == [("value1", 2), {"k": "value2"}]
+    assert type(substitute(Point(Ref(1), 2), Table())) is tuple
+    assert remap([Ref(1), (Ref(2),), {"a": Ref(1)}, "s"], {1: 10, 2: 20}) == [Ref(10), (Ref(20),), {"a": Ref(10)}, "s"]
+
+
+def test_make_safe_refuses_results_beyond_8():
+    from duet.owner.executor import make_safe
+
+    for kind in (list, tuple, dict):
+        assert innermost(make_safe(nest(1.5, 8, kind), "op")) == 1.5
+        assert make_safe(nest([], 8, kind), "op") is not None
+        with pytest.raises(NotAllowed, match="op returned a structure nested too deeply"):
+            make_safe(nest(1.5, 9, kind), "op")
+    assert make_safe((x for x in [1, [2]]), "op") == [1, [2]]
+    assert make_safe({1: 2}.values(), "op") == [2]
+    size = torch.Size([2, 3])
+    assert make_safe(size, "op") is size
+    Point = collections.namedtuple("Point", "x y")
+    assert type(make_safe(Point(1, 2), "op")) is tuple
+    with pytest.raises(NotAllowed, match="dict with tuple keys"):
+        make_safe({(1,): 2}, "op")
+    with pytest.raises(NotAllowed, match="which is not a safe result type"):
+        make_safe([object()], "op")
+
+
+def test_read_only_views_stop_at_16():
+    from duet.owner.executor import _read_only_views
+
+    t = torch.zeros(2)
+    views = []
+    assert isinstance(innermost(_read_only_views(nest(t, 16), views)), np.ndarray) and len(views) == 1
+    views = []
+    deep = nest(t, 17)
+    assert innermost(_read_only_views(deep, views)) is t and views == []
+    out = _read_only_views([t, (t,), {"k": t}, 3], views)
+    assert isinstance(out[0], np.ndarray) and isinstance(out[1], tuple) and isinstance(out[2]["k"], np.ndarray)
+    assert out[3] == 3 and len(views) == 3
+
+
+def test_flat_stops_at_16_and_counts_a_dict_twice():
+    from duet.owner.executor import _flat
+
+    assert _flat(nest(5, 16)) == [5]
+    assert _flat(nest(5, 17)) == []
+    # A dict's values count two levels below it.
+    assert _flat(nest({"k": 5}, 14)) == [5]
+    assert _flat(nest({"k": 5}, 15)) == []
+    assert _flat([1, (2, {"a": 3}), [[4]]]) == [1, 2, 3, 4]
+
+
+# -- owner: shadow runs, results ----------------------------------------------------------------
+
+
+def test_shadow_walks_stop_at_16():
+    from duet.owner import shapes
+
+    t = torch.ones(2, 3)
+    assert innermost(shapes._to_meta(nest(t, 16))).device.type == "meta"
+    with pytest.raises(shapes._Unavailable):
+        shapes._to_meta(nest(t, 17))
+    Point = collections.namedtuple("Point", "x y")
+    p = Point(t, 1)
+    assert shapes._to_meta([p])[0] is p  # a namedtuple is passed as it is
+    assert shapes.describe(nest(1, 16)) is not None
+    with pytest.raises(shapes._Unavailable):
+        shapes.describe(nest(1, 17))
+    assert shapes.describe((1, [t], {"a": None})) == (
+        "tuple", (("int", 1), ("list", (("T", (2, 3), torch.float32, False),)), ("dict", (("a", ("NoneType", None)),))))
+    assert shapes.signature(nest(slice(1, 2), 15)) is not None
+    with pytest.raises(shapes.Uncacheable):
+        shapes.signature(nest(1, 17))
+    with pytest.raises(shapes.Uncacheable):
+        shapes.signature(nest(slice(1, 2), 16))  # a slice's parts are one level deeper
+    m = torch.nn.Linear(2, 2)
+    assert shapes.signature(nest(m, 15)) is not None
+    with pytest.raises(shapes.Uncacheable):
+        shapes.signature(nest(m, 16))  # its parameters are one level deeper
+    found = {}
+    shapes._modules_in(nest(m, 16), found)
+    assert found == {id(m): m}
+    found = {}
+    shapes._modules_in(nest(m, 17), found)
+    assert found == {}
+
+
+def test_holds_data_is_conservative_beyond_16():
+    from duet.owner.shapes import holds_data
+
+    assert holds_data(nest(torch.ones(1), 16))
+    assert not holds_data(nest(1, 16))
+    assert holds_data(nest(1, 17))  # too deep to tell: as if it held data
+    assert not holds_data([1, (2.0,), {"a": "s"}])
+    assert holds_data([1, {"a": np.int64(3)}])
+
+
+def test_size_ints_stop_at_16():
+    from duet.owner.bounds import size_ints
+
+    assert size_ints(nest(5, 16)) == [5]
+    assert size_ints(nest(5, 17)) == []
+    assert size_ints([1, nest(2, 16)]) == [1]
+    assert size_ints(nest(5, 16, tuple)) == [5]
+    assert size_ints({"a": 5}) == [] and size_ints([True, 2]) == [2]
+    assert size_ints([torch.Size([2, 3]), np.int64(4), torch.tensor([5, 6]), np.array([7])]) == [2, 3, 4, 5, 6, 7]
+
+
+def test_model_arguments_stop_at_4_and_graph_arguments_at_16():
+    from duet.owner import models as owner_models
+    from duet.scientist import models as sci_models
+
+    for plain in (owner_models._plain, sci_models._plain):
+        assert plain(nest(1, 4)) and not plain(nest(1, 5))
+        assert plain(nest(1, 4, tuple)) and not plain(nest(1, 4, dict))
+        assert plain([None, True, 1.5, "s"]) and not plain([object()])
+    Point = collections.namedtuple("Point", "x y")
+    assert not owner_models._plain(Point(1, 2))  # exact types only
+    assert sci_models._plain(Point(1, 2))
+    assert not owner_models._plain(nest("x" * 10_000, 1))
+    assert owner_models._arg(nest(1, 16), []) == nest(1, 16)
+    with pytest.raises(NotAllowed, match="nested too deeply"):
+        owner_models._arg(nest(1, 17), [])
+    assert owner_models._arg(slice(1, None), []) == slice(1, None)
+    with pytest.raises(NotAllowed, match="nested too deeply"):
+        owner_models._arg(nest(slice(1, 2), 16), [])
+    with pytest.raises(NotAllowed, match="may not hold dicts"):
+        owner_models._arg([{"a": 1}], [])
+    node = object()
+    assert owner_models._arg(({"$node": 0}, [1]), [node]) == (node, [1])
+
+
+# -- owner: published values --------------------------------------------------------------------
+
+
+def test_published_python_values_stop_at_4():
+    from duet.owner.store import check_python_value, holds_numbers
+
+    for kind in (list, tuple, dict):
+        check_python_value(nest(1, 4, kind))
+        with pytest.raises(TypeError, match="nested deeper than 4"):
+            check_python_value(nest(1, 5, kind))
+    with pytest.raises(TypeError, match="more than 1000000 items"):
+        check_python_value([0] * 1_000_000)
+    check_python_value([0] * 999_999)
+    with pytest.raises(TypeError, match="cannot publish a dict with key 1"):
+        check_python_value({1: 2})
+    with pytest.raises(TypeError, match="cannot publish a str"):
+        check_python_value(["s"])
+    assert holds_numbers(nest(1, 4)) and not holds_numbers(nest([], 4))
+    assert holds_numbers(nest([], 5))  # too deep to tell: as if it held numbers
+    assert not holds_numbers({"a": torch.ones(1)}) and holds_numbers({"a": (torch.ones(1), 2)})
+
+
+def test_pandas_literal_arguments_are_searched_to_64():
+    from duet.owner import frames
+
+    assert frames._holds(lambda v: isinstance(v, Ref), nest(Ref(1), 64))
+    assert not frames._holds(lambda v: isinstance(v, Ref), nest(Ref(1), 65))
+    assert frames._holds(lambda v: isinstance(v, Ref), [1, (2, {"a": Ref(1)})])
+    with pytest.raises(NotAllowed, match="not remote objects"):
+        frames._literal("f", [nest(Ref(1), 30)], {})
+
+
+# -- pairing ----------------------------------------------------------------------------------------
+
+
+def test_signaling_bodies_stop_at_32():
+    from duet.pairing import _check_body
+
+    _check_body(nest("s", 32))
+    _check_body(nest(b"x", 32, dict))
+    with pytest.raises(ValueError, match="nested deeper than 32 levels"):
+        _check_body(nest(1, 33))
+    with pytest.raises(ValueError, match="map keys must be str"):
+        _check_body({1: 2})
+    with pytest.raises(ValueError, match="tuple is not allowed"):
+        _check_body([(1,)])
+
+
+# -- scientist ----------------------------------------------------------------------------------------
+
+
+class _Client:
+    def _free(self, rid):
+        pass
+
+
+def test_call_arguments_stop_at_16():
+    from duet.scientist.pointer import Pointer, RefErrors, refs_in
+
+    client = _Client()
+    errors = RefErrors(foreign=lambda: ValueError("foreign"), too_deep=lambda: ValueError("too deep"),
+                       module_hint="send it")
+    p = Pointer(client, 4, "p")
+    assert innermost(refs_in(nest(p, 16), client, errors)) == Ref(4)
+    assert refs_in(nest(1, 16, dict), client, errors) == nest(1, 16, dict)
+    with pytest.raises(ValueError, match="too deep"):
+        refs_in(nest(1, 17), client, errors)
+    assert innermost(refs_in(nest(p, 17), client, errors)) == Ref(4)  # a pointer is taken before the depth check
+    with pytest.raises(ValueError, match="foreign"):
+        refs_in([Pointer(_Client(), 1, "q")], client, errors)
+    with pytest.raises(TypeError, match="send it"):
+        refs_in([torch.nn.Linear(1, 1)], client, errors)
+    Point = collections.namedtuple("Point", "x y")
+    assert refs_in([Point(p, 1), {"k": p}], client, errors) == [(Ref(4), 1), {"k": Ref(4)}]
+
+
+def test_plan_walks_stop_at_16():
+    from duet.scientist import plan
+
+    assert list(plan._walk(nest(5, 16))) == [5]
+    assert list(plan._walk(nest(5, 17))) == []
+    assert list(plan._walk([1, (2, {"a": 3}), [nest(4, 16)]])) == [1, 2, 3]
+    rec = types.SimpleNamespace()
+    assert plan._template(nest(1, 16), rec, []) == nest(1, 16)
+    with pytest.raises(NotAllowed, match="a plan's result is nested too deeply"):
+        plan._template(nest(1, 17), rec, [])
+    outs = plan._template((plan._Out(0), [plan._Out(1)]), rec, [])  # not pointers: kept as they are
+    # _fill walks what _template made, which is never deeper than 16.
+    assert plan._fill(plan._template(nest(outs, 14), rec, []), ["a", "b"]) == nest(("a", ["b"]), 14)

@@ -1,8 +1,9 @@
 """Depth limits of the walks over nested lists, tuples and dicts.
 
-Each test pins, at the boundary, the limit a walk in duet enforces and what it does beyond
-it (refuse with its own error, leave the rest out, or answer conservatively): these guard
-against hostile nesting, so they must not move.
+The first part pins, at the boundary, the limit each walk in duet enforces and what it does
+beyond it (refuse with its own error, leave the rest out, or answer conservatively): these
+guard against hostile nesting, so they must not move. The second part tests the walker they
+share, duet.containers.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from duet import containers
 from duet.errors import NotAllowed
 from duet.wire import Ref
 
@@ -280,3 +282,76 @@ def test_plan_walks_stop_at_16():
     outs = plan._template((plan._Out(0), [plan._Out(1)]), rec, [])  # not pointers: kept as they are
     # _fill walks what _template made, which is never deeper than 16.
     assert plan._fill(plan._template(nest(outs, 14), rec, []), ["a", "b"]) == nest(("a", ["b"]), 14)
+
+
+# -- the shared walker ---------------------------------------------------------------------------------
+
+
+def test_leaves_in_order_and_the_limit():
+    value = [1, (2, {"a": 3, "b": [4]}), {"c": (5,)}, []]
+    assert list(containers.leaves(value)) == [1, 2, 3, 4, 5]
+    assert list(containers.leaves(7)) == [7]
+    assert list(containers.leaves(nest(1, containers.MAX_DEPTH))) == [1]
+    with pytest.raises(containers.TooDeep, match="nested deeper than 16 levels") as info:
+        list(containers.leaves(nest(1, containers.MAX_DEPTH + 1)))
+    assert info.value.max_depth == 16 and isinstance(info.value, ValueError)
+    with pytest.raises(KeyError):
+        list(containers.leaves(nest(1, 3), max_depth=2, too_deep=lambda: KeyError("mine")))
+    assert list(containers.leaves([1, nest(2, 3), 3], max_depth=3, prune=True)) == [1, 3]
+    assert list(containers.leaves([{"a": 1}, (2,)], is_mapping=containers.never)) == [{"a": 1}, 2]
+    assert list(containers.leaves([[1], (2,)], is_sequence=lambda v: isinstance(v, list))) == [1, (2,)]
+
+
+def test_leaves_depth_counts_every_container():
+    # A value at depth n is inside n containers, whatever their kinds.
+    mixed = [({"k": [(9,)]},)]  # 9 is at depth 5
+    assert list(containers.leaves(mixed, max_depth=5)) == [9]
+    with pytest.raises(containers.TooDeep):
+        list(containers.leaves(mixed, max_depth=4))
+    # An empty container at the limit is fine: nothing in it is deeper.
+    assert list(containers.leaves(nest([], 4), max_depth=4)) == []
+
+
+def test_map_leaves_copies_the_containers():
+    Point = collections.namedtuple("Point", "x y")
+    value = [1, Point(2, 3), {"a": (4, [5])}, torch.Size([6])]
+    out = containers.map_leaves(value, lambda v: v * 10)
+    assert out == [10, (20, 30), {"a": (40, [50])}, (60,)]
+    assert type(out[1]) is tuple and type(out[3]) is tuple and type(out[2]["a"][1]) is list
+    assert containers.map_leaves(value, lambda v: v) is not value
+    with pytest.raises(containers.TooDeep):
+        containers.map_leaves(nest(1, 3), str, max_depth=2)
+    deep = nest(1, 3)
+    pruned = containers.map_leaves([1, deep], str, max_depth=3, prune=True)
+    assert pruned[0] == "1" and innermost(pruned[1]) == 1  # kept as it was, unmapped
+    assert containers.map_leaves([Point(1, 2)], str, is_sequence=lambda v: type(v) in (list, tuple)) == ["Point(x=1, y=2)"]
+
+
+def test_walk_visits_with_the_depth_limit():
+    def total(v, inner):
+        if isinstance(v, (list, tuple)):
+            return sum(inner(x) for x in v)
+        if isinstance(v, slice):
+            return inner(v.start) + inner(v.stop)
+        return v
+
+    assert containers.walk([1, (2, [3]), slice(4, 5)], total) == 15
+    assert containers.walk(nest(1, 16), total) == 1
+    with pytest.raises(containers.TooDeep):
+        containers.walk(nest(1, 17), total)
+    with pytest.raises(containers.TooDeep):
+        containers.walk(nest(slice(1, 2), 16), total)  # a slice's parts are one level deeper
+    with pytest.raises(OverflowError):
+        containers.walk(nest(1, 3), total, max_depth=2, too_deep=OverflowError)
+    assert containers.walk([1, nest(2, 3)], total, max_depth=3, beyond=lambda v: 100) == 101
+
+
+def test_walks_never_reach_the_recursion_limit():
+    import sys
+
+    very_deep = nest(1, sys.getrecursionlimit() * 2)
+    for run in (lambda: list(containers.leaves(very_deep)), lambda: containers.map_leaves(very_deep, str),
+                lambda: containers.walk(very_deep, lambda v, inner: [inner(x) for x in v] if isinstance(v, list) else v)):
+        with pytest.raises(containers.TooDeep):
+            run()
+    assert list(containers.leaves(very_deep, prune=True)) == []

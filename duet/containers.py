@@ -1,0 +1,158 @@
+"""One bounded walk over nested lists, tuples and dicts.
+
+Arguments, results, published values, plan templates and signaling bodies are
+Python values nested in lists, tuples and dicts, and many of them come from the
+other side. The walks over them are made with this module, so each has a depth
+limit, counts depth the same way, and says clearly when the limit is exceeded,
+long before Python's recursion limit (about 1000 frames) would turn hostile
+nesting into a RecursionError somewhere deep inside. (The wire codec checks
+nesting itself, as msgpack counts it: see duet.wire.)
+
+Depth: the value a walk starts from is at depth 0, and each list, tuple or dict
+around a value adds one, so in `[[x]]` x is at depth 2. A walk with
+`max_depth=n` looks at values down to depth n; meeting one deeper, it raises
+`too_deep()` (TooDeep by default) or, where a walk only searches or makes
+copies, leaves that value out (`prune`). The default limit is MAX_DEPTH; the
+walks that need another one pass it and say why where they do.
+
+Three forms:
+
+- `leaves(value)`: the values that are not containers, left to right.
+- `map_leaves(value, fn)`: a copy with each such value replaced by fn(value);
+  lists stay lists, other sequences become tuples, mappings become dicts.
+- `walk(value, visit)`: for walks with their own rules per type; visit(v, inner)
+  returns the result for v and calls inner(child) for each child it descends into.
+
+What counts as a container is `is_sequence` and `is_mapping` (by default any
+list or tuple, including named tuples, and any dict).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Iterator, List, Optional, TypeVar
+
+MAX_DEPTH = 16  # the default: call arguments, shadow runs, plans, model graphs
+
+T = TypeVar("T")
+Predicate = Callable[[Any], bool]
+ErrorFactory = Callable[[], BaseException]
+
+
+class TooDeep(ValueError):
+    """A value nests lists, tuples or dicts deeper than a walk allows."""
+
+    def __init__(self, max_depth: int) -> None:
+        super().__init__(f"nested deeper than {max_depth} levels of lists, tuples and dicts")
+        self.max_depth = max_depth
+
+
+def is_sequence(value: Any) -> bool:
+    """Lists and tuples, subclasses included (named tuples, torch.Size, torch.return_types)."""
+    return isinstance(value, (list, tuple))
+
+
+def is_mapping(value: Any) -> bool:
+    return isinstance(value, dict)
+
+
+def never(value: Any) -> bool:
+    """For `is_mapping=never` (dicts are leaves) and the like."""
+    return False
+
+
+def _error(max_depth: int, too_deep: Optional[ErrorFactory]) -> BaseException:
+    return too_deep() if too_deep is not None else TooDeep(max_depth)
+
+
+def leaves(
+    value: Any,
+    *,
+    max_depth: int = MAX_DEPTH,
+    too_deep: Optional[ErrorFactory] = None,
+    prune: bool = False,
+    is_sequence: Predicate = is_sequence,
+    is_mapping: Predicate = is_mapping,
+) -> Iterator[Any]:
+    """Every value under `value` that is not a container, depth first, left to right.
+
+    Beyond max_depth: raises too_deep() (TooDeep by default), or with prune=True
+    leaves those values out and goes on with the rest.
+    """
+    stack = [iter((value,))]  # the values of stack[d] are at depth d
+    while stack:
+        depth = len(stack) - 1
+        for v in stack[-1]:
+            if depth > max_depth:
+                if not prune:
+                    raise _error(max_depth, too_deep)
+                stack.pop()  # the other values there are as deep: skip them all
+                break
+            if is_sequence(v):
+                stack.append(iter(v))
+                break
+            if is_mapping(v):
+                stack.append(iter(v.values()))
+                break
+            yield v
+        else:
+            stack.pop()
+
+
+def map_leaves(
+    value: Any,
+    fn: Callable[[Any], Any],
+    *,
+    max_depth: int = MAX_DEPTH,
+    too_deep: Optional[ErrorFactory] = None,
+    prune: bool = False,
+    is_sequence: Predicate = is_sequence,
+    is_mapping: Predicate = is_mapping,
+) -> Any:
+    """A copy of the containers of `value` with every other value v replaced by fn(v).
+
+    Lists are copied as lists, other sequences as plain tuples, mappings as dicts
+    with the same keys. Beyond max_depth: raises too_deep() (TooDeep by default),
+    or with prune=True keeps those values as they are, unmapped.
+    """
+
+    def go(v: Any, depth: int) -> Any:
+        if depth > max_depth:
+            if prune:
+                return v
+            raise _error(max_depth, too_deep)
+        if is_sequence(v):
+            items = [go(x, depth + 1) for x in v]
+            return items if isinstance(v, list) else tuple(items)
+        if is_mapping(v):
+            return {k: go(x, depth + 1) for k, x in v.items()}
+        return fn(v)
+
+    return go(value, 0)
+
+
+def walk(
+    value: Any,
+    visit: Callable[[Any, Callable[[Any], Any]], T],
+    *,
+    max_depth: int = MAX_DEPTH,
+    too_deep: Optional[ErrorFactory] = None,
+    beyond: Optional[Callable[[Any], Any]] = None,
+) -> T:
+    """visit(value, inner), where inner(child) visits a child one level deeper.
+
+    For walks whose rules differ by type (what to refuse, what to descend into,
+    what to build). A value beyond max_depth is never visited: the walk raises
+    too_deep() (TooDeep by default), or, with `beyond`, inner returns beyond(child).
+    """
+    inners: List[Callable[[Any], Any]] = []  # inners[d] visits the children of a value at depth d
+
+    def go(depth: int, v: Any) -> Any:
+        if depth > max_depth:
+            if beyond is not None:
+                return beyond(v)
+            raise _error(max_depth, too_deep)
+        if len(inners) == depth:  # the first value at this depth (go(d) runs only after go(d - 1))
+            inners.append(functools.partial(go, depth + 1))
+        return visit(v, inners[depth])
+
+    return go(0, value)

@@ -28,9 +28,9 @@ import numpy as np
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from .. import containers
 from ..allowlist import LEGACY_CONSTRUCTORS
 from ..errors import LimitExceeded, NotAllowed
-from .footprint import MAX_DEPTH
 
 BIG = 2**62
 
@@ -44,9 +44,19 @@ def _product(values: Iterable[int]) -> int:
     return total
 
 
-def size_ints(obj: Any, depth: int = 0) -> List[int]:
-    """Integers of a size argument, whatever their form (int, numpy int, 0-d/1-d tensor, list, Size)."""
-    if depth > MAX_DEPTH or isinstance(obj, bool):
+def size_ints(obj: Any) -> List[int]:
+    """Integers of a size argument, whatever their form (int, numpy int, 0-d/1-d tensor, list, Size).
+
+    Lists and tuples are searched down to containers.MAX_DEPTH; dicts and anything else give none.
+    """
+    out: List[int] = []
+    for v in containers.leaves(obj, prune=True, is_mapping=containers.never):
+        out.extend(_ints(v))
+    return out
+
+
+def _ints(obj: Any) -> List[int]:
+    if isinstance(obj, bool):
         return []
     if isinstance(obj, (int, np.integer)):
         return [int(obj)]
@@ -58,11 +68,6 @@ def size_ints(obj: Any, depth: int = 0) -> List[int]:
         if obj.dtype.kind not in "iu" or obj.ndim > 1:
             return []
         return [int(v) for v in obj.reshape(-1)[:64].tolist()]
-    if isinstance(obj, (list, tuple, torch.Size)):
-        out: List[int] = []
-        for v in obj:
-            out.extend(size_ints(v, depth + 1))
-        return out
     return []
 
 

@@ -41,7 +41,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple
 import numpy as np
 import torch
 
-from .. import allowlist
+from .. import allowlist, containers
 from ..allowlist import Entry
 from ..errors import LimitExceeded, NotAllowed, RemoteError, UnknownObject
 from ..wire import Ref
@@ -110,6 +110,8 @@ def type_name(value: Any) -> str:
 
 # -- safe results ---------------------------------------------------------------
 _SAFE_SCALARS = (type(None), bool, int, float, complex, str, torch.dtype, np.dtype, np.generic)
+# Fewer levels than arguments may have (containers.MAX_DEPTH): a stored result can always be
+# released, and the release snapshot (host.snapshot) takes 8 levels too.
 _MAX_RESULT_DEPTH = 8
 
 
@@ -120,57 +122,60 @@ def _allowed_module(value: torch.nn.Module) -> bool:
     return f"torch.nn.{cls.__name__}" in allowlist.NN_MODULES and cls.__module__.startswith("torch.nn")
 
 
-def make_safe(value: Any, op: str, depth: int = 0) -> Any:
+def make_safe(value: Any, op: str) -> Any:
     """Convert a result to a storable form, or refuse it: only data, modules and optimizers we know."""
-    if depth > _MAX_RESULT_DEPTH:
-        raise NotAllowed(f"{op} returned a structure nested too deeply")
-    if isinstance(value, torch.Tensor):
-        if value.layout != torch.strided or value.device.type != "cpu":
-            raise NotAllowed(f"{op} returned a {value.layout} tensor on {value.device}; only dense CPU tensors are kept")
-        return value
-    if isinstance(value, np.ndarray):
-        if value.dtype.kind not in "biufc":
-            raise NotAllowed(f"{op} returned an array of dtype {value.dtype}; only numeric arrays are kept")
-        return value
-    if isinstance(value, np.generic) and not isinstance(value, (np.number, np.bool_)):
-        raise NotAllowed(f"{op} returned a numpy {type(value).__name__}")
-    if isinstance(value, str) and len(value) > 4096:
-        raise NotAllowed(f"{op} returned a string too long to keep")
-    if isinstance(value, _SAFE_SCALARS):
-        return value
-    if isinstance(value, torch.Size):
-        return value
-    if isinstance(value, torch.nn.Module):
-        if not _allowed_module(value):
-            raise NotAllowed(f"{op} returned a module of type {type(value).__name__}, which is not on the allowlist")
-        return value
-    if isinstance(value, torch.optim.Optimizer):
-        if f"torch.optim.{type(value).__name__}" not in allowlist.OPTIMIZERS:
-            raise NotAllowed(f"{op} returned an optimizer of type {type(value).__name__}")
-        return value
-    if isinstance(value, torch.optim.lr_scheduler.LRScheduler):
-        return value
-    if isinstance(value, torch.distributions.Distribution):
-        if f"torch.distributions.{type(value).__name__}" not in allowlist.DISTRIBUTIONS or \
-                not type(value).__module__.startswith("torch.distributions"):
-            raise NotAllowed(f"{op} returned a distribution of type {type(value).__name__}, which is not on the allowlist")
-        return value
-    if isinstance(value, types.GeneratorType) or type(value).__name__ in ("generator", "dict_values", "dict_keys"):
-        return [make_safe(v, op, depth + 1) for v in _bounded(value, op)]
-    if isinstance(value, tuple):  # includes torch.return_types structseqs
-        return tuple(make_safe(v, op, depth + 1) for v in value)
-    if isinstance(value, list):
-        return [make_safe(v, op, depth + 1) for v in value]
-    if isinstance(value, dict):
-        out = {}
-        for k, v in value.items():
-            if not isinstance(k, (str, int)):
-                raise NotAllowed(f"{op} returned a dict with {type(k).__name__} keys")
-            out[k] = make_safe(v, op, depth + 1)
-        return out
-    if frames.kind(value) is not None:
-        return frames.make_safe(value, op)  # a deep copy of a frame that can travel
-    raise NotAllowed(f"{op} returned a {type(value).__name__}, which is not a safe result type")
+
+    def visit(value: Any, inner: Callable[[Any], Any]) -> Any:
+        if isinstance(value, torch.Tensor):
+            if value.layout != torch.strided or value.device.type != "cpu":
+                raise NotAllowed(f"{op} returned a {value.layout} tensor on {value.device}; only dense CPU tensors are kept")
+            return value
+        if isinstance(value, np.ndarray):
+            if value.dtype.kind not in "biufc":
+                raise NotAllowed(f"{op} returned an array of dtype {value.dtype}; only numeric arrays are kept")
+            return value
+        if isinstance(value, np.generic) and not isinstance(value, (np.number, np.bool_)):
+            raise NotAllowed(f"{op} returned a numpy {type(value).__name__}")
+        if isinstance(value, str) and len(value) > 4096:
+            raise NotAllowed(f"{op} returned a string too long to keep")
+        if isinstance(value, _SAFE_SCALARS):
+            return value
+        if isinstance(value, torch.Size):
+            return value
+        if isinstance(value, torch.nn.Module):
+            if not _allowed_module(value):
+                raise NotAllowed(f"{op} returned a module of type {type(value).__name__}, which is not on the allowlist")
+            return value
+        if isinstance(value, torch.optim.Optimizer):
+            if f"torch.optim.{type(value).__name__}" not in allowlist.OPTIMIZERS:
+                raise NotAllowed(f"{op} returned an optimizer of type {type(value).__name__}")
+            return value
+        if isinstance(value, torch.optim.lr_scheduler.LRScheduler):
+            return value
+        if isinstance(value, torch.distributions.Distribution):
+            if f"torch.distributions.{type(value).__name__}" not in allowlist.DISTRIBUTIONS or \
+                    not type(value).__module__.startswith("torch.distributions"):
+                raise NotAllowed(f"{op} returned a distribution of type {type(value).__name__}, which is not on the allowlist")
+            return value
+        if isinstance(value, types.GeneratorType) or type(value).__name__ in ("generator", "dict_values", "dict_keys"):
+            return [inner(v) for v in _bounded(value, op)]
+        if isinstance(value, tuple):  # includes torch.return_types structseqs
+            return tuple(inner(v) for v in value)
+        if isinstance(value, list):
+            return [inner(v) for v in value]
+        if isinstance(value, dict):
+            out = {}
+            for k, v in value.items():
+                if not isinstance(k, (str, int)):
+                    raise NotAllowed(f"{op} returned a dict with {type(k).__name__} keys")
+                out[k] = inner(v)
+            return out
+        if frames.kind(value) is not None:
+            return frames.make_safe(value, op)  # a deep copy of a frame that can travel
+        raise NotAllowed(f"{op} returned a {type(value).__name__}, which is not a safe result type")
+
+    return containers.walk(value, visit, max_depth=_MAX_RESULT_DEPTH,
+                           too_deep=lambda: NotAllowed(f"{op} returned a structure nested too deeply"))
 
 
 def _bounded(it: Iterable[Any], op: str, limit: int = 1_000_000) -> Iterable[Any]:
@@ -181,31 +186,26 @@ def _bounded(it: Iterable[Any], op: str, limit: int = 1_000_000) -> Iterable[Any
 
 
 # -- argument resolution -----------------------------------------------------------
-def collect_refs(obj: Any, out: List[int], depth: int = 0) -> None:
+# Arguments are nested at most as deep as a wire message may be (wire.Limits.max_depth): a
+# deeper action is refused, not partly resolved. `substitute` and `plans.remap` walk arguments
+# that `collect_refs` has already checked, with the same limit.
+ACTION_ARG_DEPTH = 32
+
+
+def arguments_too_deep() -> NotAllowed:
+    return NotAllowed("action arguments are nested too deeply")
+
+
+def collect_refs(obj: Any, out: List[int]) -> None:
     """Every object id an action's arguments point at (refusing nesting it could not fully see)."""
-    if depth > 32:
-        raise NotAllowed("action arguments are nested too deeply")
-    if isinstance(obj, Ref):
-        out.append(obj.id)
-    elif isinstance(obj, (list, tuple)):
-        for v in obj:
-            collect_refs(v, out, depth + 1)
-    elif isinstance(obj, dict):
-        for v in obj.values():
-            collect_refs(v, out, depth + 1)
+    out.extend(v.id for v in containers.leaves(obj, max_depth=ACTION_ARG_DEPTH, too_deep=arguments_too_deep)
+               if isinstance(v, Ref))
 
 
-def substitute(obj: Any, table: ObjectTable, depth: int = 0) -> Any:
+def substitute(obj: Any, table: ObjectTable) -> Any:
     """Replace references by the owner's values."""
-    if isinstance(obj, Ref):
-        return table.get(obj.id).value
-    if isinstance(obj, list):
-        return [substitute(v, table, depth + 1) for v in obj]
-    if isinstance(obj, tuple):
-        return tuple(substitute(v, table, depth + 1) for v in obj)
-    if isinstance(obj, dict):
-        return {k: substitute(v, table, depth + 1) for k, v in obj.items()}
-    return obj
+    return containers.map_leaves(obj, lambda v: table.get(v.id).value if isinstance(v, Ref) else v,
+                                 max_depth=ACTION_ARG_DEPTH, too_deep=arguments_too_deep)
 
 
 # -- lookups -------------------------------------------------------------------------
@@ -420,24 +420,22 @@ class Watch:
         return out, new
 
 
-def _read_only_views(value: Any, views: List[np.ndarray], depth: int = 0) -> Any:
-    """Tensors in numpy arguments replaced by read-only ndarray views of the same memory."""
-    if depth > 16:
-        return value
-    if isinstance(value, torch.Tensor):
-        if value.layout != torch.strided or value.device.type != "cpu" or value.dtype == torch.bfloat16:
+def _read_only_views(value: Any, views: List[np.ndarray]) -> Any:
+    """Tensors in numpy arguments replaced by read-only ndarray views of the same memory.
+
+    Values nested deeper than containers.MAX_DEPTH are passed as they are.
+    """
+
+    def view(value: Any) -> Any:
+        if not isinstance(value, torch.Tensor) or value.layout != torch.strided or value.device.type != "cpu" \
+                or value.dtype == torch.bfloat16:
             return value
         arr = value.detach().numpy().view()  # a view of the view: its base stays writable, so this one can be again
         arr.flags.writeable = False
         views.append(arr)
         return arr
-    if isinstance(value, list):
-        return [_read_only_views(v, views, depth + 1) for v in value]
-    if isinstance(value, tuple):
-        return tuple(_read_only_views(v, views, depth + 1) for v in value)
-    if isinstance(value, dict):
-        return {k: _read_only_views(v, views, depth + 1) for k, v in value.items()}
-    return value
+
+    return containers.map_leaves(value, view, prune=True)
 
 
 def _writable_again(views: List[np.ndarray], result: Any) -> None:
@@ -875,14 +873,14 @@ MAX_PYTHON_ITEMS = 1_000_000  # a Python list or string an action may build (str
 _MODULE_READS = frozenset({"parameters", "buffers", "children", "modules", "state_dict"})
 
 
-def _flat(obj: Any, depth: int = 0) -> List[Any]:
-    if depth > 16:
-        return []
-    if isinstance(obj, (list, tuple)):
-        out: List[Any] = []
-        for v in obj:
-            out.extend(_flat(v, depth + 1))
-        return out
-    if isinstance(obj, dict):
-        return _flat(list(obj.values()), depth + 1)
-    return [obj]
+def _flat(obj: Any) -> List[Any]:
+    """The values in lists, tuples and dicts, down to containers.MAX_DEPTH (a dict's values count two levels)."""
+
+    def visit(v: Any, inner: Callable[[Any], List[Any]]) -> List[Any]:
+        if isinstance(v, (list, tuple)):
+            return [x for item in v for x in inner(item)]
+        if isinstance(v, dict):
+            return inner(list(v.values()))
+        return [v]
+
+    return containers.walk(obj, visit, beyond=lambda _v: [])

@@ -39,7 +39,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import numpy as np
 
-from .. import wire_frames
+from .. import containers, wire_frames
 from ..errors import NotAllowed, ProtocolError
 from ..wire import Ref
 
@@ -402,17 +402,15 @@ def _holds_pandas(value: Any) -> bool:
     return _holds(lambda v: kind(v) is not None, value)
 
 
+# Deeper than arguments can arrive from the wire (wire.Limits.max_depth is 32, and the callers
+# wrap them in two more levels), so _literal sees every Ref the scientist sent; deeper values
+# are skipped.
+HOLDS_DEPTH = 64
+
+
 def _holds(pred: Callable[[Any], bool], value: Any) -> bool:
-    stack = [(value, 0)]
-    while stack:
-        v, depth = stack.pop()
-        if pred(v):
-            return True
-        if depth < 64 and isinstance(v, (list, tuple)):
-            stack.extend((x, depth + 1) for x in v)
-        elif depth < 64 and isinstance(v, dict):
-            stack.extend((x, depth + 1) for x in v.values())
-    return False
+    """Whether pred holds for a value in the lists, tuples and dicts of `value`."""
+    return any(pred(v) for v in containers.leaves(value, max_depth=HOLDS_DEPTH, prune=True))
 
 
 # -- running --------------------------------------------------------------------------------

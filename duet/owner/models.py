@@ -34,11 +34,11 @@ from __future__ import annotations
 
 import builtins
 import keyword
-from typing import Any, Dict, List
+from typing import Any, Callable, Dict, List
 
 import torch
 
-from .. import allowlist
+from .. import allowlist, containers
 from ..errors import NotAllowed
 from .executor import resolve
 from .plans import is_method_name
@@ -74,15 +74,25 @@ class DuetMethod(torch.fx.GraphModule):
     __duet_graph_module__ = True
 
 
-def _plain(value: Any, depth: int = 0) -> bool:
-    if depth > 4:
+# Layer constructor arguments (kernel_size=(3, 3), normalized_shape=[4]) need no deeper nesting;
+# the scientist's side (duet.scientist.models) sends only what passes the same limit.
+PLAIN_DEPTH = 4
+
+
+def _plain(value: Any) -> bool:
+    """None, bools, numbers and short strings, in exact tuples and lists at most PLAIN_DEPTH deep."""
+    try:
+        return all(_plain_leaf(v) for v in containers.leaves(value, max_depth=PLAIN_DEPTH, is_mapping=containers.never,
+                                                            is_sequence=lambda v: type(v) in (tuple, list)))
+    except containers.TooDeep:
         return False
+
+
+def _plain_leaf(value: Any) -> bool:
     if value is None or type(value) in (bool, int, float):
         return True
     if type(value) is str:
         return len(value) <= MAX_STR
-    if type(value) in (tuple, list):
-        return all(_plain(v, depth + 1) for v in value)
     return False
 
 
@@ -103,22 +113,30 @@ def _build_module(i: int, spec: Any) -> torch.nn.Module:
         raise NotAllowed(f"model submodule {cls_name} could not be built ({type(exc).__name__})") from None
 
 
-def _arg(value: Any, env: List[torch.fx.Node], depth: int = 0) -> Any:
-    if depth > 16:
-        raise NotAllowed("model graph arguments are nested too deeply")
-    if isinstance(value, dict):
-        if set(value) != {"$node"} or type(value["$node"]) is not int:
-            raise NotAllowed("model graph arguments may not hold dicts")
-        j = value["$node"]
-        if not 0 <= j < len(env) or env[j] is None:
-            raise NotAllowed("model graph refers to a node that does not come before it")
-        return env[j]
-    if isinstance(value, tuple):
-        return tuple(_arg(v, env, depth + 1) for v in value)
-    if isinstance(value, list):
-        return [_arg(v, env, depth + 1) for v in value]
-    if isinstance(value, slice):
-        return slice(_arg(value.start, env, depth + 1), _arg(value.stop, env, depth + 1), _arg(value.step, env, depth + 1))
+def _arg(value: Any, env: List[torch.fx.Node]) -> Any:
+    """A graph argument as sent, with {"$node": j} replaced by the j-th node built so far."""
+
+    def visit(value: Any, inner: Callable[[Any], Any]) -> Any:
+        if isinstance(value, dict):
+            if set(value) != {"$node"} or type(value["$node"]) is not int:
+                raise NotAllowed("model graph arguments may not hold dicts")
+            j = value["$node"]
+            if not 0 <= j < len(env) or env[j] is None:
+                raise NotAllowed("model graph refers to a node that does not come before it")
+            return env[j]
+        if isinstance(value, tuple):
+            return tuple(inner(v) for v in value)
+        if isinstance(value, list):
+            return [inner(v) for v in value]
+        if isinstance(value, slice):  # its parts count one level deeper
+            return slice(inner(value.start), inner(value.stop), inner(value.step))
+        return _constant(value)
+
+    return containers.walk(value, visit, too_deep=lambda: NotAllowed("model graph arguments are nested too deeply"))
+
+
+def _constant(value: Any) -> Any:
+    """A constant in a graph argument: None, numbers, a dtype, Ellipsis or a short string."""
     if value is None or type(value) in (bool, int, float, complex) or isinstance(value, torch.dtype) or value is Ellipsis:
         return value
     if type(value) is str:

@@ -14,11 +14,11 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Set
 
-from .. import allowlist
+from .. import allowlist, containers
 from ..errors import NotAllowed
 from ..text import clean as clean_text
 from ..wire import Ref
-from .executor import Executor, collect_refs
+from .executor import ACTION_ARG_DEPTH, Executor, arguments_too_deep, collect_refs
 from .footprint import python_nbytes
 
 MAX_PLANS = 1_000
@@ -46,16 +46,9 @@ class Plan:
 
 
 def remap(obj: Any, mapping: Dict[int, int]) -> Any:
-    """Replace plan-local references by the ids of this run."""
-    if isinstance(obj, Ref):
-        return Ref(mapping[obj.id])
-    if isinstance(obj, list):
-        return [remap(v, mapping) for v in obj]
-    if isinstance(obj, tuple):
-        return tuple(remap(v, mapping) for v in obj)
-    if isinstance(obj, dict):
-        return {k: remap(v, mapping) for k, v in obj.items()}
-    return obj
+    """Replace plan-local references by the ids of this run (in arguments `validate` checked)."""
+    return containers.map_leaves(obj, lambda v: Ref(mapping[v.id]) if isinstance(v, Ref) else v,
+                                 max_depth=ACTION_ARG_DEPTH, too_deep=arguments_too_deep)
 
 
 def validate(msg: Dict[str, Any]) -> Plan:

@@ -24,8 +24,9 @@ from typing import Any, Callable, Dict, Iterator, Optional
 import numpy as np
 import torch
 
+from .. import containers
 from . import frames
-from .footprint import MAX_DEPTH, grad_of
+from .footprint import grad_of
 
 UNAVAILABLE = object()  # the shadow run could not be made or failed
 
@@ -44,37 +45,29 @@ class _Unavailable(Exception):
     pass
 
 
-def _to_meta(value: Any, depth: int = 0) -> Any:
-    if depth > MAX_DEPTH:
-        raise _Unavailable()
+def _meta_leaf(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
         if value.layout != torch.strided or value.device.type != "cpu":
             raise _Unavailable()
         return _meta_tensor(value)
     if isinstance(value, (np.ndarray, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler)):
         raise _Unavailable()
-    if isinstance(value, torch.nn.Module):
-        return value  # swapped to meta state by _meta_state() around the call
-    if isinstance(value, list):
-        return [_to_meta(v, depth + 1) for v in value]
-    if isinstance(value, tuple) and not hasattr(value, "_fields"):
-        return tuple(_to_meta(v, depth + 1) for v in value)
-    if isinstance(value, dict):
-        return {k: _to_meta(v, depth + 1) for k, v in value.items()}
-    return value
+    return value  # a module is swapped to meta state by _meta_state() around the call
 
 
-def _modules_in(value: Any, out: Dict[int, torch.nn.Module], depth: int = 0) -> None:
-    if depth > MAX_DEPTH:
-        return
-    if isinstance(value, torch.nn.Module):
-        out[id(value)] = value
-    elif isinstance(value, (list, tuple)):
-        for v in value:
-            _modules_in(v, out, depth + 1)
-    elif isinstance(value, dict):
-        for v in value.values():
-            _modules_in(v, out, depth + 1)
+def _list_or_plain_tuple(value: Any) -> bool:
+    """A named tuple is passed to the shadow run as it is, not rebuilt as a plain tuple."""
+    return isinstance(value, list) or (isinstance(value, tuple) and not hasattr(value, "_fields"))
+
+
+def _to_meta(value: Any) -> Any:
+    return containers.map_leaves(value, _meta_leaf, too_deep=_Unavailable, is_sequence=_list_or_plain_tuple)
+
+
+def _modules_in(value: Any, out: Dict[int, torch.nn.Module]) -> None:
+    for v in containers.leaves(value, prune=True):
+        if isinstance(v, torch.nn.Module):
+            out[id(v)] = v
 
 
 @contextlib.contextmanager
@@ -127,10 +120,12 @@ def shadow(
         return UNAVAILABLE
 
 
-def describe(value: Any, depth: int = 0) -> Any:
+def describe(value: Any) -> Any:
     """The structure of a value with tensors reduced to their metadata (comparable, hashable)."""
-    if depth > MAX_DEPTH:
-        raise _Unavailable()
+    return containers.walk(value, _describe, too_deep=_Unavailable)
+
+
+def _describe(value: Any, inner: Callable[[Any], Any]) -> Any:
     if isinstance(value, torch.Tensor):
         return ("T", tuple(value.shape), value.dtype, bool(value.requires_grad))
     if isinstance(value, np.ndarray):
@@ -142,9 +137,9 @@ def describe(value: Any, depth: int = 0) -> Any:
     if isinstance(value, torch.Size):
         return ("S", tuple(value))
     if isinstance(value, (list, tuple)):  # a torch.return_types structseq is kept as a tuple
-        return ("list" if isinstance(value, list) else "tuple", tuple(describe(v, depth + 1) for v in value))
+        return ("list" if isinstance(value, list) else "tuple", tuple(inner(v) for v in value))
     if isinstance(value, dict):
-        return ("dict", tuple((k, describe(v, depth + 1)) for k, v in value.items()))
+        return ("dict", tuple((k, inner(v)) for k, v in value.items()))
     if isinstance(value, float) and value != value:
         return ("nan",)
     if value is None or isinstance(value, (bool, int, float, complex, str, torch.dtype)):
@@ -158,24 +153,26 @@ class Uncacheable(Exception):
     """A value whose shadow-run outcome cannot be keyed by its metadata."""
 
 
-def signature(value: Any, depth: int = 0) -> Any:
+def signature(value: Any) -> Any:
     """Everything a shadow run can depend on, as a hashable key (raises Uncacheable otherwise)."""
-    if depth > MAX_DEPTH:
-        raise Uncacheable()
+    return containers.walk(value, _signature, too_deep=Uncacheable)
+
+
+def _signature(value: Any, inner: Callable[[Any], Any]) -> Any:
     if isinstance(value, torch.Tensor):
         grad = grad_of(value)
         return ("T", tuple(value.shape), value.stride(), value.dtype, value.requires_grad, value.layout, value.device.type,
                 None if grad is None else (tuple(grad.shape), grad.stride(), grad.dtype))
-    if isinstance(value, torch.nn.Module):
+    if isinstance(value, torch.nn.Module):  # its parameters and buffers count one level deeper
         return ("M", _module_token(value), tuple(m.training for m in value.modules()),
-                tuple((n, signature(p, depth + 1)) for n, p in value.named_parameters()),
-                tuple((n, signature(b, depth + 1)) for n, b in value.named_buffers()))
+                tuple((n, inner(p)) for n, p in value.named_parameters()),
+                tuple((n, inner(b)) for n, b in value.named_buffers()))
     if isinstance(value, (list, tuple)):
-        return ("list" if isinstance(value, list) else "tuple", tuple(signature(v, depth + 1) for v in value))
+        return ("list" if isinstance(value, list) else "tuple", tuple(inner(v) for v in value))
     if isinstance(value, dict):
-        return ("dict", tuple((k, signature(v, depth + 1)) for k, v in value.items()))
-    if isinstance(value, slice):
-        return ("slice", signature(value.start, depth + 1), signature(value.stop, depth + 1), signature(value.step, depth + 1))
+        return ("dict", tuple((k, inner(v)) for k, v in value.items()))
+    if isinstance(value, slice):  # so do a slice's start, stop and step
+        return ("slice", inner(value.start), inner(value.stop), inner(value.step))
     if isinstance(value, torch.Size):
         return ("S", tuple(value))
     if isinstance(value, float) and value != value:
@@ -199,15 +196,19 @@ def _module_token(module: torch.nn.Module) -> _Token:
     return token
 
 
-def holds_data(value: Any, depth: int = 0) -> bool:
-    """Whether a result holds tensors, arrays or models (values), not only plain facts."""
-    if depth > MAX_DEPTH:
+def holds_data(value: Any) -> bool:
+    """Whether a result holds tensors, arrays or models (values), not only plain facts.
+
+    A result nested too deeply to tell is taken to hold data.
+    """
+    try:
+        return any(_is_data(v) for v in containers.leaves(value))
+    except containers.TooDeep:
         return True
+
+
+def _is_data(value: Any) -> bool:
     if isinstance(value, (torch.Tensor, np.ndarray, np.generic, torch.nn.Module, torch.optim.Optimizer,
                           torch.optim.lr_scheduler.LRScheduler)):
         return True
-    if isinstance(value, (list, tuple)):
-        return any(holds_data(v, depth + 1) for v in value)
-    if isinstance(value, dict):
-        return any(holds_data(v, depth + 1) for v in value.values())
     return frames.kind(value) is not None  # a DataFrame, Series or groupby holds values

@@ -3,17 +3,20 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
+from .. import containers
 from ..text import is_clean
 from ..tables import STORE_HEADERS, html_table, store_rows, text_table
 from . import frames
 
 MAX_NAME = 64
 MAX_PYTHON_ITEMS = 1_000_000  # numbers in a published list or dict, all levels together
+# Published Python values are numbers in small tables; publishing refuses deeper nesting, and
+# holds_numbers answers "yes" beyond it.
 MAX_PYTHON_DEPTH = 4
 
 
@@ -26,55 +29,61 @@ def check_name(name: Any) -> None:
         )
 
 
-def check_python_value(value: Any, depth: int = 0, count: Optional[List[int]] = None) -> None:
+def check_python_value(value: Any) -> None:
     """A Python value an owner may publish: numbers, lists/tuples of them, dicts of tensors/arrays/numbers."""
-    count = [0] if count is None else count
-    count[0] += 1
-    if count[0] > MAX_PYTHON_ITEMS or depth > MAX_PYTHON_DEPTH:
-        raise TypeError(f"cannot publish this value: more than {MAX_PYTHON_ITEMS} items or nested deeper than {MAX_PYTHON_DEPTH}")
-    if isinstance(value, (bool, int, float)):
-        if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 2**63:
-            raise TypeError("cannot publish an int that does not fit in 64 bits")
-        return
-    if isinstance(value, torch.Tensor):
-        if value.layout != torch.strided or value.device.type != "cpu":
-            raise TypeError("cannot publish a sparse or non-CPU tensor")
-        return
-    if isinstance(value, np.ndarray):
-        if value.dtype.kind not in "biufc":
-            raise TypeError(f"cannot publish an array of dtype {value.dtype}: only numeric arrays")
-        return
-    if isinstance(value, (list, tuple)):
-        for v in value:
-            check_python_value(v, depth + 1, count)
-        return
-    if isinstance(value, dict):
-        for k, v in value.items():
-            if not isinstance(k, str) or not is_clean(k) or len(k) > 256:
-                raise TypeError(f"cannot publish a dict with key {k!r}: keys are short printable strings")
-            check_python_value(v, depth + 1, count)
-        return
-    raise TypeError(
-        f"cannot publish a {type(value).__name__}: publish a torch.Tensor, a numpy.ndarray, a dataset, a DataFrame, "
-        "or numbers, lists/tuples of them and dicts of these"
-    )
+    count = 0
+
+    def too_big() -> TypeError:
+        return TypeError(f"cannot publish this value: more than {MAX_PYTHON_ITEMS} items or nested deeper than {MAX_PYTHON_DEPTH}")
+
+    def visit(value: Any, inner: Callable[[Any], None]) -> None:
+        nonlocal count
+        count += 1
+        if count > MAX_PYTHON_ITEMS:
+            raise too_big()
+        if isinstance(value, (bool, int, float)):
+            if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 2**63:
+                raise TypeError("cannot publish an int that does not fit in 64 bits")
+            return
+        if isinstance(value, torch.Tensor):
+            if value.layout != torch.strided or value.device.type != "cpu":
+                raise TypeError("cannot publish a sparse or non-CPU tensor")
+            return
+        if isinstance(value, np.ndarray):
+            if value.dtype.kind not in "biufc":
+                raise TypeError(f"cannot publish an array of dtype {value.dtype}: only numeric arrays")
+            return
+        if isinstance(value, (list, tuple)):
+            for v in value:
+                inner(v)
+            return
+        if isinstance(value, dict):
+            for k, v in value.items():
+                if not isinstance(k, str) or not is_clean(k) or len(k) > 256:
+                    raise TypeError(f"cannot publish a dict with key {k!r}: keys are short printable strings")
+                inner(v)
+            return
+        raise TypeError(
+            f"cannot publish a {type(value).__name__}: publish a torch.Tensor, a numpy.ndarray, a dataset, a DataFrame, "
+            "or numbers, lists/tuples of them and dicts of these"
+        )
+
+    containers.walk(value, visit, max_depth=MAX_PYTHON_DEPTH, too_deep=too_big)
 
 
 def is_python_value(value: Any) -> bool:
     return isinstance(value, (bool, int, float, list, tuple, dict))
 
 
-def holds_numbers(value: Any, depth: int = 0) -> bool:
-    """Whether Python numbers are inside: they are values, yet a shadow run would pass them on as metadata."""
-    if isinstance(value, (bool, int, float)):
+def holds_numbers(value: Any) -> bool:
+    """Whether Python numbers are inside: they are values, yet a shadow run would pass them on as metadata.
+
+    A value nested deeper than MAX_PYTHON_DEPTH is taken to hold numbers.
+    """
+    try:
+        return any(isinstance(v, (bool, int, float)) for v in containers.leaves(value, max_depth=MAX_PYTHON_DEPTH))
+    except containers.TooDeep:
         return True
-    if depth > MAX_PYTHON_DEPTH:
-        return True
-    if isinstance(value, (list, tuple)):
-        return any(holds_numbers(v, depth + 1) for v in value)
-    if isinstance(value, dict):
-        return any(holds_numbers(v, depth + 1) for v in value.values())
-    return False
 
 
 @dataclass

@@ -19,12 +19,12 @@ import contextlib
 import functools
 import inspect
 import threading
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .. import allowlist
+from .. import allowlist, containers
 from ..errors import NotAllowed, NotAllowedHere
 
 FORMAT = "duet.fx/1"
@@ -120,15 +120,22 @@ def _constructor_parameters(cls: type) -> Dict[str, inspect.Parameter]:
     return {}
 
 
-def _plain(value: Any, depth: int = 0) -> bool:
-    if depth > 4:
+PLAIN_DEPTH = 4  # the owner accepts constructor arguments this deep (duet.owner.models.PLAIN_DEPTH)
+
+
+def _plain(value: Any) -> bool:
+    """None, bools, numbers and short strings, in tuples and lists at most PLAIN_DEPTH deep."""
+    try:
+        return all(_plain_leaf(v) for v in containers.leaves(value, max_depth=PLAIN_DEPTH, is_mapping=containers.never))
+    except containers.TooDeep:
         return False
+
+
+def _plain_leaf(value: Any) -> bool:
     if value is None or isinstance(value, (bool, int, float)):
         return True
     if isinstance(value, str):
         return len(value) <= MAX_STR
-    if isinstance(value, (tuple, list)):
-        return all(_plain(v, depth + 1) for v in value)
     return False
 
 
@@ -165,20 +172,23 @@ def describe(module: torch.nn.Module, methods: Optional[List[str]] = None) -> De
         nodes: List[List[Any]] = []
         index: Dict[Any, int] = {}
 
-        def arg(value: Any, depth: int = 0) -> Any:
-            if depth > 16:
-                raise NotAllowed("model graph arguments are nested too deeply")
+        def arg(value: Any) -> Any:
+            """A node's argument as sent: nodes as {"$node": index}, as deep as the owner accepts."""
+            return containers.walk(value, visit_arg,
+                                   too_deep=lambda: NotAllowed("model graph arguments are nested too deeply"))
+
+        def visit_arg(value: Any, inner: Callable[[Any], Any]) -> Any:
             if isinstance(value, torch.fx.Node):
                 return {"$node": index[value]}
             if isinstance(value, tuple):
-                return tuple(arg(v, depth + 1) for v in value)
+                return tuple(inner(v) for v in value)
             if isinstance(value, list):
-                return [arg(v, depth + 1) for v in value]
+                return [inner(v) for v in value]
             if isinstance(value, dict):
                 raise NotAllowed("model graph arguments may not hold dicts")
             if value is None or isinstance(value, (bool, int, float, complex, torch.dtype, slice, type(Ellipsis))):
-                if isinstance(value, slice):
-                    return slice(arg(value.start, depth + 1), arg(value.stop, depth + 1), arg(value.step, depth + 1))
+                if isinstance(value, slice):  # its parts count one level deeper
+                    return slice(inner(value.start), inner(value.stop), inner(value.step))
                 return value
             if isinstance(value, str):
                 if len(value) > MAX_STR:

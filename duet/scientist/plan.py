@@ -26,14 +26,15 @@ import functools
 import itertools
 import threading
 import weakref
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple, cast
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Tuple, cast
 
 import torch
+
+from .. import allowlist, containers
 
 if TYPE_CHECKING:
     from .client import Scientist
 
-from .. import allowlist
 from ..errors import NotAllowed
 from ..protocol import Msg
 from ..wire import Ref
@@ -42,17 +43,9 @@ from .pointer import Pointer, RefErrors, refs_in
 MAX_ACTIONS = 10_000
 
 
-def _walk(obj: Any, depth: int = 0) -> Any:
-    if depth > 16:
-        return
-    if isinstance(obj, (list, tuple)):
-        for v in obj:
-            yield from _walk(v, depth + 1)
-    elif isinstance(obj, dict):
-        for v in obj.values():
-            yield from _walk(v, depth + 1)
-    else:
-        yield obj
+def _walk(obj: Any) -> Iterator[Any]:
+    """The values in a plan's arguments, down to containers.MAX_DEPTH (deeper ones are skipped)."""
+    return containers.leaves(obj, prune=True)
 
 
 class _Recorder:
@@ -129,22 +122,18 @@ _PLAN_ARG_ERRORS = RefErrors(
 )
 
 
-def _template(value: Any, rec: _Recorder, outputs: List[int], depth: int = 0) -> Any:
+def _template(value: Any, rec: _Recorder, outputs: List[int]) -> Any:
     """The return value's structure, with each pointer replaced by ('$out', index)."""
-    if depth > 16:
-        raise NotAllowed("a plan's result is nested too deeply")
-    if isinstance(value, Pointer):
+
+    def out(value: Any) -> Any:
+        if not isinstance(value, Pointer):
+            return value
         if value._client is not rec:
             raise NotAllowed("a plan may only return values it computed or was given")
         outputs.append(value._rid)
         return _Out(len(outputs) - 1)
-    if isinstance(value, tuple):
-        return tuple(_template(v, rec, outputs, depth + 1) for v in value)
-    if isinstance(value, list):
-        return [_template(v, rec, outputs, depth + 1) for v in value]
-    if isinstance(value, dict):
-        return {k: _template(v, rec, outputs, depth + 1) for k, v in value.items()}
-    return value
+
+    return containers.map_leaves(value, out, too_deep=lambda: NotAllowed("a plan's result is nested too deeply"))
 
 
 class _Out:
@@ -155,15 +144,8 @@ class _Out:
 
 
 def _fill(template: Any, ptrs: List[Pointer]) -> Any:
-    if isinstance(template, _Out):
-        return ptrs[template.index]
-    if isinstance(template, tuple):
-        return tuple(_fill(v, ptrs) for v in template)
-    if isinstance(template, list):
-        return [_fill(v, ptrs) for v in template]
-    if isinstance(template, dict):
-        return {k: _fill(v, ptrs) for k, v in template.items()}
-    return template
+    """A template `_template` made, with each output filled in (never deeper than it allowed)."""
+    return containers.map_leaves(template, lambda v: ptrs[v.index] if isinstance(v, _Out) else v)
 
 
 class _Recorded:

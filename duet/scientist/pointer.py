@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Dict, Optional
 
-from .. import allowlist
+from .. import allowlist, containers
 from ..errors import NotAllowed, NotAllowedHere
 from ..protocol import Status
 from . import devices
@@ -344,7 +344,7 @@ for _op in ("neg", "pos", "abs", "invert"):
 setattr(Pointer, "__getitem__", _binary("getitem"))
 
 
-MAX_ARG_DEPTH = 16
+MAX_ARG_DEPTH = containers.MAX_DEPTH
 MAX_UNPACK = 100_000
 
 
@@ -357,22 +357,17 @@ class RefErrors:
     module_hint: str  # a local nn.Module passed where a pointer to one is needed
 
 
-def refs_in(obj: Any, client: Any, errors: RefErrors, depth: int = 0) -> Any:
+def refs_in(obj: Any, client: Any, errors: RefErrors) -> Any:
     """Arguments with every Pointer of `client` replaced by a wire Ref."""
-    if isinstance(obj, Pointer):
-        if obj._client is not client:
-            raise errors.foreign()
-        return Ref(obj._rid)
-    if depth > MAX_ARG_DEPTH:
-        raise errors.too_deep()
-    if isinstance(obj, list):
-        return [refs_in(v, client, errors, depth + 1) for v in obj]
-    if isinstance(obj, tuple):
-        return tuple(refs_in(v, client, errors, depth + 1) for v in obj)
-    if isinstance(obj, dict):
-        return {k: refs_in(v, client, errors, depth + 1) for k, v in obj.items()}
     import torch
 
-    if isinstance(obj, torch.nn.Module):
-        raise TypeError(errors.module_hint)
-    return obj
+    def ref(obj: Any) -> Any:
+        if isinstance(obj, Pointer):
+            if obj._client is not client:
+                raise errors.foreign()
+            return Ref(obj._rid)
+        if isinstance(obj, torch.nn.Module):
+            raise TypeError(errors.module_hint)
+        return obj
+
+    return containers.map_leaves(obj, ref, max_depth=MAX_ARG_DEPTH, too_deep=errors.too_deep)

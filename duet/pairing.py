@@ -55,7 +55,7 @@ import string
 import threading
 import urllib.parse
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import msgpack
 import nacl.encoding
@@ -64,6 +64,7 @@ import nacl.hash
 import nacl.secret
 import nacl.utils
 
+from duet import containers
 from duet.errors import PairingError
 
 __all__ = [
@@ -85,7 +86,7 @@ MAX_SEALED_CHARS = 64 * 1024  # sealed text limit, in characters (it is ASCII)
 MAX_URL_CHARS = 2048
 MAX_CODE_TEXT_CHARS = 4096
 MAX_KIND_CHARS = 64
-MAX_BODY_DEPTH = 32
+MAX_BODY_DEPTH = 32  # the link's default too (wire.Limits.max_depth)
 URL_SCHEMES = ("http", "https", "ws", "wss")
 
 _ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"  # Crockford base32
@@ -344,23 +345,26 @@ def _check_role(role: Any, what: str) -> str:
     return role
 
 
-def _check_body(value: Any, depth: int = 0) -> None:
+def _check_body(value: Any) -> None:
     """Only plain data in bodies: what msgpack round-trips exactly, bounded in depth."""
-    if depth > MAX_BODY_DEPTH:
-        raise ValueError(f"nested deeper than {MAX_BODY_DEPTH} levels")
-    if value is None or isinstance(value, (str, bytes, bool, int, float)):
-        return
-    if isinstance(value, list):
-        for item in value:
-            _check_body(item, depth + 1)
-        return
-    if isinstance(value, dict):
-        for key, item in value.items():
-            if not isinstance(key, str):
-                raise ValueError(f"map keys must be str, not {type(key).__name__}")
-            _check_body(item, depth + 1)
-        return
-    raise ValueError(f"{type(value).__name__} is not allowed (only str/bytes/int/float/bool/None/list/dict)")
+
+    def visit(value: Any, inner: Callable[[Any], None]) -> None:
+        if value is None or isinstance(value, (str, bytes, bool, int, float)):
+            return
+        if isinstance(value, list):
+            for item in value:
+                inner(item)
+            return
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if not isinstance(key, str):
+                    raise ValueError(f"map keys must be str, not {type(key).__name__}")
+                inner(item)
+            return
+        raise ValueError(f"{type(value).__name__} is not allowed (only str/bytes/int/float/bool/None/list/dict)")
+
+    containers.walk(value, visit, max_depth=MAX_BODY_DEPTH,
+                    too_deep=lambda: ValueError(f"nested deeper than {MAX_BODY_DEPTH} levels"))
 
 
 def _check_kind(kind: Any) -> None:

@@ -20,12 +20,11 @@ inferred from an unchanged structure.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, List, Optional, Set, Tuple
+from typing import Any, Iterator, List, Optional, Set, Tuple
 
 import numpy as np
 import torch
 
-MAX_DEPTH = 16  # containers nested deeper than this are refused when results are stored
 MAX_NODES = 1_000_000  # one walk visits at most this many nodes (bounded by the table's limits anyway)
 
 Range = Tuple[int, int]
@@ -229,21 +228,6 @@ def arrays_in(value: Any) -> Iterator[np.ndarray]:
     for v in walk(value):
         if isinstance(v, np.ndarray):
             yield v
-
-
-def map_tensors(value: Any, fn: Callable[[torch.Tensor], Any], depth: int = 0) -> Any:
-    """A copy of a (nested) argument structure with every tensor replaced by fn(tensor)."""
-    if depth > MAX_DEPTH:
-        raise OverflowError("arguments nested too deeply")
-    if isinstance(value, torch.Tensor):
-        return fn(value)
-    if isinstance(value, list):
-        return [map_tensors(v, fn, depth + 1) for v in value]
-    if isinstance(value, tuple) and not hasattr(value, "_fields"):
-        return tuple(map_tensors(v, fn, depth + 1) for v in value)
-    if isinstance(value, dict):
-        return {k: map_tensors(v, fn, depth + 1) for k, v in value.items()}
-    return value
 
 
 def is_data(value: Any) -> bool:

@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 # enables the Jupyter server extension where a regular install would.
 JUPYTER_CONFIG := jupyter-config/jupyter_server_config.d/duet_jupyter.json
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo test test-fast check bench clean
 
 $(STAMP): pyproject.toml signaling/pyproject.toml constraints.txt $(JUPYTER_CONFIG)
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,12 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+# Lint, types and the layers contract (.importlinter); .ci/run calls it before the tests.
+check: $(STAMP)
+	$(PY) -m ruff check duet signaling extension tests benchmarks
+	$(PY) -m mypy
+	$(VENV)/bin/lint-imports
 
 bench: $(STAMP)
 	$(PY) benchmarks/p2p.py

@@ -25,13 +25,24 @@ Three forms:
 
 What counts as a container is `is_sequence` and `is_mapping` (by default any
 list or tuple, including named tuples, and any dict).
+
+Size: depth alone does not bound the work. A list can hold itself, or one list
+many times over (`l[0] = l[1] = ... = l`), and the paths through it grow as
+width**depth while the object stays small. So every walk also stops after
+MAX_NODES values (each visit counts, shared ones every time) with TooLarge, a
+LimitExceeded: the action that asked for the walk fails, the owner goes on.
 """
 from __future__ import annotations
 
 import functools
 from typing import Any, Callable, Iterator, List, Optional, TypeVar
 
+from .errors import LimitExceeded
+
 MAX_DEPTH = 16  # the default: call arguments, shadow runs, plans, model graphs
+# Values one walk may visit. Twice the wire's max_items, so nothing that can arrive in one message
+# is refused, while a self-referential list (4**16 paths at width 4) stops within about a second.
+MAX_NODES = 2_000_000
 
 T = TypeVar("T")
 Predicate = Callable[[Any], bool]
@@ -44,6 +55,28 @@ class TooDeep(ValueError):
     def __init__(self, max_depth: int) -> None:
         super().__init__(f"nested deeper than {max_depth} levels of lists, tuples and dicts")
         self.max_depth = max_depth
+
+
+class TooLarge(LimitExceeded):
+    """A walk met more values than MAX_NODES (a container that holds itself, or one shared many times)."""
+
+    def __init__(self, max_nodes: int) -> None:
+        super().__init__(f"more than {max_nodes:,} values in nested lists, tuples and dicts "
+                         "(an item held several times counts each time; a list may hold itself)")
+        self.max_nodes = max_nodes
+
+
+class _Budget:
+    __slots__ = ("left", "limit")
+
+    def __init__(self, limit: int) -> None:
+        self.left = limit
+        self.limit = limit
+
+    def spend(self) -> None:
+        self.left -= 1
+        if self.left < 0:
+            raise TooLarge(self.limit)
 
 
 def is_sequence(value: Any) -> bool:
@@ -72,16 +105,19 @@ def leaves(
     prune: bool = False,
     is_sequence: Predicate = is_sequence,
     is_mapping: Predicate = is_mapping,
+    max_nodes: int = MAX_NODES,
 ) -> Iterator[Any]:
     """Every value under `value` that is not a container, depth first, left to right.
 
     Beyond max_depth: raises too_deep() (TooDeep by default), or with prune=True
     leaves those values out and goes on with the rest.
     """
+    budget = _Budget(max_nodes)
     stack = [iter((value,))]  # the values of stack[d] are at depth d
     while stack:
         depth = len(stack) - 1
         for v in stack[-1]:
+            budget.spend()
             if depth > max_depth:
                 if not prune:
                     raise _error(max_depth, too_deep)
@@ -107,6 +143,7 @@ def map_leaves(
     prune: bool = False,
     is_sequence: Predicate = is_sequence,
     is_mapping: Predicate = is_mapping,
+    max_nodes: int = MAX_NODES,
 ) -> Any:
     """A copy of the containers of `value` with every other value v replaced by fn(v).
 
@@ -114,8 +151,10 @@ def map_leaves(
     with the same keys. Beyond max_depth: raises too_deep() (TooDeep by default),
     or with prune=True keeps those values as they are, unmapped.
     """
+    budget = _Budget(max_nodes)
 
     def go(v: Any, depth: int) -> Any:
+        budget.spend()
         if depth > max_depth:
             if prune:
                 return v
@@ -137,6 +176,7 @@ def walk(
     max_depth: int = MAX_DEPTH,
     too_deep: Optional[ErrorFactory] = None,
     beyond: Optional[Callable[[Any], Any]] = None,
+    max_nodes: int = MAX_NODES,
 ) -> T:
     """visit(value, inner), where inner(child) visits a child one level deeper.
 
@@ -145,8 +185,10 @@ def walk(
     too_deep() (TooDeep by default), or, with `beyond`, inner returns beyond(child).
     """
     inners: List[Callable[[Any], Any]] = []  # inners[d] visits the children of a value at depth d
+    budget = _Budget(max_nodes)
 
     def go(depth: int, v: Any) -> Any:
+        budget.spend()
         if depth > max_depth:
             if beyond is not None:
                 return beyond(v)

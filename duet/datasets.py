@@ -72,7 +72,7 @@ def find_mnist(root: Optional[str | os.PathLike] = None, train: bool = True) -> 
 
 def _read(path: Path) -> bytes:
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:  # type: ignore[operator]
+    with opener(path, "rb") as f:
         return f.read()
 
 

@@ -144,12 +144,12 @@ def problem(msg: Mapping[str, Any]) -> Optional[str]:
 
 # -- errors on the wire ----------------------------------------------------------------------------
 
-_ERROR_TYPES: Dict[str, Type[DuetError]] = {
+_ERROR_TYPES: Dict[str, Type[DuetError]] = {  # most specific first: error_to_wire takes the first match
+    "UnknownObject": UnknownObject,
     "NotAllowed": NotAllowed,
     "LimitExceeded": LimitExceeded,
     "ProtocolError": ProtocolError,
     "ConnectionLost": ConnectionLost,
-    "UnknownObject": UnknownObject,
 }
 
 
@@ -163,8 +163,9 @@ def error_to_wire(exc: BaseException, op: str = "") -> Dict[str, Any]:
         return {"type": "RequestDenied", "message": exc.reason, "request": exc.request_id}
     if isinstance(exc, RemoteError):
         return {"type": "RemoteError", "op": exc.op, "exc_type": exc.exc_type, "message": exc.detail}
-    if isinstance(exc, (NotAllowed, LimitExceeded, ProtocolError, ConnectionLost)):  # our own words
-        return {"type": type(exc).__name__, "message": str(exc)}
+    for name, cls in _ERROR_TYPES.items():  # our own words, under the public class the peer knows
+        if isinstance(exc, cls):
+            return {"type": name, "message": str(exc)}
     return {"type": "RemoteError", "op": op, "exc_type": type(exc).__name__, "message": ""}
 
 

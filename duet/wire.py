@@ -197,7 +197,7 @@ def _advise_hugepages(ptr: int, n: int) -> None:
 def _type_name(t: type) -> str:
     """Name a type for an error message without touching the value (values may be private)."""
     mod = getattr(t, "__module__", "") or ""
-    qual = getattr(t, "__qualname__", None) or getattr(t, "__name__", "?")
+    qual = str(getattr(t, "__qualname__", None) or getattr(t, "__name__", "?"))
     return qual if mod == "builtins" else f"{mod}.{qual}"
 
 
@@ -268,7 +268,7 @@ def _raw_bytes(arr: np.ndarray) -> memoryview:
     """A flat byte view of a C-contiguous array in little-endian order (copies only on big-endian hosts)."""
     if not _LITTLE and arr.dtype.itemsize > 1:
         arr = arr.byteswap()  # numpy swaps complex components separately, as the wire wants
-    return memoryview(arr.reshape(-1).view(np.uint8))
+    return memoryview(arr.reshape(-1).view(np.uint8))  # type: ignore[arg-type]  # an ndarray is a buffer
 
 
 # ---------------------------------------------------------------------------

@@ -355,3 +355,37 @@ def test_walks_never_reach_the_recursion_limit():
         with pytest.raises(containers.TooDeep):
             run()
     assert list(containers.leaves(very_deep, prune=True)) == []
+
+
+def test_every_walk_stops_after_max_nodes_however_the_paths_multiply():
+    wide = [1, 2, 3, 4]
+    for i in range(4):
+        wide[i] = wide  # holds itself: 4**16 paths in a list of four slots
+    shared = [0] * 2_000
+    fan = [shared] * 2_000  # no cycle, 4 million paths
+    for value in (wide, fan):
+        with pytest.raises(containers.TooLarge, match="more than 2,000,000 values"):
+            list(containers.leaves(value, prune=True))
+        with pytest.raises(containers.TooLarge):
+            containers.map_leaves(value, lambda v: v, prune=True)
+        with pytest.raises(containers.TooLarge):
+            containers.walk(value, lambda v, inner: [inner(c) for c in v] if isinstance(v, list) else v, beyond=lambda v: v)
+    assert sum(1 for _ in containers.leaves([list(range(1000))] * 1000)) == 1_000_000, "a wire-sized value still passes"
+
+
+def test_a_list_that_holds_itself_fails_the_action_and_the_owner_goes_on(pair):
+    """Found in review: `l[i] = l` made any later action on l walk 4**16 paths, hanging the owner's worker."""
+    import time
+
+    import duet
+
+    _, scientist = pair
+    l = scientist.send([1, 2, 3, 4])
+    for i in range(4):
+        l[i] = l
+    started = time.monotonic()
+    failed = scientist.torch.as_tensor(l)
+    with pytest.raises(duet.LimitExceeded, match="more than 2,000,000 values"):
+        failed.get(timeout=60)
+    assert time.monotonic() - started < 30
+    assert float(scientist.torch.tensor([1.0]).sum().get(timeout=30)) == 1.0, "still serving"

@@ -111,7 +111,7 @@ def _written_by_values(func: Any, info: _OpInfo, args: tuple, kwargs: Dict[str, 
         if isinstance(v, (torch.Tensor, bool, int, float)) or v is None:
             values[name] = v
     try:
-        schema_info.add_argument_values(values)
+        schema_info.add_argument_values(dict[str, object](values))
     except Exception:
         return list(range(len(info.names)))  # cannot tell: every tensor argument may be written
     arg = torch._C._SchemaArgument
@@ -255,7 +255,7 @@ def reads_watched(observer: "Observer") -> Iterator[None]:
                 and isinstance(getattr(arg, "__self__", None), torch.Tensor):
             observer.read_values = True
         if previous is not None:
-            previous(frame, event, arg)
+            previous(frame, event, arg)  # type: ignore[arg-type]  # event is one of the profiler's names
 
     sys.setprofile(profile)
     try:

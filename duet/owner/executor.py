@@ -616,6 +616,7 @@ class Executor:
         declared = self._declared_writes(kind, name, entry, target, input_ids, values)
         tracking = watch is not None and (watch.active or bool(watch.skipped))
         if tracking:
+            assert watch is not None
             watch.protect_arrays(self.table.get(r).value for r in declared)
         # Without a shadow run nothing has checked the sizes of what runs inside: check them op by op.
         unpredicted = predicted is shapes.UNAVAILABLE

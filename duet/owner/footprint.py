@@ -37,7 +37,7 @@ def array_range(arr: np.ndarray) -> Optional[Range]:
     try:
         from numpy.lib.array_utils import byte_bounds  # numpy >= 2
     except ImportError:  # pragma: no cover - numpy 1.x
-        byte_bounds = np.byte_bounds
+        byte_bounds = np.byte_bounds  # type: ignore[attr-defined]
     start, end = byte_bounds(arr)
     return (int(start), int(end))
 

@@ -31,14 +31,13 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional,
 import torch
 
 from .. import allowlist, containers
-
-if TYPE_CHECKING:
-    from .client import Scientist
-
 from ..errors import NotAllowed
 from ..protocol import Msg
 from ..wire import Ref
 from .pointer import Pointer, RefErrors, refs_in
+
+if TYPE_CHECKING:
+    from .client import Scientist
 
 MAX_ACTIONS = 10_000
 

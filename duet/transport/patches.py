@@ -145,7 +145,7 @@ except ImportError:  # pragma: no cover - layout changed
 
 if _RTCSctpTransport is not None:
 
-    class _TunedSctpTransport(_RTCSctpTransport):  # type: ignore[misc,valid-type]
+    class _TunedSctpTransport(_RTCSctpTransport):
         """aiortc's SCTP association with a capped window and delayed SACKs.
 
         Installed by swapping the class of an existing instance, so nothing
@@ -156,7 +156,7 @@ if _RTCSctpTransport is not None:
         _duet_sack_every: int = SACK_EVERY
         _duet_sack_delay: float = SACK_DELAY
 
-        @property  # type: ignore[override]
+        @property
         def _cwnd(self) -> int:
             return self.__dict__["_duet_cwnd"]
 
@@ -175,7 +175,7 @@ if _RTCSctpTransport is not None:
                 if count < self._duet_sack_every:
                     self.__dict__["_duet_sack_count"] = count
                     if self.__dict__.get("_duet_sack_timer") is None:
-                        self.__dict__["_duet_sack_timer"] = self._loop.call_later(
+                        self.__dict__["_duet_sack_timer"] = self._loop.call_later(  # type: ignore[union-attr]
                             self._duet_sack_delay, self._duet_sack_due)
                     return
             self._duet_sack_now()
@@ -209,8 +209,9 @@ def tune_sctp(pc: RTCPeerConnection, cwnd_max: Optional[int] = CWND_MAX,
         return False
     cwnd = sctp.__dict__.pop("_cwnd")
     sctp.__class__ = _TunedSctpTransport
-    sctp._duet_cwnd_max = cwnd_max or (1 << 62)
-    sctp._duet_sack_every = max(1, sack_every)
+    tuned: Any = sctp  # now a _TunedSctpTransport
+    tuned._duet_cwnd_max = cwnd_max or (1 << 62)
+    tuned._duet_sack_every = max(1, sack_every)
     sctp._cwnd = cwnd
     return True
 

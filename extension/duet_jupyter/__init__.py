@@ -170,7 +170,7 @@ else:
     class _StatusMixin:
         auth_resource = "duet"
 
-        def initialize(self, state: SignalingState) -> None:  # type: ignore[override]
+        def initialize(self, state: SignalingState) -> None:
             self.state = state
 
         def _status(self) -> Dict[str, Any]:

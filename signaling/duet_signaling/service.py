@@ -378,7 +378,7 @@ def _consume_future_error(fut: "asyncio.Future[Any]") -> None:
 class SignalingWebSocket(tornado.websocket.WebSocketHandler):
     """One client connection. Speaks the JSON protocol described in the module docstring."""
 
-    def initialize(self, state: SignalingState) -> None:  # type: ignore[override]
+    def initialize(self, state: SignalingState) -> None:
         self.state = state
         self.room: Optional[_Room] = None
         self.role: Optional[str] = None
@@ -397,11 +397,11 @@ class SignalingWebSocket(tornado.websocket.WebSocketHandler):
         return True
 
     @property
-    def max_message_size(self) -> int:  # type: ignore[override]
+    def max_message_size(self) -> int:
         return self.state.limits.tornado_max_message_size()
 
     @property
-    def ping_interval(self) -> Optional[float]:  # type: ignore[override]
+    def ping_interval(self) -> Optional[float]:
         # Detect dead peers so their rooms do not linger until the idle timeout.
         return _PING_INTERVAL_SECONDS
 
@@ -521,7 +521,7 @@ class SignalingWebSocket(tornado.websocket.WebSocketHandler):
         self._cancel_handshake_timer()
         reply: Dict[str, Any] = {"op": "joined", "peer": self.peer_id}
         if not self.state.ice.empty:  # before any offer: the peer gathers candidates with these
-            reply["ice"] = self.state.ice.servers_for(f"{role}-{self.peer_id[:8]}")
+            reply["ice"] = self.state.ice.servers_for(f"{role}-{(self.peer_id or '')[:8]}")
         self._send_json(reply)
 
     def _handle_send(self, msg: Dict[str, Any]) -> None:
@@ -588,13 +588,13 @@ class SignalingWebSocket(tornado.websocket.WebSocketHandler):
     def _abort(self) -> None:
         conn = self.ws_connection
         if conn is not None:
-            conn._abort()  # type: ignore[attr-defined]
+            conn._abort()
 
 
 class HealthHandler(tornado.web.RequestHandler):
     """``GET {prefix}/health`` -> ``{"status":"ok","rooms":N,"peers":N}``."""
 
-    def initialize(self, state: SignalingState) -> None:  # type: ignore[override]
+    def initialize(self, state: SignalingState) -> None:
         self.state = state
 
     def get(self) -> None:

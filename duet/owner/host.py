@@ -740,6 +740,21 @@ class ScientistConnection:
                 str(route) if route is not None else ""]
 
 
+_warmed = threading.Event()
+
+
+def _warm_meta_tensors() -> None:
+    """Import what the first shadow run needs, so a session's first release does not wait ~1 s for it.
+
+    torch loads its meta-tensor registrations (_meta_registrations, _decomp, _refs, _prims) on the
+    first meta operation; measured across the NAT lab, that was most of a first release's 1.1 s.
+    """
+    try:
+        torch.empty(2, device="meta") * 2
+    except Exception:  # pragma: no cover - only a warm-up
+        log.debug("warming meta tensors failed", exc_info=True)
+
+
 class Owner:
     """A data owner's Duet: publish assets, watch requests, decide."""
 
@@ -775,6 +790,9 @@ class Owner:
         self._listeners: List[Callable[[], None]] = []
         self._closers: List[Callable[[], None]] = []
         self.closed = False
+        if not _warmed.is_set():
+            _warmed.set()
+            threading.Thread(target=_warm_meta_tensors, name="duet-warm-up", daemon=True).start()
         self._expiry_timer: Any = None
         if request_expiry is not None:
             from .. import runtime

@@ -4,6 +4,10 @@ Prints one JSON line {"code": ...} when ready, then JSON event lines
 ({"event": "room_closed"}, ...). Serves until its standard input closes.
 
     python -m tests.procs.owner --signaling URL --big-mb 64 --accept-all
+
+--network: real network ICE (local_only=False) with the ICE servers the signaling service
+offers, and a {"event": "connection_failed", "scientist": ..., "message": ...} line for each
+pairing whose network path failed (owner.connection_failures).
 """
 from __future__ import annotations
 
@@ -19,8 +23,33 @@ import torch
 import duet
 
 
+_emit_lock = threading.Lock()
+
+
 def emit(**fields: object) -> None:
-    print(json.dumps(fields), flush=True)
+    line = json.dumps(fields) + "\n"
+    with _emit_lock:  # events come from library threads: one whole line at a time
+        sys.stdout.write(line)
+        sys.stdout.flush()
+
+
+def report_connection_failures(owner: "duet.Owner") -> None:
+    """Emit one event per new entry of owner.connection_failures (a bounded list, newest last)."""
+    last: list = [None]  # the newest entry reported, by identity: the list drops its oldest entries
+    lock = threading.Lock()
+
+    def changed() -> None:
+        with lock:
+            failures = list(getattr(owner, "connection_failures", []))
+            seen = [i for i, entry in enumerate(failures) if entry is last[0]]
+            new = failures[seen[-1] + 1:] if seen else failures  # not there: every entry came after it
+            if new:
+                last[0] = new[-1]
+        for scientist, message in new:
+            emit(event="connection_failed", scientist=scientist, message=message)
+
+    owner.subscribe(changed)
+    changed()
 
 
 def main(argv: list | None = None) -> int:
@@ -33,9 +62,12 @@ def main(argv: list | None = None) -> int:
     ap.add_argument("--approve-joins", action="store_true")
     ap.add_argument("--leak-assets", action="store_true", help="publish the private assets of tests/test_leak_classes.py")
     ap.add_argument("--python-assets", action="store_true", help="publish Python values under display names")
+    ap.add_argument("--network", action="store_true",
+                    help="ICE over the real network with the servers the signaling service offers (default: loopback only)")
     args = ap.parse_args(argv)
 
-    owner = duet.launch(name=args.name, signaling=args.signaling, local_only=True, display=False, approve_joins=args.approve_joins)
+    owner = duet.launch(name=args.name, signaling=args.signaling, local_only=not args.network, display=False,
+                        approve_joins=args.approve_joins)
     owner.store.add(torch.tensor([31.0, 45.0, 52.0, 29.0]), name="ages", description="patient ages")
     if args.big_mb:
         gen = torch.Generator().manual_seed(1234)
@@ -52,6 +84,8 @@ def main(argv: list | None = None) -> int:
     if args.accept_all:
         owner.requests.add_handler(action="accept", kind=("release", "join"))
     emit(code=owner.code, fingerprint=owner.fingerprint)
+    if args.network:
+        report_connection_failures(owner)
 
     def watch_signaling() -> None:
         owner.signaling.closed.wait()  # type: ignore[attr-defined]

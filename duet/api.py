@@ -6,7 +6,8 @@ from pathlib import Path
 from typing import Optional, Tuple
 
 from . import identity as identity_mod
-from .owner.host import HandshakeContext, Owner
+from .identity import HandshakeContext
+from .owner.host import Owner
 from .owner.objects import Limits
 from .scientist.client import Scientist
 from .session import Session

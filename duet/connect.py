@@ -4,7 +4,7 @@ The scientist offers, the owner answers. Every signaling payload is sealed
 with a key derived from the join code's secret (duet.pairing), so the
 signaling service relays bytes it can neither read nor alter. After the
 WebRTC channel opens, both sides sign a transcript binding their identity
-keys to this session's DTLS fingerprints (duet.owner.host.HandshakeContext).
+keys to this session's DTLS fingerprints (duet.identity.HandshakeContext).
 """
 from __future__ import annotations
 
@@ -20,7 +20,8 @@ from typing import Any, List, Optional, Set, Tuple
 
 from . import runtime
 from .errors import ConnectionFailed, PairingError, RequestTimeout, SignalingError
-from .owner.host import HandshakeContext, Owner
+from .identity import HandshakeContext
+from .owner.host import Owner
 from .pairing import JoinCode, Sealer, new_session_id, peek_session
 from .scientist.client import Scientist
 from .session import Session

@@ -39,6 +39,7 @@ import pathlib
 import re
 import stat
 import warnings
+from dataclasses import dataclass
 
 import msgpack
 import nacl.exceptions
@@ -348,3 +349,27 @@ def verify(public_key: bytes, message: bytes, signature: bytes) -> None:
             "the peer's identity signature does not verify: the connection may have been "
             "intercepted, or the peer is not who it claims to be"
         ) from exc
+
+
+@dataclass(frozen=True)
+class HandshakeContext:
+    """What both sides bind their signatures to: this room, this session, these DTLS keys, these names."""
+
+    room_id: str
+    session_id: bytes
+    owner_dtls: str
+    scientist_dtls: str
+    owner_name: str
+    scientist_name: str
+
+    def transcript(self, signer_role: str, signer_public_key: bytes) -> bytes:
+        return transcript(
+            self.room_id,
+            self.session_id,
+            self.owner_dtls,
+            self.scientist_dtls,
+            signer_role,
+            signer_public_key,
+            self.owner_name,
+            self.scientist_name,
+        )

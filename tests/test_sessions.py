@@ -11,7 +11,8 @@ import torch
 import duet
 from duet import identity
 from duet.owner import host
-from duet.owner.host import HandshakeContext, Owner
+from duet.identity import HandshakeContext
+from duet.owner.host import Owner
 from duet.scientist.client import Scientist
 from duet.session import Session
 from duet.transport.memory import memory_pair

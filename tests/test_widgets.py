@@ -130,7 +130,7 @@ def test_join_requests_can_be_accepted_in_the_panel(tmp_path):
     clicker = threading.Thread(target=click_when_asked)
     clicker.start()
     from duet.api import _random_fingerprint
-    from duet.owner.host import HandshakeContext
+    from duet.identity import HandshakeContext
     from duet.session import Session
     from duet.transport.memory import memory_pair
     import secrets

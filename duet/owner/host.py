@@ -12,7 +12,6 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -20,6 +19,7 @@ import numpy as np
 import torch
 
 from .. import identity as identity_mod
+from ..identity import HandshakeContext  # noqa: F401  (importable from here as before)
 from .. import wire
 from ..errors import ConnectionLost, DuetError, LimitExceeded, NotAllowed, PairingError, RemoteError, RequestDenied
 from ..protocol import Msg, RequestKind, Status, error_to_wire, problem
@@ -42,30 +42,6 @@ HANDSHAKE_TIMEOUT = 30.0  # seconds a new link has to send a verified hello
 MAX_FAILURES_KEPT = 10_000
 CONNECTION_FAILURES_KEPT = 20  # failed pairings the panel can show
 _STOP = object()
-
-
-@dataclass(frozen=True)
-class HandshakeContext:
-    """What both sides bind their signatures to: this room, this session, these DTLS keys, these names."""
-
-    room_id: str
-    session_id: bytes
-    owner_dtls: str
-    scientist_dtls: str
-    owner_name: str
-    scientist_name: str
-
-    def transcript(self, signer_role: str, signer_public_key: bytes) -> bytes:
-        return identity_mod.transcript(
-            self.room_id,
-            self.session_id,
-            self.owner_dtls,
-            self.scientist_dtls,
-            signer_role,
-            signer_public_key,
-            self.owner_name,
-            self.scientist_name,
-        )
 
 
 def snapshot(value: Any, depth: int = 0) -> Any:

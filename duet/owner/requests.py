@@ -190,6 +190,9 @@ class RequestQueue:
         return req
 
     def decide(self, req: Request, status: str, by: str, reason: str = "") -> None:
+        """A request's one transition: pending -> accepted, denied, expired or cancelled, once."""
+        if status not in Status.DECIDED:
+            raise ValueError(f"a request can be decided as {', '.join(Status.DECIDED)}, not {status!r}")
         with self._lock:
             if req.status != PENDING:
                 raise ValueError(f"request #{req.id} was already {req.status}")

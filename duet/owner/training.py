@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any, Callable, Dict, List
 
-from ..errors import ConnectionLost, DuetError, NotAllowed, RemoteError
+from ..errors import DuetError, NotAllowed, RemoteError
 from ..protocol import Msg
 from ..wire import Ref
 from .datasets import MAX_LOADERS, OwnerLoader
@@ -184,10 +184,3 @@ class TrainingHandlers:
         )
         self.loaders[lid] = loader
         return loader.info()
-
-
-def send_quietly(conn: "ScientistConnection", msg: Dict[str, Any]) -> None:
-    try:
-        conn.session.send(msg)
-    except ConnectionLost:
-        pass

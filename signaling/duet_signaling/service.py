@@ -85,7 +85,6 @@ FATAL_CODES = frozenset(
         "room_full",
     }
 )
-ROOM_CLOSED_REASONS = ("owner_left", "expired", "shutdown")
 
 # WebSocket close codes (RFC 6455).
 CLOSE_NORMAL = 1000

@@ -34,7 +34,6 @@ LimitExceeded: the action that asked for the walk fails, the owner goes on.
 """
 from __future__ import annotations
 
-import functools
 from typing import Any, Callable, Iterator, List, Optional, TypeVar
 
 from .errors import LimitExceeded
@@ -66,19 +65,6 @@ class TooLarge(LimitExceeded):
         self.max_nodes = max_nodes
 
 
-class _Budget:
-    __slots__ = ("left", "limit")
-
-    def __init__(self, limit: int) -> None:
-        self.left = limit
-        self.limit = limit
-
-    def spend(self) -> None:
-        self.left -= 1
-        if self.left < 0:
-            raise TooLarge(self.limit)
-
-
 def is_sequence(value: Any) -> bool:
     """Lists and tuples, subclasses included (named tuples, torch.Size, torch.return_types)."""
     return isinstance(value, (list, tuple))
@@ -86,6 +72,9 @@ def is_sequence(value: Any) -> bool:
 
 def is_mapping(value: Any) -> bool:
     return isinstance(value, dict)
+
+
+_is_sequence, _is_mapping = is_sequence, is_mapping
 
 
 def never(value: Any) -> bool:
@@ -112,26 +101,34 @@ def leaves(
     Beyond max_depth: raises too_deep() (TooDeep by default), or with prune=True
     leaves those values out and goes on with the rest.
     """
-    budget = _Budget(max_nodes)
+    # The default predicates are inlined: this runs on every action's arguments.
+    default_seq, default_map = is_sequence is _is_sequence, is_mapping is _is_mapping
+    left = max_nodes
     stack = [iter((value,))]  # the values of stack[d] are at depth d
+    depth = 0
     while stack:
-        depth = len(stack) - 1
         for v in stack[-1]:
-            budget.spend()
+            left -= 1
+            if left < 0:
+                raise TooLarge(max_nodes)
             if depth > max_depth:
                 if not prune:
                     raise _error(max_depth, too_deep)
                 stack.pop()  # the other values there are as deep: skip them all
+                depth -= 1
                 break
-            if is_sequence(v):
+            if isinstance(v, (list, tuple)) if default_seq else is_sequence(v):
                 stack.append(iter(v))
+                depth += 1
                 break
-            if is_mapping(v):
+            if isinstance(v, dict) if default_map else is_mapping(v):
                 stack.append(iter(v.values()))
+                depth += 1
                 break
             yield v
         else:
             stack.pop()
+            depth -= 1
 
 
 def map_leaves(
@@ -151,10 +148,13 @@ def map_leaves(
     with the same keys. Beyond max_depth: raises too_deep() (TooDeep by default),
     or with prune=True keeps those values as they are, unmapped.
     """
-    budget = _Budget(max_nodes)
+    left = max_nodes
 
     def go(v: Any, depth: int) -> Any:
-        budget.spend()
+        nonlocal left
+        left -= 1
+        if left < 0:
+            raise TooLarge(max_nodes)
         if depth > max_depth:
             if prune:
                 return v
@@ -184,17 +184,26 @@ def walk(
     what to build). A value beyond max_depth is never visited: the walk raises
     too_deep() (TooDeep by default), or, with `beyond`, inner returns beyond(child).
     """
-    inners: List[Callable[[Any], Any]] = []  # inners[d] visits the children of a value at depth d
-    budget = _Budget(max_nodes)
+    left = max_nodes
+    inners: List[Callable[[Any], Any]] = []  # inners[d] visits a child of a value at depth d
 
-    def go(depth: int, v: Any) -> Any:
-        budget.spend()
-        if depth > max_depth:
-            if beyond is not None:
-                return beyond(v)
-            raise _error(max_depth, too_deep)
-        if len(inners) == depth:  # the first value at this depth (go(d) runs only after go(d - 1))
-            inners.append(functools.partial(go, depth + 1))
-        return visit(v, inners[depth])
+    def inner_at(depth: int) -> Callable[[Any], Any]:
+        def inner(v: Any) -> Any:
+            nonlocal left
+            left -= 1
+            if left < 0:
+                raise TooLarge(max_nodes)
+            if depth > max_depth:
+                if beyond is not None:
+                    return beyond(v)
+                raise _error(max_depth, too_deep)
+            try:
+                child = inners[depth]
+            except IndexError:  # the first value at this depth: inner_at(d) runs only after inner_at(d - 1)
+                child = inner_at(depth + 1)
+                inners.append(child)
+            return visit(v, child)
 
-    return go(0, value)
+        return inner
+
+    return inner_at(0)(value)

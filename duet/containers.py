@@ -103,6 +103,10 @@ def leaves(
     """
     # The default predicates are inlined: this runs on every action's arguments.
     default_seq, default_map = is_sequence is _is_sequence, is_mapping is _is_mapping
+    if default_seq and default_map and isinstance(value, (list, tuple)) and len(value) < max_nodes \
+            and max_depth >= 1 and not any(isinstance(v, (list, tuple, dict)) for v in value):
+        yield from value  # flat: most action arguments
+        return
     left = max_nodes
     stack = [iter((value,))]  # the values of stack[d] are at depth d
     depth = 0

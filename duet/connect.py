@@ -59,8 +59,23 @@ def ice_config(local_only: Optional[bool], ice_servers: Optional[List[Any]],
     elif os.environ.get("DUET_ICE_SERVERS", "").strip():
         servers = _env_ice_servers(os.environ["DUET_ICE_SERVERS"])
     else:
-        servers = [] if is_local else list(offered or [])
+        servers = [] if is_local else _usable_offer(offered or [])
     return IceConfig(servers=servers, local_only=is_local)
+
+
+def _usable_offer(offered: List[Any]) -> List[Any]:
+    """The entries of the (untrusted) service's offer that aiortc can use; the others are dropped with a warning."""
+    from .transport.ice import expand_servers
+
+    usable = []
+    for entry in offered:
+        try:
+            expand_servers([entry])
+        except (TypeError, ValueError) as exc:
+            log.warning("ignored an ICE server the signaling service offered: %s", exc)
+            continue
+        usable.append(entry)
+    return usable
 
 
 def _env_ice_servers(text: str) -> List[Any]:

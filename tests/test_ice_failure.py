@@ -138,3 +138,13 @@ def test_a_turn_url_that_gives_no_relay_is_followed_by_the_next_one():
     assert used == [servers[0]["urls"][0]], "after UDP gave no relay, the TCP URL is the one in use"
     assert "relay" not in candidate_types(sdp) and "host" in candidate_types(sdp)
     assert 4 < took < 12, took
+
+
+def test_an_offered_ice_server_aiortc_cannot_parse_is_dropped_not_fatal(caplog):
+    """The offer comes from the untrusted service: a bad URL in it must not turn pairing into a ValueError."""
+    from duet.connect import ice_config
+
+    offered = ["turn:relay.test:notaport", "stun:127.0.0.1:3478", {"urls": ["turn:127.0.0.1:3478"], "username": "u", "credential": "p"}]
+    config = ice_config(False, None, offered=offered)
+    assert config.servers == offered[1:]
+    assert "ignored an ICE server the signaling service offered" in caplog.text

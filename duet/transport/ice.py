@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Dict, Iterable, List, Optional
 
 from aiortc import RTCConfiguration, RTCIceServer
 from aiortc.rtcicetransport import parse_stun_turn_uri
@@ -188,6 +188,3 @@ def relay_gathered(sdp: Optional[str]) -> bool:
 def srflx_gathered(sdp: Optional[str]) -> bool:
     return "srflx" in candidate_types(sdp)
 
-
-def choice_text(choice: List[IceServerUrl]) -> Tuple[str, ...]:
-    return tuple(u.url for u in choice)

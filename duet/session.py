@@ -14,7 +14,7 @@ from typing import Any, Callable, Dict, Optional
 
 from . import wire
 from .errors import ConnectionLost, ProtocolError, RequestTimeout
-from .protocol import Msg, error_from_wire, error_to_wire  # noqa: F401  (error_*: importable from here as before)
+from .protocol import Msg, error_from_wire, error_to_wire
 from .transport.base import Transport
 
 log = logging.getLogger("duet.session")

@@ -22,7 +22,8 @@ from torch import nn
 import duet
 from tests.waiting import until
 from duet import identity
-from duet.owner.host import HandshakeContext, Owner
+from duet.identity import HandshakeContext
+from duet.owner.host import Owner
 from duet.scientist.client import Scientist
 from duet.session import Session
 from duet.transport.memory import memory_pair

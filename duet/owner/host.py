@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from .. import identity as identity_mod
-from ..identity import HandshakeContext  # noqa: F401  (importable from here as before)
+from ..identity import HandshakeContext
 from .. import wire
 from ..errors import ConnectionLost, DuetError, LimitExceeded, NotAllowed, PairingError, RemoteError, RequestDenied
 from ..protocol import Msg, RequestKind, Status, error_to_wire, problem

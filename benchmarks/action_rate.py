@@ -14,6 +14,7 @@ import time
 import torch
 
 import duet
+from duet.owner import host
 
 
 def main() -> None:
@@ -28,6 +29,7 @@ def main() -> None:
 
     owner, scientist = duet.local_pair()
     try:
+        host.wait_warm_up(timeout=120)  # one-time work per process, not per action
         x = scientist.send(torch.ones(4))
         for _ in range(500):  # warm up: first shadow runs, allocator
             x + 1

@@ -34,7 +34,7 @@ LimitExceeded: the action that asked for the walk fails, the owner goes on.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator, List, Optional, TypeVar
+from typing import Any, Callable, Iterator, Optional, TypeVar
 
 from .errors import LimitExceeded
 
@@ -82,6 +82,27 @@ def never(value: Any) -> bool:
     return False
 
 
+_CONTAINERS = (list, tuple, dict)
+
+
+def flat_values(value: Any) -> Optional[Any]:
+    """The items of a list or tuple, or the values of a dict, when none is itself a container; else None.
+
+    Most action arguments are such one-level containers, and the walks that run on every action
+    (this module's, and a few hand-made ones) take this short cut for them.
+    """
+    if isinstance(value, (list, tuple)):
+        items: Any = value
+    elif isinstance(value, dict):
+        items = value.values()
+    else:
+        return None
+    for v in items:
+        if isinstance(v, _CONTAINERS):
+            return None
+    return items
+
+
 def _error(max_depth: int, too_deep: Optional[ErrorFactory]) -> BaseException:
     return too_deep() if too_deep is not None else TooDeep(max_depth)
 
@@ -103,10 +124,11 @@ def leaves(
     """
     # The default predicates are inlined: this runs on every action's arguments.
     default_seq, default_map = is_sequence is _is_sequence, is_mapping is _is_mapping
-    if default_seq and default_map and isinstance(value, (list, tuple)) and len(value) < max_nodes \
-            and max_depth >= 1 and not any(isinstance(v, (list, tuple, dict)) for v in value):
-        yield from value  # flat: most action arguments
-        return
+    if default_seq and default_map and max_depth >= 1 and len(value if isinstance(value, _CONTAINERS) else ()) < max_nodes:
+        flat = flat_values(value)
+        if flat is not None:
+            yield from flat
+            return
     left = max_nodes
     stack = [iter((value,))]  # the values of stack[d] are at depth d
     depth = 0
@@ -152,6 +174,13 @@ def map_leaves(
     with the same keys. Beyond max_depth: raises too_deep() (TooDeep by default),
     or with prune=True keeps those values as they are, unmapped.
     """
+    if is_sequence is _is_sequence and is_mapping is _is_mapping and max_depth >= 1 \
+            and len(value if isinstance(value, _CONTAINERS) else ()) < max_nodes \
+            and flat_values(value) is not None:  # one level: most action arguments
+        if isinstance(value, dict):
+            return {k: fn(v) for k, v in value.items()}
+        items = [fn(v) for v in value]
+        return items if isinstance(value, list) else tuple(items)
     left = max_nodes
 
     def go(v: Any, depth: int) -> Any:
@@ -187,27 +216,32 @@ def walk(
     For walks whose rules differ by type (what to refuse, what to descend into,
     what to build). A value beyond max_depth is never visited: the walk raises
     too_deep() (TooDeep by default), or, with `beyond`, inner returns beyond(child).
+    visit must call inner only while it runs (not from a generator it returns): the walk
+    keeps one depth counter rather than one closure per level, as this runs on every action.
     """
     left = max_nodes
-    inners: List[Callable[[Any], Any]] = []  # inners[d] visits a child of a value at depth d
+    depth = 0  # of the value being visited; visit calls inner only while it runs, so a counter will do
 
-    def inner_at(depth: int) -> Callable[[Any], Any]:
-        def inner(v: Any) -> Any:
-            nonlocal left
-            left -= 1
-            if left < 0:
-                raise TooLarge(max_nodes)
-            if depth > max_depth:
-                if beyond is not None:
-                    return beyond(v)
-                raise _error(max_depth, too_deep)
-            try:
-                child = inners[depth]
-            except IndexError:  # the first value at this depth: inner_at(d) runs only after inner_at(d - 1)
-                child = inner_at(depth + 1)
-                inners.append(child)
-            return visit(v, child)
+    def inner(v: Any) -> Any:
+        nonlocal left, depth
+        left -= 1
+        if left < 0:
+            raise TooLarge(max_nodes)
+        if depth >= max_depth:  # v would be at depth + 1
+            if beyond is not None:
+                return beyond(v)
+            raise _error(max_depth, too_deep)
+        depth += 1
+        try:
+            return visit(v, inner)
+        finally:
+            depth -= 1
 
-        return inner
-
-    return inner_at(0)(value)
+    if max_depth < 0:
+        if beyond is not None:
+            return beyond(value)
+        raise _error(max_depth, too_deep)
+    left -= 1
+    if left < 0:
+        raise TooLarge(max_nodes)
+    return visit(value, inner)

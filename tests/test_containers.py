@@ -389,3 +389,85 @@ def test_a_list_that_holds_itself_fails_the_action_and_the_owner_goes_on(pair):
         failed.get(timeout=60)
     assert time.monotonic() - started < 30
     assert float(scientist.torch.tensor([1.0]).sum().get(timeout=30)) == 1.0, "still serving"
+
+
+# -- the short cuts agree with a plain recursive reference, for any nesting --------------------
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+_leaf = st.one_of(st.integers(-3, 3), st.none(), st.text(max_size=2), st.builds(Ref, st.integers(0, 9)))
+_nested = st.recursive(_leaf, lambda inner: st.one_of(
+    st.lists(inner, max_size=4), st.tuples(inner, inner), st.dictionaries(st.text(max_size=2), inner, max_size=3)),
+    max_leaves=24)
+
+
+def _ref_depth(v):
+    """The depth of the deepest value inside v (an empty container holds none)."""
+    items = list(v.values()) if isinstance(v, dict) else list(v) if isinstance(v, (list, tuple)) else []
+    return 1 + max(_ref_depth(x) for x in items) if items else 0
+
+
+def _ref_leaves(v):
+    if isinstance(v, (list, tuple)):
+        return [x for item in v for x in _ref_leaves(item)]
+    if isinstance(v, dict):
+        return [x for item in v.values() for x in _ref_leaves(item)]
+    return [v]
+
+
+def _ref_map(v, fn):
+    if isinstance(v, list):
+        return [_ref_map(x, fn) for x in v]
+    if isinstance(v, tuple):
+        return tuple(_ref_map(x, fn) for x in v)
+    if isinstance(v, dict):
+        return {k: _ref_map(x, fn) for k, x in v.items()}
+    return fn(v)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_nested, st.integers(0, 4))
+def test_leaves_map_leaves_and_walk_agree_with_the_reference(value, max_depth):
+    fits = _ref_depth(value) <= max_depth
+
+    def mark(v):
+        return ("m", v)
+
+    def count(v, inner):
+        if isinstance(v, (list, tuple)):
+            return sum(inner(x) for x in v)
+        if isinstance(v, dict):
+            return sum(inner(x) for x in v.values())
+        return 1
+
+    if fits:
+        assert list(containers.leaves(value, max_depth=max_depth)) == _ref_leaves(value)
+        out = containers.map_leaves(value, mark, max_depth=max_depth)
+        assert out == _ref_map(value, mark)
+        assert containers.walk(value, count, max_depth=max_depth) == len(_ref_leaves(value))
+        flat = containers.flat_values(value)
+        items = list(value.values()) if isinstance(value, dict) else value
+        if isinstance(value, (list, tuple, dict)) and not any(isinstance(v, (list, tuple, dict)) for v in items):
+            assert list(flat) == _ref_leaves(value)
+        else:
+            assert flat is None
+    else:
+        with pytest.raises(containers.TooDeep):
+            list(containers.leaves(value, max_depth=max_depth))
+        with pytest.raises(containers.TooDeep):
+            containers.map_leaves(value, mark, max_depth=max_depth)
+        with pytest.raises(containers.TooDeep):
+            containers.walk(value, count, max_depth=max_depth)
+    refs = []
+    from duet.owner.executor import ACTION_ARG_DEPTH, collect_refs
+    assert ACTION_ARG_DEPTH > 4
+    collect_refs(value, refs)
+    assert refs == [v.id for v in _ref_leaves(value) if isinstance(v, Ref)]
+
+
+def test_a_walk_at_depth_zero_visits_only_the_top():
+    assert containers.walk(5, lambda v, inner: v, max_depth=0) == 5
+    with pytest.raises(containers.TooDeep):
+        containers.walk([5], lambda v, inner: [inner(x) for x in v], max_depth=0)
+    with pytest.raises(containers.TooLarge):
+        containers.walk(5, lambda v, inner: v, max_nodes=0)

@@ -198,6 +198,10 @@ def arguments_too_deep() -> NotAllowed:
 
 def collect_refs(obj: Any, out: List[int]) -> None:
     """Every object id an action's arguments point at (refusing nesting it could not fully see)."""
+    flat = containers.flat_values(obj)
+    if flat is not None:
+        out.extend(v.id for v in flat if isinstance(v, Ref))
+        return
     out.extend(v.id for v in containers.leaves(obj, max_depth=ACTION_ARG_DEPTH, too_deep=arguments_too_deep)
                if isinstance(v, Ref))
 
@@ -721,8 +725,8 @@ class Executor:
             return shapes.UNAVAILABLE
         if kind == "method" and isinstance(target, torch.nn.Module) and name not in _MODULE_READS:
             return shapes.UNAVAILABLE
-        if not isinstance(target, torch.nn.Module) and not any(isinstance(t, torch.Tensor) for t in _flat([call_args, kw])) \
-                and not isinstance(target, torch.Tensor):
+        if not isinstance(target, (torch.Tensor, torch.nn.Module)) \
+                and not any(isinstance(t, torch.Tensor) for t in _flat([call_args, kw])):
             return shapes.UNAVAILABLE
         try:
             key: Any = (kind, name, shapes.signature([target, call_args, kw]))

@@ -6,6 +6,7 @@ loop, and an approval never needs a notebook cell to be running.
 """
 from __future__ import annotations
 
+import atexit
 import hashlib
 import secrets
 import logging
@@ -716,7 +717,13 @@ class ScientistConnection:
                 str(route) if route is not None else ""]
 
 
-_warmed = threading.Event()
+_warmed = threading.Event()  # set when the warm-up starts (once per process)
+_warm_done = threading.Event()
+
+
+def wait_warm_up(timeout: float) -> bool:
+    """Wait for the one-time warm-up thread; benchmarks call it so it does not share their CPU time."""
+    return _warm_done.wait(timeout) if _warmed.is_set() else True
 
 
 def _warm_meta_tensors() -> None:
@@ -729,6 +736,8 @@ def _warm_meta_tensors() -> None:
         torch.empty(2, device="meta") * 2
     except Exception:  # pragma: no cover - only a warm-up
         log.debug("warming meta tensors failed", exc_info=True)
+    finally:
+        _warm_done.set()
 
 
 class Owner:
@@ -769,6 +778,10 @@ class Owner:
         if not _warmed.is_set():
             _warmed.set()
             threading.Thread(target=_warm_meta_tensors, name="duet-warm-up", daemon=True).start()
+            # A daemon thread still inside torch's imports when the interpreter finalizes aborts the
+            # process ("terminate called without an active exception"): a script that makes an Owner
+            # and exits at once must not crash, so exit waits for the warm-up (about a second).
+            atexit.register(_warm_done.wait, 60)
         self._expiry_timer: Any = None
         if request_expiry is not None:
             from .. import runtime

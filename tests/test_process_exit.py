@@ -1,6 +1,6 @@
-"""A script that makes an owner and exits at once must exit cleanly.
+"""A script that pairs and exits at once must exit cleanly.
 
-The owner warms torch's meta registrations in a background thread; a daemon thread still inside
+After the first join the owner warms torch's meta registrations in a background thread; a daemon thread still inside
 torch's imports when the interpreter finalizes used to abort the process (exit status 134,
 "terminate called without an active exception").
 """
@@ -12,12 +12,12 @@ import sys
 
 SCRIPT = """
 import duet
-owner = duet.Owner(audit_log={audit!r})
+owner, scientist = duet.local_pair(audit_log={audit!r})
 print("made")
 """
 
 
-def test_making_an_owner_and_exiting_at_once_exits_with_status_zero(tmp_path):
+def test_pairing_and_exiting_at_once_exits_with_status_zero(tmp_path):
     for i in range(2):
         done = subprocess.run([sys.executable, "-c", SCRIPT.format(audit=str(tmp_path / f"audit{i}.jsonl"))],
                               capture_output=True, text=True, timeout=120,

@@ -299,6 +299,7 @@ class ScientistConnection:
                 "resumed": resumed,
             }
         )
+        start_warm_up()
         self.owner._changed()
 
     def _resume(self, token: bytes) -> None:
@@ -726,6 +727,18 @@ def wait_warm_up(timeout: float) -> bool:
     return _warm_done.wait(timeout) if _warmed.is_set() else True
 
 
+def start_warm_up() -> None:
+    """Warm up once per process, after the first join (started earlier, it slowed the join down)."""
+    if _warmed.is_set():
+        return
+    _warmed.set()
+    threading.Thread(target=_warm_meta_tensors, name="duet-warm-up", daemon=True).start()
+    # A daemon thread still inside torch's imports when the interpreter finalizes aborts the
+    # process ("terminate called without an active exception"): a script that joins and exits at
+    # once must not crash, so exit waits for the warm-up (about a second).
+    atexit.register(_warm_done.wait, 60)
+
+
 def _warm_meta_tensors() -> None:
     """Import what the first shadow run needs, so a session's first release does not wait ~1 s for it.
 
@@ -775,13 +788,6 @@ class Owner:
         self._listeners: List[Callable[[], None]] = []
         self._closers: List[Callable[[], None]] = []
         self.closed = False
-        if not _warmed.is_set():
-            _warmed.set()
-            threading.Thread(target=_warm_meta_tensors, name="duet-warm-up", daemon=True).start()
-            # A daemon thread still inside torch's imports when the interpreter finalizes aborts the
-            # process ("terminate called without an active exception"): a script that makes an Owner
-            # and exits at once must not crash, so exit waits for the warm-up (about a second).
-            atexit.register(_warm_done.wait, 60)
         self._expiry_timer: Any = None
         if request_expiry is not None:
             from .. import runtime

@@ -42,6 +42,13 @@ class LimitExceeded(DuetError):
     """A per-scientist limit (objects, bytes, queued actions) would be exceeded."""
 
 
+class BudgetExceeded(NotAllowed):
+    """A differentially private release would spend more privacy budget than is left.
+
+    Raised before anything is computed or charged; the normal approval path still exists.
+    """
+
+
 class RequestDenied(DuetError):
     """The owner denied a request. Carries the owner's reason."""
 

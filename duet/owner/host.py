@@ -23,6 +23,7 @@ from .. import identity as identity_mod
 from ..identity import HandshakeContext
 from .. import wire
 from ..errors import ConnectionLost, DuetError, LimitExceeded, NotAllowed, PairingError, RemoteError, RequestDenied
+from .privacy.privacy import Privacy
 from ..protocol import Msg, RequestKind, Status, error_to_wire, problem
 from ..session import Session
 from ..tables import html_table, text_table
@@ -777,6 +778,8 @@ class Owner:
         self.identity = identity or identity_mod.Identity.load_or_create()
         path = Path(audit_log) if audit_log is not None else identity_mod.config_dir() / "audit.jsonl"
         self.audit = AuditLog(path)
+        # The privacy ledger lives beside the audit log: one per owner, read back after a restart.
+        self.privacy = Privacy(path.with_name(path.stem + ".privacy-ledger.jsonl"), self.audit)
         self.store = AssetStore()
         self.requests = RequestQueue(self.audit, default_expiry=request_expiry)
         self.code: Optional[str] = None

@@ -220,6 +220,10 @@ FUNCTIONS.update(OPERATORS)
 FUNCTIONS.update(NUMPY_FUNCTIONS)
 FUNCTIONS.update({n: PLAIN for n in NN_MODULES | OPTIMIZERS | LR_SCHEDULERS})
 FUNCTIONS.update({"builtins.float": PLAIN, "builtins.int": PLAIN, "builtins.len": PLAIN})
+# Statistics with a differentially private release (scientist.dp.histogram, scientist.dp.quantile):
+# exact on the owner like any action; `.get(dp=epsilon)` releases them with noise.
+DP_QUERIES: FrozenSet[str] = frozenset({"duet.owner.privacy.queries.histogram", "duet.owner.privacy.queries.quantile"})
+FUNCTIONS.update({n: PLAIN for n in DP_QUERIES})
 
 # --- methods, by receiver kind ----------------------------------------------
 _TENSOR_METHODS_PLAIN = set(_ELEMENTWISE) | set(_REDUCTIONS) | set(_LINALG) | set(_SHAPE_COPY) | set(_LIKE) - {

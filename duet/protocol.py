@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Any, Dict, Mapping, Optional, Tuple, Type, Union
 
 from .errors import (
+    BudgetExceeded,
     ConnectionLost,
     DuetError,
     LimitExceeded,
@@ -56,6 +57,7 @@ class Msg:
     # owner -> scientist notices
     FAILED = "failed"  # an action without a reply failed: its result id and the error
     QUEUED = "queued"  # a release waits in the owner's queue: the request id there
+    PROGRESS = "progress"  # a long request (DP training) is this far: steps done of total
 
 
 class RequestKind:
@@ -67,6 +69,8 @@ class RequestKind:
     RELEASE = "release"  # an object's value: at once if public, else through the permission queue
     LOADER = "loader"  # open a remote loader over a dataset
     PING = "ping"  # a round trip: everything sent before it was handled
+    PRIVACY = "privacy"  # the scientist's own privacy budget and releases
+    DP_TRAIN = "dp_train"  # train a copy of a model with DP-SGD on a dataset; the result is a DP release
 
 
 class ActionKind:
@@ -102,7 +106,7 @@ _ID_LIST = (list,)
 # when present and not None it must have one of these types. "free" (ids freed on the way) may ride
 # on any scientist message.
 FIELDS: Mapping[str, Mapping[str, _Types]] = {
-    Msg.REQ: {"id": _INT, "kind": str, "obj": _INT, "name": str, "rid": _INT, "reason": str},
+    Msg.REQ: {"id": _INT, "kind": str, "obj": _INT, "name": str, "rid": _INT, "reason": str, "dp": (int, float)},
     Msg.REP: {"id": _INT, "ok": bool, "error": dict},
     Msg.HELLO: {"pub": bytes, "sig": bytes, "reason": str, "resume": bytes},
     Msg.WELCOME: {"pub": bytes, "sig": bytes, "approve": str, "resume": bytes, "resumed": bool},
@@ -120,6 +124,7 @@ FIELDS: Mapping[str, Mapping[str, _Types]] = {
     Msg.BATCH: {"loader": _INT, "rids": list},
     Msg.FAILED: {"rid": _INT, "error": dict},
     Msg.QUEUED: {"id": _INT, "request": _INT},
+    Msg.PROGRESS: {"id": _INT, "done": _INT, "total": _INT},
 }
 _RIDERS: Mapping[str, _Types] = {"free": _ID_LIST}
 
@@ -146,6 +151,7 @@ def problem(msg: Mapping[str, Any]) -> Optional[str]:
 
 _ERROR_TYPES: Dict[str, Type[DuetError]] = {  # most specific first: error_to_wire takes the first match
     "UnknownObject": UnknownObject,
+    "BudgetExceeded": BudgetExceeded,
     "NotAllowed": NotAllowed,
     "LimitExceeded": LimitExceeded,
     "ProtocolError": ProtocolError,

@@ -6,7 +6,7 @@ the other party and are shown as text, never markup.
 from __future__ import annotations
 
 import html
-from typing import Any, Optional, Sequence
+from typing import Any, List, Optional, Sequence
 
 from .text import clean
 
@@ -72,10 +72,12 @@ def human_bytes(n: Optional[int]) -> str:
 
 
 STORE_HEADERS = ["name", "description", "tags", "type", "shape", "dtype"]
+DP_HEADER = "differential privacy"
 
 
 def store_rows(listing: Sequence[dict]) -> list:
     """Rows of the store table, shared by the owner's and the scientist's view."""
+    with_dp = any(isinstance(a.get("dp"), dict) for a in listing)
     return [
         [
             a["name"],
@@ -84,6 +86,29 @@ def store_rows(listing: Sequence[dict]) -> list:
             a["type"],
             "×".join(str(s) for s in a["shape"]) if a["shape"] is not None else "",
             a["dtype"] or ("keys: " + ", ".join(map(str, a["keys"])) if a.get("keys") else ""),
-        ]
+        ] + ([dp_text(a.get("dp"))] if with_dp else [])
         for a in listing
     ]
+
+
+def store_headers(listing: Sequence[dict]) -> List[str]:
+    """The store table's columns: a privacy column only when an asset declares one."""
+    return STORE_HEADERS + ([DP_HEADER] if any(isinstance(a.get("dp"), dict) for a in listing) else [])
+
+
+def dp_text(dp: Any) -> str:
+    """An asset's DP declaration in a few words (from the listing, so both sides show the same)."""
+    if not isinstance(dp, dict):
+        return ""
+    if dp.get("unit") == "item":
+        return "one item per person (DP training)"
+    lo, hi = dp.get("lo") or [], dp.get("hi") or []
+    if not lo or len(lo) != len(hi):
+        return ""
+    if len(set(lo)) == 1 and len(set(hi)) == 1:
+        span = f"[{lo[0]:g}, {hi[0]:g}]"
+    else:
+        span = ", ".join(f"[{a:g}, {b:g}]" for a, b in list(zip(lo, hi))[:4]) + (", …" if len(lo) > 4 else "")
+    axis = dp.get("axis", 0)
+    missing = ", may be missing" if dp.get("missing") else ""
+    return f"bounds {span}{missing}, one {'row' if axis == 0 else f'slice of axis {axis}'} per person"

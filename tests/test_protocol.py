@@ -25,7 +25,7 @@ def test_the_owner_and_the_scientist_handle_every_message_meant_for_them(pair):
     to_owner = {Msg.REQ, Msg.CALL, Msg.PUT, Msg.FREE, Msg.REASON, Msg.MODEL, Msg.PLAN_DEF, Msg.PLAN_RUN, Msg.EPOCH, Msg.BATCH}
     assert set(conn._handlers) == to_owner
     assert set(conn._request_handlers) == protocol.REQUEST_KINDS
-    assert set(scientist._handlers) == {Msg.FAILED, Msg.QUEUED, Msg.WELCOME, Msg.REJECTED, Msg.BYE}
+    assert set(scientist._handlers) == {Msg.FAILED, Msg.QUEUED, Msg.WELCOME, Msg.REJECTED, Msg.BYE, Msg.PROGRESS}
 
 
 @pytest.mark.parametrize("msg, expect", [

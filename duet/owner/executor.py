@@ -51,6 +51,7 @@ from .effects import Observer, active, reads_watched
 from .footprint import Footprint, arrays_in, footprint, grad_of, ranges_overlap, structure, tensor_range, tensors_in
 from .objects import ObjectTable, RemoteObject
 from .opchain import OpChain
+from .privacy import facts
 from .randomness import ActionRandomness, Randomness
 
 log = logging.getLogger(__name__)
@@ -384,7 +385,9 @@ class Watch:
             obj = table.get(rid)
             members = [table.get(m) for m in obj.group.members if m in table]
             # Another pointer to the same object (any member of the group) must already know it too.
-            if flow.all <= obj.group.lineage and all(flow.meta <= m.meta for m in members):
+            # A group with DP facts is always watched: a write must drop them, whatever the lineage.
+            if flow.all <= obj.group.lineage and all(flow.meta <= m.meta for m in members) \
+                    and not table.has_facts(obj.group):
                 self.skipped.append(rid)
                 continue
             fp = footprint(obj.value)
@@ -578,8 +581,8 @@ class Executor:
         fn = _callable(kind, name, target, rng)
         dtypes = self._check_writes_by_position(fn, label, call_args, kw)  # decided by the program alone
         try:
-            return self._run_flow(rid, kind, name, label, entry, target, values, call_args, kw, input_ids, flow, rng,
-                                  fn, dtypes)
+            obj = self._run_flow(rid, kind, name, label, entry, target, values, call_args, kw, input_ids, flow, rng,
+                                 fn, dtypes, (args, kwargs))
         except Exception as exc:
             if not flow.private or isinstance(exc, UnknownObject):
                 raise
@@ -587,10 +590,33 @@ class Executor:
             # size, a dtype, a result's type): every failure on private inputs reads the same.
             log.warning("%s failed on private inputs", label, exc_info=True)  # the owner's log has the details
             raise withheld_failure(label) from None
+        return obj
+
+    def _fact_of(self, kind: str, name: str, args: List[Any], kwargs: Dict[str, Any], fn: Any,
+                 input_ids: List[int]) -> Tuple[Any, str]:
+        """What declared bounds say of the result (duet.owner.privacy.facts), from public facts only;
+        (None, "") when no input has a fact."""
+        inputs = [self.table.get(r) for r in input_ids if r in self.table]
+        if not any(o.dp is not None for o in inputs):
+            # Say why, when an input lost its fact (changed in place) or never had one for a reason.
+            return None, next((o.dp_why for o in inputs if o.dp_why and o.private), "")
+
+        def lookup(rid: int) -> Tuple[Any, bool, Any]:
+            o = self.table.get(rid)
+            return o.dp, o.private, o.value
+
+        try:
+            return facts.derive(kind, name, [facts.argument(a, lookup) for a in args],
+                                {k: facts.argument(v, lookup) for k, v in kwargs.items()}, fn)
+        except facts.Refused as exc:
+            return None, str(exc)
+        except Exception:  # a bug here must never cost the action: no fact, and the owner's log says why
+            log.warning("deriving the DP fact of %s failed", name, exc_info=True)
+            return None, "an internal error (see the owner's log)"
 
     def _run_flow(self, rid: Optional[int], kind: str, name: str, label: str, entry: Entry, target: Any,
                   values: List[Any], call_args: List[Any], kw: Dict[str, Any], input_ids: List[int], flow: Flow,
-                  rng: ActionRandomness, fn: Any, dtypes: List[Any]) -> Optional[RemoteObject]:
+                  rng: ActionRandomness, fn: Any, dtypes: List[Any], raw: Tuple[List[Any], Dict[str, Any]]) -> Optional[RemoteObject]:
         """The part of an action after its names are checked: sizes, the run, effects, the result."""
         bounds.check_dtype_arguments(dtypes)
         self._check_python(label, name, kind, call_args)
@@ -652,7 +678,10 @@ class Executor:
 
         if rid is None:
             return None
-        return self._store(rid, safe, flow, label, input_ids, predicted.description if not unpredicted else predicted)
+        fact, why = self._fact_of(kind, name, raw[0], raw[1], fn, input_ids)
+        obj = self._store(rid, safe, flow, label, input_ids, predicted.description if not unpredicted else predicted, fact)
+        obj.dp, obj.dp_why = fact, why
+        return obj
 
     # -- pieces of run ------------------------------------------------------------------
     def _apply_effects(self, watch: Optional[Watch], observer: Observer, flow: Flow, label: str, kind: str, fn: Any,
@@ -835,9 +864,15 @@ class Executor:
                 if o1.group is not o2.group and o1.footprint.intersects(o2.footprint):
                     self.table.merge([r1, r2])
 
-    def _store(self, rid: int, safe: Any, flow: Flow, label: str, input_ids: List[int], predicted: Any) -> RemoteObject:
+    def _store(self, rid: int, safe: Any, flow: Flow, label: str, input_ids: List[int], predicted: Any,
+               fact: Any = None) -> RemoteObject:
         value_lineage, meta_lineage = set(flow.all), set(flow.all)
-        if flow.all != flow.meta and predicted is not shapes.UNAVAILABLE:
+        if flow.all != flow.meta and predicted is shapes.UNAVAILABLE and fact is not None and facts.form_agrees(fact, safe):
+            # The facts module predicted the result's type, shape and dtype from public facts alone (the
+            # same call made on exemplars), as a shadow run would: its metadata is as public as theirs.
+            # Only its metadata: the values were not predicted.
+            meta_lineage = set(flow.meta)
+        elif flow.all != flow.meta and predicted is not shapes.UNAVAILABLE:
             try:
                 agrees = predicted == shapes.describe(safe)
             except Exception:

@@ -31,7 +31,9 @@ from ..text import clean
 from .audit import AuditLog
 from .connection_state import LIVE, ConnState, check as check_transition
 from . import frames, store as store_mod
-from .executor import Executor, type_name
+from .executor import Executor, type_name, withheld_failure
+from .privacy import facts, mechanisms
+from .privacy.ledger import Spend, check_epsilon
 from .objects import Budget, Limits, ObjectTable, RemoteObject
 from .requests import Request, RequestQueue, Requester
 from .store import AssetStore
@@ -100,6 +102,16 @@ def size_of(value: Any) -> tuple:
     return max(sum(p[0] for p in parts), 1), sum(p[1] for p in parts)
 
 
+def _shape_tuple(value: Any) -> Optional[Tuple[int, ...]]:
+    shape = getattr(value, "shape", None)
+    return tuple(int(s) for s in shape) if shape is not None else None
+
+
+def _dtype_text(value: Any) -> Optional[str]:
+    dtype = getattr(value, "dtype", None)
+    return str(dtype).replace("torch.", "") if dtype is not None else None
+
+
 def _length(value: Any) -> Optional[int]:
     if isinstance(value, (list, tuple)):
         return len(value)
@@ -146,6 +158,8 @@ class ScientistConnection:
             RequestKind.RELEASE: self._release,
             RequestKind.LOADER: lambda req_id, msg: self.session.reply(req_id, self.training.open_loader(msg)),
             RequestKind.PING: lambda req_id, _msg: self.session.reply(req_id, "pong"),
+            RequestKind.PRIVACY: self._privacy,
+            RequestKind.DP_TRAIN: self._dp_train,
         }
         self.failures: Dict[int, Dict[str, Any]] = {}
         self.connected_at = time.time()
@@ -154,7 +168,7 @@ class ScientistConnection:
         self.resume_token = secrets.token_bytes(16)
         self._left = False  # the scientist said goodbye: nothing to resume
         self._suspend_timer: Any = None
-        self._releases: Dict[int, Request] = {}  # object id -> its release request, until delivered
+        self._releases: Dict[Any, Request] = {}  # object id (or (id, "dp", epsilon)) -> its release request, until delivered
         # queue request id -> (session, request id there) to answer; a reply meant for a dropped
         # link waits for the scientist's next ask of the same object
         self._reply_to: Dict[int, Tuple[Session, int]] = {}
@@ -554,7 +568,9 @@ class ScientistConnection:
         # Numbers in a published list or dict are values; anything computed from the container could
         # carry them as if they were metadata (a shape, an index), so all of its metadata is private.
         meta = {name} if store_mod.holds_numbers(value) else set()
-        self.objects.put(rid, value, lineage={name}, ops=[name], meta=meta)
+        obj = self.objects.put(rid, value, lineage={name}, ops=[name], meta=meta)
+        if asset.privacy is not None:
+            obj.dp = facts.from_asset(asset, asset.privacy)
         self.session.reply(req_id, asset.public_info())
 
     def _meta(self, obj: RemoteObject) -> Dict[str, Any]:
@@ -576,10 +592,15 @@ class ScientistConnection:
             "metadata_private": not public,
             # How many values iterating gives (tuple and list items, a tensor's rows): as public as the shape.
             "length": _length(value) if public else None,
+            # Whether a release with dp= is possible, and why not: from declared facts only.
+            "dp": facts.describe(obj.dp, obj.dp_why),
         }
 
     def _release(self, req_id: int, msg: Dict[str, Any]) -> None:
         rid = msg.get("obj")
+        if msg.get("dp") is not None:
+            self._dp_release(req_id, msg)
+            return
         earlier = self._releases.get(rid) if isinstance(rid, int) else None
         if earlier is not None:  # asked again (e.g. after a resume): same request, same decision
             self._reply_to[earlier.id] = (self.session, req_id)
@@ -638,6 +659,142 @@ class ScientistConnection:
             except ConnectionLost:
                 pass
 
+    def _dp_release(self, req_id: int, msg: Dict[str, Any]) -> None:
+        """A differentially private release: charged to the scientist's budget, noisy, computed again
+        from the published asset; an owner rule with dp=True sends it at once, else the owner decides.
+
+        The budget is reserved before anything is computed (BudgetExceeded charges nothing), committed
+        when the value is sent, and refunded if the owner denies it or it expires.
+        """
+        rid, epsilon = msg.get("obj"), msg.get("dp")
+        key = (rid, "dp", epsilon)
+        earlier = self._releases.get(key)
+        if earlier is not None:  # asked again (a timed-out get, a resume): the same request, charged once
+            self._reply_to[earlier.id] = (self.session, req_id)
+            if earlier.pending:
+                self.session.send({"t": Msg.QUEUED, "id": req_id, "request": earlier.id})
+            else:
+                self._deliver(earlier)
+                self._drop_snapshot_if_done(earlier)
+            return
+        obj = self._object(rid)
+        if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)):
+            raise NotAllowed("dp= takes epsilon, a number > 0")
+        try:
+            epsilon = check_epsilon(epsilon)
+        except ValueError as exc:
+            raise NotAllowed(f"dp={epsilon!r}: {exc}") from None
+        if not obj.private:
+            raise NotAllowed("this value is not private: .get() it without dp=")
+        fact = obj.dp
+        if not isinstance(fact, facts.Aggregate):
+            why = facts.describe(fact, obj.dp_why).get("why")
+            raise NotAllowed(f"this value cannot be released with dp=: {why}")
+        try:
+            facts.check_sources(fact, self.owner.store)
+            plan = mechanisms.plan(fact, epsilon)
+        except (LookupError, mechanisms.Unreleasable) as exc:
+            raise NotAllowed(f"this value cannot be released with dp=: {exc}") from None
+        pending = sum(1 for r in self._releases.values() if r.pending)
+        if pending >= self.owner.limits.max_pending_releases:
+            raise LimitExceeded(f"too many releases waiting for the owner ({self.owner.limits.max_pending_releases}); "
+                                "wait for a decision")
+        assert self.requester is not None
+        what = f"{' → '.join(fact.ops)} ({plan.mechanism})"
+        reservation = self.owner.privacy.ledger.reserve(self.requester.fingerprint, Spend.laplace(epsilon), what)
+        try:
+            value = mechanisms.release(fact, plan)
+        except Exception:
+            reservation.refund()  # nothing was released; the failure itself is withheld below
+            log.warning("a DP release failed", exc_info=True)
+            raise withheld_failure("dp release") from None
+        numel, nbytes = size_of(value)
+        reason = clean(msg.get("reason") or "", newlines=True)
+        fields = {
+            "kind": "release", "requester": self.requester, "lineage": tuple(sorted(obj.lineage)),
+            "ops": tuple(fact.ops), "type_name": type_name(value), "shape": _shape_tuple(value), "dtype": _dtype_text(value),
+            "numel": numel, "nbytes": nbytes, "reason": reason, "value": value,
+            "dp_epsilon": epsilon, "dp_mechanism": plan.describe(),
+        }
+        self.objects.hold(nbytes)
+        was_decided = []
+
+        def decided(req: Request) -> None:
+            was_decided.append(True)
+            if req.status == Status.ACCEPTED:
+                reservation.commit()
+                req.dp_charge = {**plan.public(), **self._budget_left()}
+            else:
+                reservation.refund()
+            self._held.setdefault(req.id, nbytes)
+            self._deliver(req)
+            self._drop_snapshot_if_done(req)
+
+        req = self._submit(fields, decided, reply_to=req_id, obj=key)
+        if not was_decided:  # (a rule that decided inside submit already settled the snapshot's bytes)
+            self._held[req.id] = nbytes
+        if req.pending:
+            try:
+                self.session.send({"t": Msg.QUEUED, "id": req_id, "request": req.id})
+            except ConnectionLost:
+                pass
+
+    def _budget_left(self) -> Dict[str, float]:
+        assert self.requester is not None
+        s = self.owner.privacy.summary(self.requester.fingerprint)
+        return {"spent_epsilon": s["spent_epsilon"], "left_epsilon": s["left_epsilon"], "budget_epsilon": s["budget_epsilon"]}
+
+    def _privacy(self, req_id: int, _msg: Dict[str, Any]) -> None:
+        """The scientist's own budget and releases (never another scientist's)."""
+        if self.requester is None:
+            raise NotAllowed("not joined")
+        self.session.reply(req_id, self.owner.privacy.summary(self.requester.fingerprint))
+
+    def _dp_train(self, req_id: int, msg: Dict[str, Any]) -> None:
+        """DP-SGD on a copy of the scientist's model (duet.owner.privacy.training); the trained copy is
+        stored under `rid` as a public object: a differentially private release, charged up front."""
+        from .privacy import training as dp_training
+
+        if self.requester is None:
+            raise NotAllowed("not joined")
+        spec = dp_training.Spec.parse(msg)
+        rid, name = msg.get("rid"), msg.get("name")
+        if type(rid) is not int or rid < 0 or not isinstance(name, str):
+            raise NotAllowed("malformed DP training request")
+        model, optimizer = self._object(msg.get("model")), self._object(msg.get("optimizer"))
+        if not isinstance(model.value, torch.nn.Module) or not isinstance(optimizer.value, torch.optim.Optimizer):
+            raise NotAllowed("DP training takes a model you sent and an optimizer made on the owner")
+        if model.private or optimizer.private:
+            raise NotAllowed("DP training starts from a model and an optimizer of your own; these already derive from "
+                             f"private data ({', '.join(sorted(model.lineage | optimizer.lineage))})")
+        if name not in self.owner.store:
+            raise NotAllowed(f"no asset named {name!r} is published")
+        asset = self.owner.store.get(name)
+        if not asset.items_are_people:
+            raise NotAllowed(f"asset {name!r} is not published for DP training (the owner declares "
+                             'privacy_unit="item": one item per person)')
+        fingerprint = self.requester.fingerprint
+        budget = self.owner.privacy.ledger.budget_of(fingerprint)
+        what = f"DP-SGD on {name}: {spec.epochs} epoch(s), batch {spec.batch_size}"
+
+        def progress(done: int, total: int) -> None:
+            try:
+                self.session.send({"t": Msg.PROGRESS, "id": req_id, "done": done, "total": total})
+            except ConnectionLost:
+                pass
+
+        outcome = dp_training.train(
+            model.value, optimizer.value, asset.value, spec, budget.delta if budget else 0.0,
+            reserve=lambda spend: self.owner.privacy.ledger.reserve(fingerprint, spend, what),
+            randomness=self.executor.randomness.for_action(), progress=progress)
+        self.objects.put(rid, outcome.model, lineage=(), ops=["DP training"])
+        self.owner.audit.append("dp_training", scientist=self.requester.name, fingerprint=fingerprint, asset=name,
+                                epsilon=outcome.epsilon, delta=outcome.delta, steps=outcome.steps,
+                                sampling_rate=outcome.sampling_rate, noise_multiplier=outcome.noise_multiplier)
+        self.session.reply(req_id, {"epsilon": outcome.epsilon, "delta": outcome.delta, "steps": outcome.steps,
+                                    "sampling_rate": outcome.sampling_rate, "noise_multiplier": outcome.noise_multiplier,
+                                    "seconds": outcome.seconds, **self._budget_left()})
+
     def _amend_reason(self, msg: Dict[str, Any]) -> None:
         """A new reason for a release still waiting (asked again after a timed-out get); decided ones stay."""
         rid, reason = msg.get("obj"), msg.get("reason")
@@ -652,7 +809,7 @@ class ScientistConnection:
             if n:
                 self.objects.hold(-n)
 
-    def _submit(self, fields: Dict[str, Any], on_decided: Callable[[Request], None], reply_to: int, obj: int) -> Request:
+    def _submit(self, fields: Dict[str, Any], on_decided: Callable[[Request], None], reply_to: int, obj: Any) -> Request:
         """Queue a release request, remembered per object until its outcome reaches the scientist."""
         session = self.session
 
@@ -687,12 +844,13 @@ class ScientistConnection:
             self._delivered.pop(next(iter(self._delivered)))
         self._releases = {k: v for k, v in self._releases.items() if v is not req}
         if req.status == Status.ACCEPTED:
-            self._send_release(req_id, req.value, request=req, private=True)
+            self._send_release(req_id, req.value, request=req, private=True, dp=req.dp_charge)
             req.value = None
         else:
             self.session.reply(req_id, error=RequestDenied(req.deny_reason, req.id))
 
-    def _send_release(self, req_id: int, value: Any, request: Optional[Request], private: bool) -> None:
+    def _send_release(self, req_id: int, value: Any, request: Optional[Request], private: bool,
+                      dp: Optional[Dict[str, Any]] = None) -> None:
         payload = wire.encode(value)
         digest = hashlib.sha256(payload).hexdigest()
         self.owner.audit.append(
@@ -704,8 +862,9 @@ class ScientistConnection:
             assets=list(request.lineage) if request else [],
             sha256=digest,
             bytes=len(payload),
+            **({"dp_epsilon": dp["epsilon"]} if dp else {}),
         )
-        self.session.reply(req_id, {"encoded": payload, "sha256": digest})
+        self.session.reply(req_id, {"encoded": payload, "sha256": digest, **({"dp": dp} if dp else {})})
 
     @property
     def route(self) -> Any:

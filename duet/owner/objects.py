@@ -50,6 +50,10 @@ class RemoteObject:
     meta: Set[str]  # assets its metadata may depend on
     nbytes: int
     footprint: Footprint
+    # What declared bounds say of this value, for differentially private releases
+    # (duet.owner.privacy.facts): a Rows or Aggregate fact, or None with the reason in dp_why.
+    dp: Any = None
+    dp_why: str = ""
 
     @property
     def shape_public(self) -> bool:
@@ -195,10 +199,19 @@ class ObjectTable:
         objs = [self._objects[r] for r in rids if r in self._objects]
         for group in _unique_groups(o.group for o in objs):
             group.absorb(lineage, ops)
-            if meta:
-                for member in group.members:
-                    if member in self._objects:
-                        self._objects[member].meta |= meta
+            for member in group.members:
+                obj = self._objects.get(member)
+                if obj is None:
+                    continue
+                if meta:
+                    obj.meta |= meta
+                if obj.dp is not None:  # its values may have changed: the recorded steps no longer say what it holds
+                    obj.dp = None
+                    obj.dp_why = "it was changed in place (or may have been) after it was computed"
+
+    def has_facts(self, group: Group) -> bool:
+        """Whether a member of this group carries a DP fact (so any write to the group must be seen)."""
+        return any(self._objects[m].dp is not None for m in group.members if m in self._objects)
 
     def merge(self, rids: Iterable[int]) -> None:
         """These objects may now share state: one group from here on."""

@@ -51,6 +51,11 @@ class Request:
     deny_reason: str = ""
     amendments: int = 0  # new reasons the scientist gave while it waited (at most MAX_AMENDMENTS)
     decided_at: Optional[float] = None
+    # A differentially private release: its epsilon and mechanism (None for an exact value), and
+    # once sent, what the scientist is told of the charge.
+    dp_epsilon: Optional[float] = None
+    dp_mechanism: str = ""
+    dp_charge: Optional[Dict[str, Any]] = field(default=None, repr=False)
     value: Any = field(default=None, repr=False)
     _queue: Optional["RequestQueue"] = field(default=None, repr=False)
     _on_decided: Optional[Callable[["Request"], None]] = field(default=None, repr=False)
@@ -90,13 +95,14 @@ class Request:
             "numel": self.numel,
             "nbytes": self.nbytes,
             "reason": self.reason,
+            **({"dp_epsilon": self.dp_epsilon} if self.dp_epsilon is not None else {}),
         }
 
     def _row(self) -> List[Any]:
         shape = "×".join(str(s) for s in self.shape) if self.shape is not None else ""
         return [
             self.id,
-            self.kind,
+            self.kind + (f" (DP, ε {self.dp_epsilon:g})" if self.dp_epsilon is not None else ""),
             f"{self.requester.name} ({self.requester.fingerprint[:19]})",
             ", ".join(self.lineage),
             describe_ops(self.ops, width=120),
@@ -126,9 +132,12 @@ class Rule:
     max_elements: Optional[int] = None
     scientist: Optional[str] = None
     reason: str = ""
+    dp: Optional[bool] = None  # True: differentially private releases only; False: exact ones only
 
     def matches(self, req: Request) -> bool:
         if req.kind not in self.kinds:
+            return False
+        if self.dp is not None and (req.dp_epsilon is not None) != self.dp:
             return False
         if self.datasets is not None and not set(req.lineage) <= set(self.datasets):
             return False
@@ -140,6 +149,8 @@ class Rule:
 
     def describe(self) -> str:
         parts = [f"{self.action} {'/'.join(self.kinds)}"]
+        if self.dp is not None:
+            parts.append("with dp= (within the scientist's budget)" if self.dp else "without dp=")
         if self.datasets is not None:
             parts.append(f"of {', '.join(self.datasets) or 'no assets'} only")
         if self.max_elements is not None:
@@ -242,11 +253,15 @@ class RequestQueue:
         max_elements: Optional[int] = None,
         scientist: Optional[str] = None,
         reason: str = "",
+        dp: Optional[bool] = None,
     ) -> Rule:
         """Decide future (and pending) requests automatically.
 
         `datasets`: every asset in the request's lineage must be one of these.
         `scientist`: a key fingerprint, as shown in the queue.
+        `dp`: True matches only differentially private releases (`.get(dp=epsilon)`, each already
+        charged to the scientist's budget, so `add_handler(action="accept", dp=True)` sends them
+        at once); False only exact ones; None both.
         """
         if action not in ("accept", "deny"):
             raise ValueError("action must be 'accept' or 'deny'")
@@ -256,6 +271,8 @@ class RequestQueue:
                 raise ValueError(f"unknown request kind {k!r}; kinds are {', '.join(KINDS)}")
         if max_elements is not None and (not isinstance(max_elements, int) or max_elements < 0):
             raise ValueError("max_elements must be a non-negative int")
+        if dp is not None and not isinstance(dp, bool):
+            raise ValueError("dp must be True, False or None")
         rule = Rule(
             action=action,
             kinds=kinds,
@@ -263,6 +280,7 @@ class RequestQueue:
             max_elements=max_elements,
             scientist=scientist,
             reason=reason,
+            dp=dp,
         )
         with self._lock:
             self._rules.append(rule)

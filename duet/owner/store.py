@@ -10,8 +10,9 @@ import torch
 
 from .. import containers
 from ..text import is_clean
-from ..tables import STORE_HEADERS, html_table, store_rows, text_table
+from ..tables import html_table, store_headers, store_rows, text_table
 from . import frames
+from .privacy.facts import Declared, declare
 
 MAX_NAME = 64
 MAX_PYTHON_ITEMS = 1_000_000  # numbers in a published list or dict, all levels together
@@ -91,9 +92,13 @@ class Asset:
     """A published value. Its name, description, tags, type, shape and dtype are public; its values are not."""
 
     name: str
-    value: Any
+    value: Any = field(repr=False)  # never in a repr: reprs reach logs
     description: str = ""
     tags: Tuple[str, ...] = field(default_factory=tuple)
+    # Differential privacy: declared bounds and unit axis (tensors, arrays), or one item per
+    # person (datasets, for DP training). Declarations, not data: they are shown to scientists.
+    privacy: Optional[Declared] = None
+    items_are_people: bool = False
 
     @property
     def type_name(self) -> str:
@@ -126,7 +131,16 @@ class Asset:
             "dtype": self.dtype,
             **frames.listing(self.value),  # a frame's column names and dtypes
             **({"keys": list(self.value)} if isinstance(self.value, dict) else {}),  # like a frame's column names
+            **({"dp": self.privacy.public()} if self.privacy is not None else {}),
+            **({"dp": {"unit": "item"}} if self.items_are_people else {}),
         }
+
+    @property
+    def dp_text(self) -> str:
+        """The DP declaration in a few words, for listings."""
+        if self.privacy is not None:
+            return self.privacy.describe()
+        return "one item per person" if self.items_are_people else ""
 
 
 SUPPORTED = (torch.Tensor, np.ndarray)
@@ -140,9 +154,19 @@ class AssetStore:
         self._lock = threading.Lock()
         self._listeners: List[Any] = []
 
-    def add(self, value: Any, name: str, description: str = "", tags: Sequence[str] = ()) -> Asset:
-        """Publish a tensor, array, dataset, DataFrame or Python numbers/lists/dicts under a display name."""
+    def add(self, value: Any, name: str, description: str = "", tags: Sequence[str] = (), *,
+            bounds: Any = None, privacy_unit: Any = None, missing: bool = False) -> Asset:
+        """Publish a tensor, array, dataset, DataFrame or Python numbers/lists/dicts under a display name.
+
+        Differential privacy (optional): `bounds=(lo, hi)` (or one `(lo, hi)` per column) declares
+        the range of every value of a tensor or array, so aggregates of it can be released with
+        noise (`pointer.get(dp=epsilon)`); values outside the bounds are refused here, and so is
+        NaN unless `missing=True` says values may be missing. The unit of privacy is one row
+        (`privacy_unit="row"`, or an axis number for another axis). For a dataset,
+        `privacy_unit="item"` declares one item per person, for DP training.
+        """
         check_name(name)
+        declared, items_are_people = _privacy_declaration(value, bounds, privacy_unit, missing)
         if is_python_value(value):
             check_python_value(value)
         elif frames.kind(value) is not None:
@@ -153,7 +177,8 @@ class AssetStore:
             )
         if isinstance(value, np.ndarray) and value.dtype.kind not in "biufc":
             raise TypeError(f"cannot publish an array of dtype {value.dtype}: only numeric arrays")
-        asset = Asset(name=name, value=value, description=str(description), tags=tuple(str(t) for t in tags))
+        asset = Asset(name=name, value=value, description=str(description), tags=tuple(str(t) for t in tags),
+                      privacy=declared, items_are_people=items_are_people)
         with self._lock:
             if name in self._assets:
                 raise ValueError(f"an asset named {name!r} is already published; remove it first")
@@ -208,10 +233,30 @@ class AssetStore:
         return store_rows(self.listing())
 
     def __repr__(self) -> str:
-        return text_table(STORE_HEADERS, self._rows(), title="Published assets")
+        return text_table(store_headers(self.listing()), self._rows(), title="Published assets")
 
     def _repr_html_(self) -> str:
-        return html_table(STORE_HEADERS, self._rows(), title="Published assets")
+        return html_table(store_headers(self.listing()), self._rows(), title="Published assets")
+
+
+def _privacy_declaration(value: Any, bounds: Any, unit: Any, missing: bool) -> Tuple[Optional[Declared], bool]:
+    """Check an owner's DP declaration (TypeError or ValueError for the owner; nothing is published)."""
+    if unit == "item":
+        if bounds is not None or not _is_dataset(value) or isinstance(value, (torch.Tensor, np.ndarray)):
+            raise ValueError('privacy_unit="item" is for datasets (one item per person); '
+                             "a tensor or array declares bounds= instead")
+        return None, True
+    if bounds is None:
+        if unit is not None or missing:
+            raise ValueError("privacy_unit and missing need bounds= (the range of every value) for a tensor or array")
+        return None, False
+    if unit is None or unit == "row":
+        axis = 0
+    elif isinstance(unit, int) and not isinstance(unit, bool):
+        axis = unit
+    else:
+        raise ValueError('privacy_unit must be "row", an axis number, or "item" (datasets)')
+    return declare(value, bounds, axis, missing=bool(missing)), False
 
 
 def _is_dataset(value: Any) -> bool:

@@ -20,7 +20,7 @@ from .. import allowlist, identity as identity_mod, runtime, wire
 from ..errors import ConnectionLost, NotAllowed, PairingError, ProtocolError, RequestDenied, RequestTimeout
 from ..protocol import Msg, RequestKind, error_from_wire, problem
 from ..session import Session
-from ..tables import STORE_HEADERS, html_table, store_rows, text_table
+from ..tables import html_table, store_headers, store_rows, text_table
 from . import devices
 from .pointer import Pointer, RefErrors, refs_in
 from .requests import RequestHandle, RequestList
@@ -181,10 +181,10 @@ class StoreView:
         return name in self.keys()
 
     def __repr__(self) -> str:
-        return text_table(STORE_HEADERS, store_rows(self.listing()), title="Owner's published assets")
+        return text_table(store_headers(listing := self.listing()), store_rows(listing), title="Owner's published assets")
 
     def _repr_html_(self) -> str:
-        return html_table(STORE_HEADERS, store_rows(self.listing()), title="Owner's published assets")
+        return html_table(store_headers(listing := self.listing()), store_rows(listing), title="Owner's published assets")
 
 
 class Scientist:
@@ -202,6 +202,9 @@ class Scientist:
         self.store = StoreView(self)
         self.torch = RemoteNamespace(self, "torch")
         self.numpy = RemoteNamespace(self, "numpy")
+        from .dp import DPNamespace
+
+        self.dp = DPNamespace(self)  # differentially private statistics and training
         self._rids = itertools.count(1)
         self._to_free: List[int] = []
         self._free_timer_set = False
@@ -221,8 +224,9 @@ class Scientist:
         # What each message from the owner does (see duet.protocol).
         self._handlers: Dict[str, Any] = {
             Msg.FAILED: self._on_failed, Msg.QUEUED: self._on_queued, Msg.WELCOME: self._on_welcome,
-            Msg.REJECTED: self._on_rejected, Msg.BYE: self._on_bye,
+            Msg.REJECTED: self._on_rejected, Msg.BYE: self._on_bye, Msg.PROGRESS: self._on_progress,
         }
+        self._progress: Dict[int, Any] = {}  # request id -> callback(done, total), for long requests
         session.set_handler(self._on_message)
         session.on_close(self._on_close)
 
@@ -298,6 +302,15 @@ class Scientist:
                         self._early_queued.pop(next(iter(self._early_queued)))
             if handle is not None:
                 self._note_queued(handle, owner_id)
+
+    def _on_progress(self, msg: Dict[str, Any]) -> None:
+        callback = self._progress.get(msg.get("id"))  # type: ignore[arg-type]
+        done, total = msg.get("done"), msg.get("total")
+        if callback is not None and isinstance(done, int) and isinstance(total, int):
+            try:
+                callback(done, total)
+            except Exception:
+                log.debug("a progress callback failed", exc_info=True)
 
     def _on_welcome(self, msg: Dict[str, Any]) -> None:
         if not self._welcome.done():
@@ -447,12 +460,15 @@ class Scientist:
         self._check_failed(ptr)
         return self.session.call({"kind": RequestKind.META, "obj": ptr._rid}, timeout or DEFAULT_TIMEOUT, f"metadata of {ptr!r}")
 
-    def _request_release(self, ptr: Pointer, reason: str, decode: Any = None) -> RequestHandle:
+    def _request_release(self, ptr: Pointer, reason: str, decode: Any = None, dp: Optional[float] = None) -> RequestHandle:
         self._check_failed(ptr)
         if not isinstance(reason, str):
             raise TypeError("reason must be a string")
-        fut = self.session.request({"kind": RequestKind.RELEASE, "obj": ptr._rid, "reason": reason})
-        handle = RequestHandle(ptr._label, reason, fut, decode or self._decode_release)
+        msg: Dict[str, Any] = {"kind": RequestKind.RELEASE, "obj": ptr._rid, "reason": reason}
+        if dp is not None:
+            msg["dp"] = float(dp)
+        fut = self.session.request(msg)
+        handle = RequestHandle(ptr._label, reason, fut, decode or self._decode_release, dp=dp)
         with self._handles_lock:
             self._handles[fut.request_id] = handle  # type: ignore[attr-defined]
             early = self._early_queued.pop(fut.request_id, None)  # type: ignore[attr-defined]
@@ -504,6 +520,13 @@ class Scientist:
             first, self._orphan_errors = self._orphan_errors[0], []
             raise first
         return elapsed
+
+    @property
+    def privacy(self) -> Any:
+        """Your privacy budget with this owner: spent, left, and each differentially private release."""
+        from .dp import privacy_of
+
+        return privacy_of(self, DEFAULT_TIMEOUT)
 
     # -- lifecycle ----------------------------------------------------------------------
     @property

@@ -37,7 +37,7 @@ def _refuse(what: str) -> TypeError:
 class Pointer:
     """A reference to an object on the owner."""
 
-    __slots__ = ("_client", "_rid", "_label", "_handle", "_kind", "_length", "__weakref__")
+    __slots__ = ("_client", "_rid", "_label", "_handle", "_dp_handle", "_kind", "_length", "__weakref__")
 
     if TYPE_CHECKING:  # the operators are installed below the class; these stubs tell type checkers
         def __add__(self, other: Any) -> "Pointer": ...
@@ -97,6 +97,7 @@ class Pointer:
         self._rid = rid
         self._label = label
         self._handle: Optional["RequestHandle"] = None
+        self._dp_handle: Optional["RequestHandle"] = None  # the latest differentially private release
         # What is known here without asking the owner: the receiver kind of the allowlist
         # ("Tensor", "Module", ...) and, for a tuple or list result, its length.
         self._kind = kind
@@ -120,8 +121,15 @@ class Pointer:
     __hash__ = object.__hash__
 
     # -- values leave only through requests ----------------------------------------
-    def request(self, reason: str = "") -> "RequestHandle":
-        """Ask the owner to release this value; returns at once with a handle."""
+    def request(self, reason: str = "", dp: Optional[float] = None) -> "RequestHandle":
+        """Ask the owner to release this value; returns at once with a handle.
+
+        `dp=epsilon`: a differentially private release instead: noise from the owner's declared
+        bounds, charged to your privacy budget (`scientist.privacy`); an owner rule may send it
+        without a human decision. Each such request is a new noisy value and a new charge.
+        """
+        if dp is not None:
+            return self._request_dp(reason, dp)
         handle = self._handle
         if handle is not None and not handle.delivered and handle.status != "failed":
             # e.g. a get() that timed out: wait for the same request, with the new reason if one is given
@@ -132,13 +140,27 @@ class Pointer:
         self._handle.progress_source = getattr(self._client.session, "transport", None)
         return self._handle
 
+    def _request_dp(self, reason: str, epsilon: float) -> "RequestHandle":
+        if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not epsilon > 0:
+            raise ValueError("dp= takes epsilon, a number > 0 (smaller: more noise, less privacy spent)")
+        handle = self._dp_handle
+        if handle is not None and not handle.delivered and handle.status != "failed" and handle.dp == epsilon:
+            return handle  # a timed-out get(dp=...): wait for the same request, charged once
+        self._dp_handle = self._client._request_release(self, reason, dp=float(epsilon))
+        self._dp_handle.progress_source = getattr(self._client.session, "transport", None)
+        return self._dp_handle
+
     def _decoder(self) -> Optional[Callable[[Any], Any]]:
         """How a released value is decoded (None: as plain data); a sent model's pointer rebuilds the model."""
         return None
 
-    def get(self, reason: str = "", timeout: Optional[float] = None) -> Any:
-        """The value, once the owner approves (at once for values of your own)."""
-        return self.request(reason).wait(timeout)
+    def get(self, reason: str = "", timeout: Optional[float] = None, dp: Optional[float] = None) -> Any:
+        """The value, once the owner approves (at once for values of your own).
+
+        `dp=epsilon` asks for a differentially private release (see `request`); the handle's
+        `.charge` (`pointer.request(dp=...).charge`) says what it cost.
+        """
+        return self.request(reason, dp=dp).wait(timeout)
 
     def meta(self, timeout: Optional[float] = None) -> Dict[str, Any]:
         """Type, shape (when not data dependent), dtype, and lineage, from the owner."""

@@ -5,7 +5,7 @@ import asyncio
 import contextlib
 import concurrent.futures
 import time
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Dict, Iterator, Optional
 
 from ..errors import RequestDenied, RequestTimeout
 from ..protocol import Status
@@ -19,9 +19,12 @@ HEADERS = ["pointer", "reason", "status", "owner request"]
 class RequestHandle:
     """A request to release a value. `.status`, `.wait(timeout)`, or `await handle`."""
 
-    def __init__(self, label: str, reason: str, future: "concurrent.futures.Future[Any]", decode: Callable[[Any], Any]) -> None:
+    def __init__(self, label: str, reason: str, future: "concurrent.futures.Future[Any]", decode: Callable[[Any], Any],
+                 dp: Optional[float] = None) -> None:
         self.label = label
         self.reason = reason
+        self.dp = dp  # the epsilon asked for, for a differentially private release
+        self.charge: Optional[Dict[str, Any]] = None  # what a DP release cost, once it arrived
         self.created = time.time()
         self.owner_request_id: Optional[int] = None
         self._future = future
@@ -64,6 +67,8 @@ class RequestHandle:
             self.delivered = True
             raise
         if not self._decoded:
+            if isinstance(raw, dict) and isinstance(raw.get("dp"), dict):
+                self.charge = {k: v for k, v in raw["dp"].items() if isinstance(k, str) and isinstance(v, (int, float, str))}
             self._value = self._decode(raw)
             self._decoded = True
         self.delivered = True
@@ -77,10 +82,24 @@ class RequestHandle:
         return waiter().__await__()
 
     def _row(self) -> list:
-        return [self.label, self.reason, self.status, self.owner_request_id or ""]
+        label = self.label + (f" (DP, ε {self.dp:g})" if self.dp is not None else "")
+        return [label, self.reason, self.status, self.owner_request_id or ""]
+
+    def charge_text(self) -> str:
+        """What a differentially private release cost: '' for an exact one or before it arrived."""
+        c = self.charge
+        if not c:
+            return ""
+        text = f"charged ε {c.get('epsilon', 0):g}"
+        if isinstance(c.get("left_epsilon"), (int, float)):
+            text += f"; {c['left_epsilon']:.4g} of ε {c.get('budget_epsilon', 0):g} left"
+        if isinstance(c.get("noise_std"), (int, float)):
+            text += f"; noise std ≈ {c['noise_std']:.3g}"
+        return text
 
     def __repr__(self) -> str:
-        return f"<Request for {self.label}: {self.status}>"
+        charge = self.charge_text()
+        return f"<Request for {self.label}: {self.status}{'; ' + charge if charge else ''}>"
 
     def _repr_html_(self) -> str:
         return html_table(HEADERS, [self._row()])

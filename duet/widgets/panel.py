@@ -20,7 +20,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any, Callable, Dict, List
 
-from ..tables import STORE_HEADERS, html_table, store_rows, text_table
+from ..tables import html_table, store_headers, store_rows, text_table
 from . import common
 from .approval import HISTORY_HEADERS, HISTORY_SHOWN, STYLE, history_rows, preview_html, request_html, request_text
 from .common import esc
@@ -275,7 +275,7 @@ class OwnerPanel:
             self.scientists_html.value = "<div class='duet-panel'>" + html_table(
                 SCIENTIST_HEADERS, owner._rows(), title="Connected scientists") + "</div>"
             self.assets_html.value = "<div class='duet-panel'>" + html_table(
-                STORE_HEADERS, store_rows(owner.store.listing()), title="Published assets") + "</div>"
+                store_headers(owner.store.listing()), store_rows(owner.store.listing()), title="Published assets") + "</div>"
 
             pending = owner.requests.pending
             self.pending_title.value = f"<b>Pending requests ({len(pending)})</b>" + (
@@ -349,7 +349,7 @@ class OwnerPanel:
         lines.extend(f"Could not connect to {who}: {why}" for who, why in _recent_failures(owner))
         parts = ["\n".join(lines),
                  text_table(SCIENTIST_HEADERS, owner._rows(), title="Connected scientists"),
-                 text_table(STORE_HEADERS, store_rows(owner.store.listing()), title="Published assets")]
+                 text_table(store_headers(owner.store.listing()), store_rows(owner.store.listing()), title="Published assets")]
         pending = owner.requests.pending
         parts.append(f"Pending requests ({len(pending)})" + ("" if pending else "\n(none)"))
         parts.extend(request_text(r) for r in pending)

@@ -7,10 +7,11 @@ Why each rule:
   one left open by a crash stays spent (when in doubt, charge).
 - Append-only JSON lines, each flushed and fsync'd before the spend it records is used, so a
   restarted owner reads back exactly the ledger it had.
-- Composition by Google's dp-accounting: pure-epsilon spends (Laplace) add up (basic composition,
-  exact); once an approximate spend (DP-SGD) is in, everything is composed with the PLD accountant
-  at the budget's delta. Spends are composed in a canonical order, so the charge of a set of
-  queries never depends on the order they came in.
+- Composition by Google's dp-accounting: pure-epsilon spends (discrete Laplace) add up (basic
+  composition, exact); once an approximate spend (DP-SGD) is in, everything is composed as privacy
+  loss distributions at the budget's delta. Spends are composed in a canonical order, so the charge
+  of a set of queries never depends on the order they came in.
+- The unit of privacy is one row, replaced: the number of rows is public (Duet shows shapes).
 """
 from __future__ import annotations
 
@@ -100,23 +101,30 @@ def check_epsilon(epsilon: Any) -> float:
 
 
 def compose(spends: Iterable[Spend], delta: float) -> Tuple[float, float]:
-    """(epsilon, delta) of all these spends together; pure spends alone compose exactly to (sum, 0)."""
+    """(epsilon, delta) of all these spends together; pure spends alone compose exactly to (sum, 0).
+
+    Neighbouring datasets differ in one row, replaced (the row count is public, as Duet shows
+    shapes): dp-accounting's privacy loss distributions with the REPLACE_ONE relation, a pure
+    epsilon spend taken as the worst epsilon-DP mechanism (`from_privacy_parameters`) and a DP-SGD
+    run as a Poisson-subsampled Gaussian composed over its steps.
+    """
     ordered = sorted(spends, key=lambda s: (s.kind, s.epsilon, s.sampling_rate, s.noise_multiplier, s.steps))
     if all(s.pure for s in ordered):
         return math.fsum(s.epsilon for s in ordered), 0.0
     if delta <= 0:
         return math.inf, 0.0  # an approximate spend needs a budget with delta > 0
-    import dp_accounting
-    from dp_accounting.pld import PLDAccountant
+    from dp_accounting import NeighboringRelation
+    from dp_accounting.pld import common, privacy_loss_distribution as pld
 
-    accountant = PLDAccountant()
+    total: Any = None
     for s in ordered:
         if s.pure:
-            accountant.compose(dp_accounting.LaplaceDpEvent(1.0 / s.epsilon))
+            part = pld.from_privacy_parameters(common.DifferentialPrivacyParameters(s.epsilon, 0.0))
         else:
-            accountant.compose(dp_accounting.PoissonSampledDpEvent(
-                s.sampling_rate, dp_accounting.GaussianDpEvent(s.noise_multiplier)), s.steps)
-    return float(accountant.get_epsilon(delta)), delta
+            part = pld.from_gaussian_mechanism(s.noise_multiplier, sampling_prob=s.sampling_rate,
+                                               neighboring_relation=NeighboringRelation.REPLACE_ONE).self_compose(s.steps)
+        total = part if total is None else total.compose(part)
+    return float(total.get_epsilon_for_delta(delta)), delta
 
 
 @dataclass

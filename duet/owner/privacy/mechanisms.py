@@ -89,25 +89,27 @@ def plan(fact: Aggregate, epsilon: float) -> Plan:
     if fact.kind == "mean" and fact.count == 0:
         raise Unreleasable("a mean of no values")
     if fact.kind == "count_nonzero":
-        width, integral = np.ones_like(rows.lo), True
+        width, integral, reach = np.ones_like(rows.lo), True, 1.0
     else:
         lo, hi = _clamp_range(fact)
         width, integral = hi - lo, rows.integral
+        reach = float(np.max(np.maximum(np.abs(lo), np.abs(hi)), initial=0.0))
     per_row = float(np.sum(width))  # how far one row can move the sum (L1), in the value's units
     if integral or per_row == 0:
         grid = 1.0
-    else:
-        grid = 2.0 ** (math.floor(math.log2(per_row / epsilon)) - GRID_BITS)
+    else:  # 2^-GRID_BITS of the noise scale (per_row / epsilon), in logs: no underflow for tiny bounds
+        grid = 2.0 ** max(math.floor(math.log2(per_row) - math.log2(epsilon)) - GRID_BITS, -1000)
+    if reach > 0:  # bounds must be exact on the grid: |bound| / grid stays within float64's integers
+        grid = max(grid, 2.0 ** (math.ceil(math.log2(reach)) - 52))
     if fact.kind == "count_nonzero":
-        sens, magnitude = rows.slice_size, float(rows.slice_size)
+        sens = rows.slice_size
     else:
         lo, hi = _clamp_range(fact)
-        ilo, ihi = np.floor(lo / grid), np.ceil(hi / grid)
-        sens = int(np.sum(ihi - ilo))
-        magnitude = float(np.sum(np.maximum(np.abs(ilo), np.abs(ihi))))
-    # The grid depends on the declared facts and epsilon only; the exact sum must then fit.
-    if rows.rows * magnitude >= MAX_EXACT:
-        raise Unreleasable("the bounds are too wide for an exact sum at this epsilon; narrow them (clamp)")
+        sens = int(np.sum(np.ceil(hi / grid) - np.floor(lo / grid)))
+    # Each element is summed as its distance from its lower bound, in grid steps (0 ... its width),
+    # so the exact sum fits whatever the offset; the grid depends on declared facts and epsilon only.
+    if rows.rows * max(sens, 1) >= MAX_EXACT:
+        raise Unreleasable("too many rows for an exact sum at these bounds and epsilon; narrow the bounds (clamp)")
     unit = grid * abs(fact.scale) / (fact.count if fact.kind == "mean" else 1)
     return Plan("discrete Laplace", epsilon, grid, sens, _scale(sens, epsilon), unit)
 
@@ -170,11 +172,21 @@ def release(fact: Aggregate, plan: Plan) -> Any:
     if fact.kind == "histogram":
         assert fact.edges is not None and isinstance(live, tuple)
         return _like(live[0], _laplace(total, plan)), _like(live[1], fact.edges)
-    noisy = _laplace(np.asarray(total), plan).astype(np.float64) * plan.grid
+    noisy = _laplace(total, plan).astype(np.float64) * plan.grid + _offset(fact, plan)
     if fact.kind == "mean":
         noisy = noisy / fact.count
     noisy = noisy * fact.scale + fact.shift
     return _like(live, noisy)
+
+
+def _offset(fact: Aggregate, plan: Plan) -> np.ndarray:
+    """What the lower bounds add to each output coordinate (public: declared bounds and shapes)."""
+    if fact.kind == "count_nonzero":
+        return np.zeros(())
+    lo, _hi = _clamp_range(fact)
+    steps = np.floor(lo / plan.grid) * plan.grid
+    full = tuple(fact.rows.rows if i == fact.rows.axis else s for i, s in enumerate(lo.shape))
+    return np.sum(np.broadcast_to(steps, full), axis=fact.dims)
 
 
 def exact_total(fact: Aggregate, plan: Plan, values: np.ndarray) -> np.ndarray:
@@ -194,7 +206,8 @@ def exact_total(fact: Aggregate, plan: Plan, values: np.ndarray) -> np.ndarray:
     else:
         lo, hi = _clamp_range(fact)
         clamped = np.clip(np.nan_to_num(values, nan=0.0), lo, hi)
-        ints = np.clip(np.rint(clamped / plan.grid), np.floor(lo / plan.grid), np.ceil(hi / plan.grid)).astype(np.int64)
+        low, high = np.floor(lo / plan.grid), np.ceil(hi / plan.grid)
+        ints = (np.clip(np.rint(clamped / plan.grid), low, high) - low).astype(np.int64)  # 0 ... width, per element
     return np.asarray(ints.sum(axis=fact.dims, dtype=np.int64))
 
 

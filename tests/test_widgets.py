@@ -401,3 +401,41 @@ def test_get_status_follows_the_owners_queue_notice(monkeypatch):
     t.join(10)
     assert seen == ["Waiting for the owner to approve mean(ages) (owner's request #3)…"]
     assert shown[0].state == "done" and handle.on_change is None
+
+
+# -- differential privacy ------------------------------------------------------------------------
+@pytest.fixture
+def dp_owner_pair(tmp_path):
+    owner, scientist = duet.local_pair(audit_log=tmp_path / "audit.jsonl", owner_name="St. Mary's", scientist_name="Dr. Lee")
+    owner.store.add(torch.tensor([31.0, 45.0, 52.0, 29.0]), name="ages", bounds=(0, 120))
+    owner.privacy.budget(epsilon=3.0)
+    yield owner, scientist
+    scientist.close()
+    owner.close()
+
+
+def test_the_panel_shows_budgets_and_the_epsilon_of_a_dp_request(dp_owner_pair):
+    owner, scientist = dp_owner_pair
+    panel = owner.panel()
+    assert "bounds [0, 120]" in panel.assets_html.value
+    handle = scientist.store["ages"].mean().request(reason="mean age", dp=0.5)
+    card = _pending_card(panel)
+    assert "ε 0.5" in card.info.value and "noisy value" in card.info.value and "discrete Laplace" in card.info.value
+    panel.wait_until(lambda p: "Dr. Lee" in p.privacy_html.value)
+    assert "2.5" in panel.privacy_html.value  # reserved while it waits: 0.5 of 3 counted as spent
+    card.toggle_preview()
+    assert "tensor(" in card.preview.value  # the noisy value, for the owner's eyes
+    card.accept_button.click()
+    handle.wait(10)
+    panel.wait_until(lambda p: not p.cards)
+    assert "differentially private, ε 0.5" in panel.history_html.value
+    text = panel.text()
+    assert "Privacy ledger: default budget epsilon 3" in text and "Dr. Lee" in text
+
+
+def test_a_dp_get_shows_its_charge_even_when_a_rule_answers_at_once(dp_owner_pair, fake_kernel):
+    owner, scientist = dp_owner_pair
+    owner.requests.add_handler(action="accept", dp=True)
+    scientist.store["ages"].mean().get(dp=0.5, timeout=10)
+    (status,) = fake_kernel
+    assert status.state == "done" and "charged ε 0.5; 2.5 of ε 3 left" in status.text()

@@ -245,6 +245,7 @@ class ScientistConnection:
             self._drop(f"identity verification failed: {exc}")
             return
         self.requester = Requester(name=clean(self.ctx.scientist_name, limit=80), fingerprint=identity_mod.fingerprint(pub))
+        self.owner.privacy.names[self.requester.fingerprint] = self.requester.name
         token = msg.get("resume")
         if isinstance(token, bytes):
             self._resume(token)

@@ -107,7 +107,7 @@ class RequestHandle:
 
 def _live_status(handle: RequestHandle, timeout: float) -> Any:
     """In a Jupyter kernel, duet.widgets shows what a waiting get() is doing; elsewhere a text progress bar."""
-    if handle._future.done():
+    if handle._future.done() and handle.dp is None:  # (a DP release always shows what it cost)
         return contextlib.nullcontext()
     from .. import views  # the ui layer sits above and registers its views there
 

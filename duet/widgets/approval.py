@@ -46,6 +46,8 @@ def _ops_html(ops: Any) -> str:
 
 def _what_text(req: "Request") -> str:
     parts = []
+    if req.dp_epsilon is not None:
+        parts.append(f"differentially private, ε {req.dp_epsilon:g}")
     if req.type_name:
         parts.append(req.type_name)
     if req.shape is not None:
@@ -78,13 +80,19 @@ def request_html(req: "Request") -> str:
         what = _what_text(req)
         if what:
             rows.append(("What", esc(what)))
+        if req.dp_epsilon is not None:
+            rows.append(("Privacy", f"<b>ε {req.dp_epsilon:g}</b> from this scientist's budget "
+                                    "<span class='duet-muted'>(reserved now; refunded if you deny)</span>"
+                                    f"<br>{esc(req.dp_mechanism)}; Preview shows the noisy value that would be sent"))
     if req.reason:
         rows.append(("Reason", "<div class='duet-words' title='written by the scientist; unverified'>"
                                f"{esc(req.reason)}</div><span class='duet-muted'>their words, unverified</span>"))
     else:
         rows.append(("Reason", "<i class='duet-muted'>none given</i>"))
     body = "".join(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in rows)
-    head = f"<b>Request #{req.id}</b>: {esc(req.kind)} — {esc(_KIND_TEXT.get(req.kind, req.kind))}"
+    kind_text = "asks for a noisy value (differential privacy)" if req.dp_epsilon is not None \
+        else _KIND_TEXT.get(req.kind, req.kind)
+    head = f"<b>Request #{req.id}</b>: {esc(req.kind)} — {esc(kind_text)}"
     return f"<div class='duet-panel'>{head}<table class='duet-table'>{body}</table></div>"
 
 
@@ -96,6 +104,8 @@ def request_text(req: "Request") -> str:
         what = _what_text(req)
         if what:
             lines.append(f"  what: {what}")
+        if req.dp_epsilon is not None:
+            lines.append(f"  privacy: epsilon {req.dp_epsilon:g} from this scientist's budget ({req.dp_mechanism})")
     lines.append(f"  reason (their words): {req.reason!r}" if req.reason else "  reason: none given")
     return "\n".join(lines)
 

@@ -20,6 +20,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any, Callable, Dict, List
 
+from ..owner.privacy.privacy import PRIVACY_HEADERS
 from ..tables import html_table, store_headers, store_rows, text_table
 from . import common
 from .approval import HISTORY_HEADERS, HISTORY_SHOWN, STYLE, history_rows, preview_html, request_html, request_text
@@ -182,6 +183,7 @@ class OwnerPanel:
         self.message = W.HTML()
         self.scientists_html = W.HTML()
         self.assets_html = W.HTML()
+        self.privacy_html = W.HTML()
         self.pending_title = W.HTML()
         self.pending_box = W.VBox()
         self.rules_title = W.HTML()
@@ -194,6 +196,7 @@ class OwnerPanel:
                 self.message,
                 self.scientists_html,
                 self.assets_html,
+                self.privacy_html,
                 self.pending_title,
                 self.pending_box,
                 self.rules_title,
@@ -207,6 +210,7 @@ class OwnerPanel:
         owner.requests.subscribe(self._changed)
         owner.subscribe(self._changed)
         owner.store.subscribe(self._changed)
+        owner.privacy.subscribe(self._changed)
         sig = getattr(owner, "signaling", None)
         closed = getattr(sig, "closed", None)
         if closed is not None and hasattr(closed, "wait"):
@@ -276,6 +280,10 @@ class OwnerPanel:
                 SCIENTIST_HEADERS, owner._rows(), title="Connected scientists") + "</div>"
             self.assets_html.value = "<div class='duet-panel'>" + html_table(
                 store_headers(owner.store.listing()), store_rows(owner.store.listing()), title="Published assets") + "</div>"
+            privacy = owner.privacy
+            self.privacy_html.value = ("<div class='duet-panel'>" + html_table(
+                PRIVACY_HEADERS, privacy.rows(), title="Privacy budgets (differential privacy)")
+                + f"<span class='duet-muted'>{esc(privacy.head())}</span></div>") if privacy.active else ""
 
             pending = owner.requests.pending
             self.pending_title.value = f"<b>Pending requests ({len(pending)})</b>" + (
@@ -350,6 +358,8 @@ class OwnerPanel:
         parts = ["\n".join(lines),
                  text_table(SCIENTIST_HEADERS, owner._rows(), title="Connected scientists"),
                  text_table(store_headers(owner.store.listing()), store_rows(owner.store.listing()), title="Published assets")]
+        if owner.privacy.active:
+            parts.append(repr(owner.privacy))
         pending = owner.requests.pending
         parts.append(f"Pending requests ({len(pending)})" + ("" if pending else "\n(none)"))
         parts.extend(request_text(r) for r in pending)

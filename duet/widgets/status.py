@@ -47,7 +47,8 @@ class GetStatus:
             got = int(self.bar.value * self._total)
             return f"Transferring {h.label}: {human_bytes(got)} of {human_bytes(self._total)}"
         if self.state == "done":
-            return f"Received {h.label}{where} after {time.monotonic() - self.started:.1f} s"
+            charge = h.charge_text()
+            return f"Received {h.label}{where} after {time.monotonic() - self.started:.1f} s" + (f"; {charge}" if charge else "")
         if self.state == "denied":
             return f"Denied by the owner: {h.label}{where}"
         if self.state == "failed":
@@ -100,7 +101,7 @@ def get_status(handle: "RequestHandle", timeout: float) -> Iterator[Optional[Get
     rule) shows nothing; otherwise the status appears under the cell.
     """
     future = handle._future
-    if future.done() or not common.in_kernel():
+    if (future.done() and handle.dp is None) or not common.in_kernel():
         yield None
         return
     try:
@@ -120,7 +121,7 @@ def get_status(handle: "RequestHandle", timeout: float) -> Iterator[Optional[Get
     handle.on_change = on_change
     if handle.owner_request_id is None:
         queued.wait(min(STATUS_GRACE, max(timeout, 0)))
-    if future.done():
+    if future.done() and handle.dp is None:  # (a DP release always shows what it cost)
         handle.on_change = previous_on_change
         yield None
         return

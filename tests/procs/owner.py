@@ -62,6 +62,9 @@ def main(argv: list | None = None) -> int:
     ap.add_argument("--approve-joins", action="store_true")
     ap.add_argument("--leak-assets", action="store_true", help="publish the private assets of tests/test_leak_classes.py")
     ap.add_argument("--python-assets", action="store_true", help="publish Python values under display names")
+    ap.add_argument("--dp", type=float, default=None, metavar="EPSILON",
+                    help="publish 'cohort' (200 ages, bounds 0-120), give every scientist this privacy budget "
+                         "and send differentially private releases by rule")
     ap.add_argument("--network", action="store_true",
                     help="ICE over the real network with the servers the signaling service offers (default: loopback only)")
     args = ap.parse_args(argv)
@@ -81,6 +84,12 @@ def main(argv: list | None = None) -> int:
     if args.python_assets:
         owner.store.add({"weights": torch.ones(2, 3), "bias": torch.zeros(2)}, name="pretrained layer")
         owner.store.add([1.5, 2.5, 4.0], name="doses (mg)")
+    if args.dp is not None:
+        gen = torch.Generator().manual_seed(7)
+        owner.store.add(torch.randint(18, 90, (200,), generator=gen).float(), name="cohort", bounds=(0, 120),
+                        description="ages of 200 patients")
+        owner.privacy.budget(epsilon=args.dp)
+        owner.requests.add_handler(action="accept", dp=True)
     if args.accept_all:
         owner.requests.add_handler(action="accept", kind=("release", "join"))
     emit(code=owner.code, fingerprint=owner.fingerprint)

@@ -171,6 +171,7 @@ class Ledger:
         self._lock = threading.Lock()
         self._budgets: Dict[str, Budget] = {}
         self._entries: Dict[str, Entry] = {}
+        self.listeners: List[Any] = []  # called (no arguments) after every change
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._load()
@@ -181,6 +182,7 @@ class Ledger:
             self._budgets[scientist] = budget
         if self.audit is not None:
             self.audit.append("dp_budget", scientist=scientist, epsilon=budget.epsilon, delta=budget.delta)
+        self._notify()
 
     def budget_of(self, scientist: str) -> Optional[Budget]:
         with self._lock:
@@ -231,6 +233,7 @@ class Ledger:
             self._entries[entry.id] = entry
         if self.audit is not None:
             self.audit.append("dp_charge", scientist=scientist, spend=spend.describe(), what=what, id=entry.id)
+        self._notify()
         return Reservation(self, entry)
 
     def _close(self, entry: Entry, state: str) -> None:
@@ -239,6 +242,14 @@ class Ledger:
             entry.state = state
         if self.audit is not None and state == "refunded":
             self.audit.append("dp_refund", scientist=entry.scientist, id=entry.id, what=entry.what)
+        self._notify()
+
+    def _notify(self) -> None:
+        for cb in list(self.listeners):
+            try:
+                cb()
+            except Exception:  # a broken view must not break a spend
+                pass
 
     # -- disk ------------------------------------------------------------------------------
     def _write(self, record: Dict[str, Any]) -> None:

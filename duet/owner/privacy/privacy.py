@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import html
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
+from ...tables import html_table, text_table
 from .ledger import DEFAULT_KEY, Budget, Ledger
 
 
@@ -13,6 +14,16 @@ class Privacy:
 
     def __init__(self, path: Optional[Path | str], audit: Any = None) -> None:
         self.ledger = Ledger(path, audit)
+        self.names: Dict[str, str] = {}  # fingerprint -> the name a scientist last joined with (for display)
+
+    def subscribe(self, callback: Callable[[], None]) -> None:
+        """Call back (any thread, no arguments) whenever a budget is set or a spend changes."""
+        self.ledger.listeners.append(callback)
+
+    @property
+    def active(self) -> bool:
+        """Whether anything is set or spent (otherwise views leave the section out)."""
+        return bool(self.ledger.budget_of(DEFAULT_KEY) or self.ledger.scientists())
 
     def budget(self, scientist: Optional[str] = None, *, epsilon: float, delta: float = 0.0) -> Budget:
         """Set a budget: `budget(epsilon=3.0, delta=1e-6)` for everyone, or `budget("SHA256:...", epsilon=5)`.
@@ -43,7 +54,8 @@ class Privacy:
         out = []
         for key in self.ledger.scientists():
             s = self.summary(key)
-            out.append([key, f"{s['spent_epsilon']:.4g}", f"{s['left_epsilon']:.4g}",
+            who = f"{self.names[key]} ({key[:19]})" if key in self.names else key
+            out.append([who, f"{s['spent_epsilon']:.4g}", f"{s['left_epsilon']:.4g}",
                         f"{s['budget_epsilon']:g}" + (f" (delta {s['budget_delta']:g})" if s["budget_delta"] else ""),
                         str(len(s["releases"]))])
         return out
@@ -56,12 +68,13 @@ class Privacy:
         rows = self.rows()
         if not rows:
             return head + "; no scientist has spent anything"
-        lines = [head, f"{'scientist':<52} {'spent':>8} {'left':>8}  budget  releases"]
-        lines += [f"{r[0]:<52} {r[1]:>8} {r[2]:>8}  {r[3]}  {r[4]}" for r in rows]
-        return "\n".join(lines)
+        return head + "\n" + text_table(PRIVACY_HEADERS, rows)
+
+    def head(self) -> str:
+        return repr(self).splitlines()[0]
 
     def _repr_html_(self) -> str:
-        rows = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in self.rows())
-        return (f"<b>Privacy ledger</b><pre>{html.escape(repr(self).splitlines()[0])}</pre>"
-                "<table><tr><th>scientist</th><th>spent ε</th><th>left ε</th><th>budget</th><th>releases</th></tr>"
-                f"{rows}</table>")
+        return f"<p>{html.escape(self.head())}</p>" + html_table(PRIVACY_HEADERS, self.rows())
+
+
+PRIVACY_HEADERS = ["scientist", "spent ε", "left ε", "budget", "releases"]

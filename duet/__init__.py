@@ -6,6 +6,7 @@ value derived from private data leaves the owner without approval.
 from .api import local_pair
 from .connect import join, launch
 from .errors import (
+    BudgetExceeded,
     ConnectionFailed,
     ConnectionLost,
     DuetError,
@@ -44,6 +45,7 @@ __all__ = [
     "plan",
     "Limits",
     "DuetError",
+    "BudgetExceeded",
     "ConnectionFailed",
     "ConnectionLost",
     "LimitExceeded",

@@ -89,6 +89,9 @@ def _secrets(seed: int) -> Dict[str, Any]:
     }
 
 
+BOUNDS = {"x": (0, 100), "xn": (0, 100), "ids": (0, 4)}
+
+
 class Records(torch.utils.data.Dataset):
     """A dataset whose samples' shapes are private (visits per patient)."""
 
@@ -108,7 +111,8 @@ class World:
     def __init__(self, seed: int, tmp: Path) -> None:
         self.owner, self.scientist = duet.local_pair(audit_log=tmp / f"audit-{seed}-{time.monotonic_ns()}.jsonl")
         for name, value in _secrets(seed).items():
-            self.owner.store.add(value, name=name)
+            # Declared bounds give these values DP facts, whose visible part (meta()["dp"]) is compared too.
+            self.owner.store.add(value, name=name, **({"bounds": BOUNDS[name]} if name in BOUNDS else {}))
         self.scientist.torch.manual_seed(0)
         self.values: List[Any] = []  # pointers (and plain results) by handle index
 

@@ -135,13 +135,6 @@ class Asset:
             **({"dp": {"unit": "item"}} if self.items_are_people else {}),
         }
 
-    @property
-    def dp_text(self) -> str:
-        """The DP declaration in a few words, for listings."""
-        if self.privacy is not None:
-            return self.privacy.describe()
-        return "one item per person" if self.items_are_people else ""
-
 
 SUPPORTED = (torch.Tensor, np.ndarray)
 

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -74,23 +74,10 @@ class Declared:
     rows: int  # slices along the axis (public: the asset's shape)
     missing: bool = False  # values may be NaN (declared by the owner, checked against the data)
 
-    def describe(self) -> str:
-        if self.lo.size and np.all(self.lo == self.lo.flat[0]) and np.all(self.hi == self.hi.flat[0]):
-            span = f"[{_num(self.lo.flat[0])}, {_num(self.hi.flat[0])}]"
-        else:
-            span = "per element: " + ", ".join(f"[{_num(a)}, {_num(b)}]" for a, b in zip(self.lo.flat[:6], self.hi.flat[:6]))
-            span += ", …" if self.lo.size > 6 else ""
-        unit = "row" if self.axis == 0 else f"slice along axis {self.axis}"
-        return f"bounds {span}{' (values may be missing)' if self.missing else ''}; one {unit} per person"
-
     def public(self) -> Dict[str, Any]:
         """What the listing shows: the bounds and the unit axis are the owner's declaration, not data."""
         return {"axis": self.axis, "lo": self.lo.reshape(-1).tolist(), "hi": self.hi.reshape(-1).tolist(),
                 "slice_shape": list(self.lo.shape), "missing": self.missing}
-
-
-def _num(x: float) -> str:
-    return f"{x:g}"
 
 
 def declare(value: Any, bounds: Any, axis: int = 0, missing: bool = False) -> Declared:
@@ -313,6 +300,8 @@ def derive(kind: str, name: str, pos: List[Arg], kw: Dict[str, Arg], fn: Any) ->
             raise Refused(f"{name} has no rule for bounds")
         label = (("dp." + name.rsplit(".", 1)[1]) if name.startswith("duet.owner.privacy.queries.") else name) \
             if kind == "func" else f".{name}"
+        if ("inplace" in kw and kw["inplace"].const) or ("copy" in kw and kw["copy"].const is False):
+            raise Refused(f"{label} in place keeps no bounds: use the version that returns a new value")
         call = _caller(kind, name, fn)
         if op == "getitem" and len(pos) == 2 and pos[0].rows is not None and pos[1].fact is None:
             _index(pos[0].rows, pos[1].const)  # refuse row selection before trying it on one row
@@ -921,11 +910,3 @@ def check_sources(fact: Fact, store: Any) -> None:
     name = rows.asset.name
     if name not in store or store.get(name) is not rows.asset:
         raise LookupError(f"asset {name!r} was removed or replaced since this value was computed")
-
-
-def unit_summary(rows: Rows) -> str:
-    return f"one {'row' if rows.axis == 0 else f'slice along axis {rows.axis}'} of {rows.asset.name}"
-
-
-def op_labels(fact: Fact) -> Sequence[str]:
-    return fact.ops

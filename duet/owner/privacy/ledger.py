@@ -15,6 +15,7 @@ Why each rule:
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -113,6 +114,12 @@ def compose(spends: Iterable[Spend], delta: float) -> Tuple[float, float]:
         return math.fsum(s.epsilon for s in ordered), 0.0
     if delta <= 0:
         return math.inf, 0.0  # an approximate spend needs a budget with delta > 0
+    return _compose_approximate(tuple(ordered), float(delta))
+
+
+@functools.lru_cache(maxsize=256)
+def _compose_approximate(ordered: Tuple[Spend, ...], delta: float) -> Tuple[float, float]:
+    """Privacy loss distributions are slow to build: the same spends are composed once (views ask often)."""
     from dp_accounting import NeighboringRelation
     from dp_accounting.pld import common, privacy_loss_distribution as pld
 

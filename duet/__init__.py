@@ -23,6 +23,7 @@ from .errors import (
 from .owner.host import Owner
 from .owner.objects import Limits
 from .scientist.client import Scientist
+from .scientist.federation import Federation, SecureSumFailed
 from .scientist.pointer import Pointer
 from .scientist.plan import plan
 
@@ -41,6 +42,8 @@ __all__ = [
     "join",
     "Owner",
     "Scientist",
+    "Federation",
+    "SecureSumFailed",
     "Pointer",
     "plan",
     "Limits",

@@ -71,6 +71,7 @@ class RequestKind:
     PING = "ping"  # a round trip: everything sent before it was handled
     PRIVACY = "privacy"  # the scientist's own privacy budget and releases
     DP_TRAIN = "dp_train"  # train a copy of a model with DP-SGD on a dataset; the result is a DP release
+    SECURE_SUM = "secure_sum"  # one step of a secure sum across owners (duet.secagg), under "step"
 
 
 class ActionKind:
@@ -106,7 +107,7 @@ _ID_LIST = (list,)
 # when present and not None it must have one of these types. "free" (ids freed on the way) may ride
 # on any scientist message.
 FIELDS: Mapping[str, Mapping[str, _Types]] = {
-    Msg.REQ: {"id": _INT, "kind": str, "obj": _INT, "name": str, "rid": _INT, "reason": str, "dp": (int, float)},
+    Msg.REQ: {"id": _INT, "kind": str, "obj": _INT, "name": str, "rid": _INT, "reason": str, "dp": (int, float), "step": str},
     Msg.REP: {"id": _INT, "ok": bool, "error": dict},
     Msg.HELLO: {"pub": bytes, "sig": bytes, "reason": str, "resume": bytes},
     Msg.WELCOME: {"pub": bytes, "sig": bytes, "approve": str, "resume": bytes, "resumed": bool},

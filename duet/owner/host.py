@@ -32,6 +32,7 @@ from .audit import AuditLog
 from .connection_state import LIVE, ConnState, check as check_transition
 from . import frames, store as store_mod
 from .executor import Executor, type_name, withheld_failure
+from .federation import FederationPolicy, SecureSums
 from .privacy import facts, mechanisms
 from .privacy.ledger import Spend, check_epsilon
 from .objects import Budget, Limits, ObjectTable, RemoteObject
@@ -160,7 +161,9 @@ class ScientistConnection:
             RequestKind.PING: lambda req_id, _msg: self.session.reply(req_id, "pong"),
             RequestKind.PRIVACY: self._privacy,
             RequestKind.DP_TRAIN: self._dp_train,
+            RequestKind.SECURE_SUM: lambda req_id, msg: self.secure_sums.handle(req_id, msg),
         }
+        self.secure_sums = SecureSums(self)
         self.failures: Dict[int, Dict[str, Any]] = {}
         self.connected_at = time.time()
         # Resume: a dropped link suspends this connection (objects, requests and
@@ -942,6 +945,8 @@ class Owner:
         self.privacy = Privacy(path.with_name(path.stem + ".privacy-ledger.jsonl"), self.audit)
         self.store = AssetStore()
         self.requests = RequestQueue(self.audit, default_expiry=request_expiry)
+        self.requests.own_fingerprint = self.identity.fingerprint
+        self.federation = FederationPolicy()  # which secure sums this owner takes part in (pin_federation)
         self.code: Optional[str] = None
         self._connections: List[ScientistConnection] = []
         # (scientist's chosen name, why) of pairings whose network path failed, newest last.
@@ -974,6 +979,20 @@ class Owner:
     def fingerprint(self) -> str:
         return self.identity.fingerprint
 
+    def pin_federation(self, peers: Optional[List[str]] = None, min_owners: int = 2) -> FederationPolicy:
+        """Which secure sums this owner takes part in: only with these other owners (key fingerprints;
+        None: any), and only while at least `min_owners` owners take part (a scientist inventing
+        owners to single one out meets the first; one whose federation shrinks meets the second).
+        Each contribution still needs approval, by hand or by a rule (`add_handler(secure_sum=True)`).
+        """
+        if isinstance(min_owners, bool) or not isinstance(min_owners, int) or min_owners < 2:
+            raise ValueError("min_owners must be an int >= 2")
+        if peers is not None and (isinstance(peers, str) or not all(isinstance(p, str) and p.startswith("SHA256:") for p in peers)):
+            raise ValueError("peers must be key fingerprints (\"SHA256:...\")")
+        self.federation = FederationPolicy(frozenset(peers) if peers is not None else None, min_owners)
+        self.audit.append("federation_pinned", peers=sorted(peers) if peers is not None else None, min_owners=min_owners)
+        return self.federation
+
     @property
     def scientists(self) -> List[ScientistConnection]:
         with self._lock:
@@ -1004,6 +1023,18 @@ class Owner:
                 return active[0]
             self.requests.wait_changed(min(0.25, max(deadline - time.monotonic(), 0)))
         raise TimeoutError(f"no scientist joined within {timeout} s")
+
+    def wait_for_scientists_to_leave(self, timeout: float = 3600.0) -> None:
+        """Block until every scientist who joined has left (or their link dropped for good); for
+        notebooks and scripts that serve one session and then close."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                live = [c for c in self._connections if c.state in LIVE]
+            if not live:
+                return
+            self.requests.wait_changed(min(0.25, max(deadline - time.monotonic(), 0)))
+        raise TimeoutError(f"scientists were still connected after {timeout} s")
 
     def sessions_of(self, fingerprint: str, besides: Optional[ScientistConnection] = None) -> int:
         """How many live sessions (active, joining or suspended) one identity key has."""

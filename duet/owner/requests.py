@@ -17,7 +17,7 @@ from ..tables import html_table, human_bytes, text_table
 from .audit import AuditLog
 from .opchain import describe_ops
 
-KINDS = ("join", "release", "compute")
+KINDS = ("join", "release", "compute", "secure_sum")
 PENDING, ACCEPTED, DENIED, EXPIRED, CANCELLED = Status.PENDING, Status.ACCEPTED, Status.DENIED, Status.EXPIRED, Status.CANCELLED
 
 
@@ -56,6 +56,11 @@ class Request:
     dp_epsilon: Optional[float] = None
     dp_mechanism: str = ""
     dp_charge: Optional[Dict[str, Any]] = field(default=None, repr=False)
+    # A contribution to a secure sum: the other owners taking part (key fingerprints, in order) and
+    # how many must stay for the sum to be unmasked.
+    participants: Tuple[str, ...] = ()
+    threshold: Optional[int] = None
+    decided_rule: Optional["Rule"] = field(default=None, repr=False)  # the rule that decided it, if one did
     value: Any = field(default=None, repr=False)
     _queue: Optional["RequestQueue"] = field(default=None, repr=False)
     _on_decided: Optional[Callable[["Request"], None]] = field(default=None, repr=False)
@@ -96,6 +101,7 @@ class Request:
             "nbytes": self.nbytes,
             "reason": self.reason,
             **({"dp_epsilon": self.dp_epsilon} if self.dp_epsilon is not None else {}),
+            **({"participants": list(self.participants), "threshold": self.threshold} if self.participants else {}),
         }
 
     def _row(self) -> List[Any]:
@@ -133,11 +139,17 @@ class Rule:
     scientist: Optional[str] = None
     reason: str = ""
     dp: Optional[bool] = None  # True: differentially private releases only; False: exact ones only
+    min_owners: Optional[int] = None  # secure sums: at least this many owners take part
+    peers: Optional[Tuple[str, ...]] = None  # secure sums: every other owner is one of these fingerprints
 
     def matches(self, req: Request) -> bool:
         if req.kind not in self.kinds:
             return False
         if self.dp is not None and (req.dp_epsilon is not None) != self.dp:
+            return False
+        if self.min_owners is not None and (req.kind != "secure_sum" or len(req.participants) < self.min_owners):
+            return False
+        if self.peers is not None and (req.kind != "secure_sum" or not set(req.participants) <= set(self.peers)):
             return False
         if self.datasets is not None and not set(req.lineage) <= set(self.datasets):
             return False
@@ -151,6 +163,10 @@ class Rule:
         parts = [f"{self.action} {'/'.join(self.kinds)}"]
         if self.dp is not None:
             parts.append("with dp= (within the scientist's budget)" if self.dp else "without dp=")
+        if self.min_owners is not None:
+            parts.append(f"with at least {self.min_owners} owners")
+        if self.peers is not None:
+            parts.append(f"among {len(self.peers)} known owners")
         if self.datasets is not None:
             parts.append(f"of {', '.join(self.datasets) or 'no assets'} only")
         if self.max_elements is not None:
@@ -179,6 +195,7 @@ class RequestQueue:
         self._rules: List[Rule] = []
         self._next_id = 1
         self._listeners: List[Callable[[], None]] = []
+        self.own_fingerprint = ""  # the owner's key: a secure-sum rule's peers always include it
 
     # -- creation and decision -------------------------------------------------
     def submit(self, req_fields: Dict[str, Any], on_decided: Callable[[Request], None]) -> Request:
@@ -195,6 +212,7 @@ class RequestQueue:
         self.audit.append("request", **req.summary())
         if rule is not None:
             status = ACCEPTED if rule.action == "accept" else DENIED
+            req.decided_rule = rule
             self.decide(req, status, by=f"rule: {rule.describe()}", reason=rule.reason)
         else:
             self._notify()
@@ -254,6 +272,9 @@ class RequestQueue:
         scientist: Optional[str] = None,
         reason: str = "",
         dp: Optional[bool] = None,
+        secure_sum: bool = False,
+        min_owners: Optional[int] = None,
+        peers: Optional[Sequence[str]] = None,
     ) -> Rule:
         """Decide future (and pending) requests automatically.
 
@@ -262,10 +283,13 @@ class RequestQueue:
         `dp`: True matches only differentially private releases (`.get(dp=epsilon)`, each already
         charged to the scientist's budget, so `add_handler(action="accept", dp=True)` sends them
         at once); False only exact ones; None both.
+        `secure_sum=True`: contributions to secure sums (the kind "secure_sum"); `min_owners`: only
+        when at least this many owners take part; `peers`: only when every owner taking part is one
+        of these key fingerprints (this owner's own is added).
         """
         if action not in ("accept", "deny"):
             raise ValueError("action must be 'accept' or 'deny'")
-        kinds = (kind,) if isinstance(kind, str) else tuple(kind)
+        kinds = ("secure_sum",) if secure_sum else ((kind,) if isinstance(kind, str) else tuple(kind))
         for k in kinds:
             if k not in KINDS:
                 raise ValueError(f"unknown request kind {k!r}; kinds are {', '.join(KINDS)}")
@@ -273,6 +297,10 @@ class RequestQueue:
             raise ValueError("max_elements must be a non-negative int")
         if dp is not None and not isinstance(dp, bool):
             raise ValueError("dp must be True, False or None")
+        if min_owners is not None and (not isinstance(min_owners, int) or isinstance(min_owners, bool) or min_owners < 2):
+            raise ValueError("min_owners must be an int >= 2")
+        if peers is not None and (isinstance(peers, str) or not all(isinstance(p, str) and p.startswith("SHA256:") for p in peers)):
+            raise ValueError("peers must be key fingerprints (\"SHA256:...\"), as shown in the queue")
         rule = Rule(
             action=action,
             kinds=kinds,
@@ -281,12 +309,15 @@ class RequestQueue:
             scientist=scientist,
             reason=reason,
             dp=dp,
+            min_owners=min_owners,
+            peers=tuple(peers) + ((self.own_fingerprint,) if self.own_fingerprint else ()) if peers is not None else None,
         )
         with self._lock:
             self._rules.append(rule)
         self.audit.append("rule_added", rule=rule.describe())
         for req in self.pending:
             if rule.matches(req):
+                req.decided_rule = rule
                 try:
                     self.decide(req, ACCEPTED if action == "accept" else DENIED, by=f"rule: {rule.describe()}", reason=reason)
                 except ValueError:

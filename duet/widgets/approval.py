@@ -65,6 +65,7 @@ _KIND_TEXT = {
     "join": "asks to join",
     "release": "asks for a value",
     "compute": "asks to run an operation",
+    "secure_sum": "asks you to add a value to a secure sum across owners",
 }
 
 
@@ -80,6 +81,11 @@ def request_html(req: "Request") -> str:
         what = _what_text(req)
         if what:
             rows.append(("What", esc(what)))
+        if req.participants:
+            owners = "<br>".join(f"<code>{esc(fp)}</code>" for fp in req.participants)
+            rows.append(("Summed with", f"{owners}<br><span class='duet-muted'>{len(req.participants)} owners, this one "
+                                        f"included; the scientist learns only the sum, and only if at least "
+                                        f"{req.threshold} of them stay</span>"))
         if req.dp_epsilon is not None:
             rows.append(("Privacy", f"<b>ε {req.dp_epsilon:g}</b> from this scientist's budget "
                                     "<span class='duet-muted'>(reserved now; refunded if you deny)</span>"
@@ -104,6 +110,9 @@ def request_text(req: "Request") -> str:
         what = _what_text(req)
         if what:
             lines.append(f"  what: {what}")
+        if req.participants:
+            lines.append(f"  summed with {len(req.participants)} owners (this one included; at least {req.threshold} "
+                         f"must stay): {', '.join(req.participants)}")
         if req.dp_epsilon is not None:
             lines.append(f"  privacy: epsilon {req.dp_epsilon:g} from this scientist's budget ({req.dp_mechanism})")
     lines.append(f"  reason (their words): {req.reason!r}" if req.reason else "  reason: none given")

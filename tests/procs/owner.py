@@ -65,6 +65,11 @@ def main(argv: list | None = None) -> int:
     ap.add_argument("--dp", type=float, default=None, metavar="EPSILON",
                     help="publish 'cohort' (200 ages, bounds 0-120), give every scientist this privacy budget "
                          "and send differentially private releases by rule")
+    ap.add_argument("--federated", type=float, default=None, metavar="VALUE",
+                    help="publish 'values' (8 float32 numbers, all VALUE) and 'count' (int64 VALUE) and take part "
+                         "in secure sums by rule")
+    ap.add_argument("--min-owners", type=int, default=2, help="with --federated: this owner's min_owners")
+    ap.add_argument("--pin", default=None, help="with --federated: comma-separated fingerprints of the only peers")
     ap.add_argument("--network", action="store_true",
                     help="ICE over the real network with the servers the signaling service offers (default: loopback only)")
     args = ap.parse_args(argv)
@@ -90,6 +95,11 @@ def main(argv: list | None = None) -> int:
                         description="ages of 200 patients")
         owner.privacy.budget(epsilon=args.dp)
         owner.requests.add_handler(action="accept", dp=True)
+    if args.federated is not None:
+        owner.store.add(torch.full((8,), args.federated, dtype=torch.float32), name="values")
+        owner.store.add(torch.tensor(int(args.federated)), name="count")
+        owner.pin_federation(args.pin.split(",") if args.pin else None, min_owners=args.min_owners)
+        owner.requests.add_handler(action="accept", secure_sum=True)
     if args.accept_all:
         owner.requests.add_handler(action="accept", kind=("release", "join"))
     emit(code=owner.code, fingerprint=owner.fingerprint)

@@ -319,3 +319,57 @@ def test_a_histogram_moves_by_at_most_its_sensitivity(dp_pair, data, bins):
     ta = mechanisms.exact_total(fa, plan, mechanisms.rows_value(fa.rows))
     tb = mechanisms.exact_total(fb, plan, mechanisms.rows_value(fb.rows))
     assert int(np.abs(ta - tb).sum()) <= plan.sensitivity and int(ta.sum()) == d.size
+
+
+# -- attacks from the review of this design, kept as regressions ----------------------------------------
+def test_an_empty_list_of_axes_keeps_no_fact(dp_pair):
+    """torch reduces over every axis for dim=(): taken as row-wise, one row would reach every row."""
+    s = dp_pair[1]
+    ages = s.store["ages"]
+    for dims in ((), []):
+        m = ages.mean(dim=dims, keepdim=True)
+        assert "empty list of axes" in dp_info(m)["why"]
+        assert not dp_info(((m - 30) * 1e9).clamp(0, 1) + ages * 0)["available"]
+
+
+def test_a_public_list_changed_after_the_step_does_not_change_the_replay(dp_pair):
+    """A mean over axis 1 with dim=L, then L[0] = 0: the recorded step keeps its own copy of L."""
+    owner, s = dp_pair
+    name = f"table {next(_names)}"
+    data = torch.full((50, 1), 50.0, dtype=torch.float64)
+    data[0, 0] = 51.0
+    owner.store.add(data, name=name, bounds=(0, 120))
+    x = s.store[name]
+    dims = s.torch.tensor([1]).tolist()  # a public list on the owner
+    m = x.mean(dim=dims, keepdim=True)
+    dims[0] = 0  # would make the recorded step average over the rows
+    total = (((m - 50.0) * 1e6).clamp(0, 1) + x * 0).sum()
+    fact = fact_of(dp_pair, total)
+    plan = mechanisms.plan(fact, 1.0)
+    exact = mechanisms.exact_total(fact, plan, mechanisms.rows_value(fact.rows))
+    assert int(exact) * plan.grid == pytest.approx(1.0)  # only row 0's own bit, as when the fact was made
+
+
+def test_steps_that_mix_rows_are_caught_before_any_release():
+    """Defence in depth: made-up data within the bounds, one row replaced, and only that row may move."""
+    owner, s = duet.local_pair()
+    try:
+        owner.store.add(torch.arange(10.0), name="x", bounds=(0, 10))
+        asset = owner.store.get("x")
+        rows = facts.from_asset(asset, asset.privacy)
+        facts.check_row_wise(rows)  # the asset itself: row-wise
+        mixing = facts.Step(lambda v: v.sum(0, keepdim=True).expand_as(v).clone(), (rows.step,))
+        with pytest.raises(facts.Refused, match="mixes rows"):
+            facts.check_row_wise(facts.Rows(asset=asset, axis=0, shape=(10,), lo=rows.lo, hi=rows.hi * 10, nan=False,
+                                            integral=False, step=mixing, ops=("x", "mix"), exemplar=rows.exemplar))
+    finally:
+        s.close()
+        owner.close()
+
+
+def test_a_cast_that_would_wrap_keeps_no_fact(dp_pair):
+    owner, s = dp_pair
+    name = f"wide {next(_names)}"
+    owner.store.add(torch.tensor([10.0, 150.0, 200.0]), name=name, bounds=(0, 200))
+    assert "wrap around" in dp_info(s.store[name].to(torch.int8))["why"]
+    assert dp_info(s.store[name].to(torch.int16).sum())["available"]

@@ -697,7 +697,8 @@ class ScientistConnection:
         try:
             facts.check_sources(fact, self.owner.store)
             plan = mechanisms.plan(fact, epsilon)
-        except (LookupError, mechanisms.Unreleasable) as exc:
+            facts.check_row_wise(fact.rows)
+        except (LookupError, mechanisms.Unreleasable, facts.Refused) as exc:
             raise NotAllowed(f"this value cannot be released with dp=: {exc}") from None
         pending = sum(1 for r in self._releases.values() if r.pending)
         if pending >= self.owner.limits.max_pending_releases:
@@ -787,10 +788,14 @@ class ScientistConnection:
             except ConnectionLost:
                 pass
 
-        outcome = dp_training.train(
-            model.value, optimizer.value, asset.value, spec, budget.delta if budget else 0.0,
-            reserve=lambda spend: self.owner.privacy.ledger.reserve(fingerprint, spend, what),
-            randomness=self.executor.randomness.for_action(), progress=progress)
+        try:
+            outcome = dp_training.train(
+                model.value, optimizer.value, asset.value, spec, budget.delta if budget else 0.0,
+                reserve=lambda spend: self.owner.privacy.ledger.reserve(fingerprint, spend, what),
+                randomness=self.executor.randomness.for_action(), progress=progress)
+        except dp_training.TrainingFailed:
+            # After private examples were read: charged, and why it failed may depend on them.
+            raise withheld_failure("DP training") from None
         self.objects.put(rid, outcome.model, lineage=(), ops=["DP training"])
         self.owner.audit.append("dp_training", scientist=self.requester.name, fingerprint=fingerprint, asset=name,
                                 epsilon=outcome.epsilon, delta=outcome.delta, steps=outcome.steps,

@@ -29,6 +29,7 @@ silently differs from what the pointer holds; anything this module does not know
 """
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
@@ -175,6 +176,13 @@ def _method(name: str) -> Callable[..., Any]:
     return call
 
 
+@dataclass(frozen=True, eq=False)
+class SourceStep(Step):
+    """Where a replay starts: the published asset."""
+
+    asset: Any = field(default=None, repr=False)
+
+
 def source_step(asset: Any) -> Step:
     """Read the published value afresh (a copy: replayed steps never touch the asset itself)."""
 
@@ -182,7 +190,66 @@ def source_step(asset: Any) -> Step:
         v = asset.value
         return v.detach().clone() if isinstance(v, torch.Tensor) else np.array(v, copy=True)
 
-    return Step(read)
+    return SourceStep(read, asset=asset)
+
+
+def _sources(step: Step, found: Dict[int, "SourceStep"]) -> Dict[int, "SourceStep"]:
+    if isinstance(step, SourceStep):
+        found[id(step)] = step
+    for a in list(step.args) + [v for _k, v in step.kwargs]:
+        if isinstance(a, Step):
+            _sources(a, found)
+    return found
+
+
+def check_row_wise(rows: "Rows") -> None:
+    """Defence in depth, before any release: replay the recorded steps on made-up data within the
+    declared bounds, then with one row replaced; only that row's slice may change. Uses declared
+    facts only (never the data), so the outcome is public; Refused if a step mixes rows that the
+    rules above took for row-wise."""
+    sources = list(_sources(rows.step, {}).values())
+    if not sources or any(s.asset is not rows.asset for s in sources):
+        raise Refused("the recorded steps do not start from this value's asset")
+    declared = rows.asset.privacy
+    value = rows.asset.value
+    shape = tuple(int(d) for d in value.shape)
+    n = shape[declared.axis]
+    if n < 2:
+        return
+    rng = np.random.default_rng(0)
+    lo = np.broadcast_to(declared.lo, shape)
+    hi = np.broadcast_to(declared.hi, shape)
+    base = lo + (hi - lo) * rng.random(shape)
+    integral = not (value.is_floating_point() if isinstance(value, torch.Tensor) else value.dtype.kind == "f")
+    if integral:
+        base = np.clip(np.rint(base), np.ceil(lo), np.floor(hi))
+
+    def as_asset(arr: np.ndarray) -> Any:
+        if isinstance(value, torch.Tensor):
+            return torch.from_numpy(np.array(arr)).to(value.dtype)
+        return np.array(arr).astype(value.dtype)
+
+    def replay(arr: np.ndarray) -> np.ndarray:
+        memo: Dict[int, Any] = {key: as_asset(arr) for key in (id(s) for s in sources)}
+        out = evaluate(rows.step, memo)
+        return out.detach().to(torch.float64).numpy() if isinstance(out, torch.Tensor) else np.asarray(out, dtype=np.float64)
+
+    with np.errstate(all="ignore"):
+        before = replay(base)
+        if tuple(before.shape) != rows.shape:
+            raise Refused("the recorded steps do not give the recorded shape")
+        for j in sorted({0, n // 2, n - 1}):
+            other = base.copy()
+            index = [slice(None)] * len(shape)
+            index[declared.axis] = j
+            fresh = lo + (hi - lo) * rng.random(shape)
+            other[tuple(index)] = (np.clip(np.rint(fresh), np.ceil(lo), np.floor(hi)) if integral else fresh)[tuple(index)]
+            after = replay(other)
+            keep = np.ones(rows.rows, dtype=bool)
+            keep[j] = False
+            if not np.array_equal(np.compress(keep, before, axis=rows.axis), np.compress(keep, after, axis=rows.axis),
+                                  equal_nan=True):
+                raise Refused("the recorded steps let one row change others (a step mixes rows)")
 
 
 # -- facts ------------------------------------------------------------------------------------
@@ -347,9 +414,13 @@ def canonical(kind: str, name: str) -> Optional[str]:
 
 
 def const_arg(value: Any) -> Arg:
-    """A literal argument: plain numbers, dtypes, slices and tuples of them are public constants."""
+    """A literal argument: plain numbers, dtypes, slices and lists or tuples of them are public constants.
+
+    Frozen (deep-copied) here: the recorded step must replay exactly what the fact was derived
+    from, so no object the scientist can still reach (a remote list changed later) may sit in it.
+    """
     if _plain(value):
-        return Arg(None, value)
+        return Arg(None, copy.deepcopy(value))
     raise Refused("an argument is neither a public constant nor a value with declared bounds")
 
 
@@ -456,6 +527,8 @@ def _on_rows(op: str, kind: str, label: str, call: Callable[..., Any], pos: List
         integral = integral and idx == 0
     if op == "div" and idx != 0 and np.any((first.lo <= 0) & (first.hi >= 0)):
         raise Refused(f"{label} divides by a value whose bounds include 0")
+    if op in _UNARY_MONOTONE and _dtype_kind(result) in "iu" and not _fits(first, result):
+        raise Refused(f"{label}: values within the bounds would wrap around in {_np_dtype(result)}")
     lo, hi = _monotone(call, pos, kw, idx, first, (first.lo, first.hi))
     nan = first.nan
     if op == "nan_to_num":
@@ -486,6 +559,12 @@ def _dtype_kind(value: Any) -> str:
     if isinstance(value, float):
         return "f"
     return "?"
+
+
+def _fits(rows: Rows, result: Any) -> bool:
+    """Whether every value within the bounds keeps its integer part in the result's integer dtype."""
+    info = np.iinfo(_np_dtype(result))
+    return float(np.min(rows.lo, initial=0.0)) >= info.min and float(np.max(rows.hi, initial=0.0)) <= info.max
 
 
 def _is_bool_rows(rows: Rows) -> bool:
@@ -760,6 +839,8 @@ def _dims_of(pos: List[Arg], kw: Dict[str, Arg], ndim: int, op: str) -> Tuple[Tu
     if dim is None:
         return tuple(range(ndim)), keepdim
     dims = dim if isinstance(dim, (tuple, list)) else (dim,)
+    if not dims:  # torch reads no axes as all of them, numpy as none: no safe reading
+        raise Refused(f"{op} over an empty list of axes")
     if not all(isinstance(d, (int, np.integer)) and not isinstance(d, bool) and -ndim <= d < ndim for d in dims):
         raise Refused(f"{op} over axes that are not plain ints")
     return tuple(sorted({int(d) % ndim for d in dims})), keepdim

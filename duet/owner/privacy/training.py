@@ -7,16 +7,18 @@ What makes the trained model a differentially private release, and so free to le
 - The owner computes the sampling rate from its own dataset (batch size / items) and samples each
   step with Opacus's Poisson sampler (`UniformWithReplacementSampler`); no other sampler is
   accepted (a custom one made Opacus miscount privacy by orders of magnitude).
-- Per-example gradients are clipped and noised by Opacus (`GradSampleModule`, `DPOptimizer`), the
-  noise and the sampling drawn from generators seeded with 63 bits from the OS, never from the
-  scientist's seed. Dropout and other random layers draw from the scientist's generator, as in
-  every action: known randomness does not weaken DP-SGD, whose clipping bounds each example's
-  influence whatever the forward pass does.
+- Per-example gradients come from torch.func (`vmap` of `grad` over examples, each forward run on
+  a batch of one), so a model that mixes its batch (a maximum or a softmax over dim 0, a
+  concatenation) cannot make one example's gradient depend on another's; Opacus's `DPOptimizer`
+  clips each and adds the noise, drawn, like the sampling, from generators seeded with 63 bits
+  from the OS, never from the scientist's seed. Dropout draws from the scientist's generator, as
+  in every action: known randomness does not weaken DP-SGD once each example's gradient is its own.
 - The forward and backward passes run under the effect observer: a model that writes into its own
   weights or buffers (which would carry data around the noise) is refused.
-- The whole run is charged to the scientist's budget before the first step (composed by
-  dp-accounting's PLD accountant at the budget's delta); a run that fails before any step is
-  refunded, one that fails later stays charged.
+- The model is first run on a public batch of zeros, so that its own errors show with their
+  reasons before anything is charged or read; the whole run is then charged to the scientist's
+  budget before the first step (composed by dp-accounting's privacy loss distributions at the
+  budget's delta). A failure after that stays charged and reaches the scientist without its cause.
 
 Progress is reported as steps done, never as losses: a loss is computed from private data.
 """
@@ -27,7 +29,6 @@ import logging
 import math
 import secrets
 import time
-import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional
 
@@ -132,87 +133,128 @@ class Outcome:
     seconds: float
 
 
+class TrainingFailed(Exception):
+    """DP training failed after it read private data: the charge stands, the cause stays on the owner."""
+
+
 def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, dataset: Any, spec: Spec, delta: float,
           reserve: Callable[[Spend], Any], randomness: ActionRandomness,
           progress: Callable[[int, int], None]) -> Outcome:
-    """Train a copy of `model` with DP-SGD on `dataset`; `reserve(spend)` charges the ledger first."""
-    from opacus import GradSampleModule
+    """Train a copy of `model` with DP-SGD on `dataset`; `reserve(spend)` charges the ledger first.
+
+    Everything that can fail on the model alone is tried first on a public batch of zeros, before
+    anything is charged or any private example is read; a failure after that is charged and
+    raised as TrainingFailed (its cause, which may depend on the data, is logged, not sent).
+    """
     from opacus.optimizers import DPOptimizer
     from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 
-    n = len(dataset)
+    x_all, y_all = _tensors(dataset)
+    n = int(x_all.shape[0])
     if n == 0:
         raise NotAllowed("the dataset is empty")
+    if delta <= 0:
+        raise NotAllowed("DP training needs a budget with delta > 0; ask the owner to set one")
     rate = min(1.0, spec.batch_size / n)
     sample_gen = torch.Generator().manual_seed(secrets.randbits(63))
     noise_gen = torch.Generator().manual_seed(secrets.randbits(63))
     sampler = UniformWithReplacementSampler(num_samples=n, sample_rate=rate, generator=sample_gen)
     steps = spec.epochs * len(sampler)
-    if delta <= 0:
-        raise NotAllowed("DP training needs a budget with delta > 0; ask the owner to set one")
     sigma = spec.noise_multiplier if spec.noise_multiplier is not None else noise_for(spec.target_epsilon or 0.0, rate, steps, delta)
     spend = Spend.dpsgd(rate, sigma, steps)
     epsilon = compose([spend], delta)[0]
 
     trained = copy.deepcopy(model)  # the scientist's own model stays as it was
     check_model(trained)
-    reservation = reserve(spend)  # BudgetExceeded here: nothing ran, nothing charged
+    trained.train()
+    opt = DPOptimizer(rebuild_optimizer(optimizer, [p for p in trained.parameters() if p.requires_grad]),
+                      noise_multiplier=sigma, max_grad_norm=spec.max_grad_norm, expected_batch_size=spec.batch_size,
+                      generator=noise_gen)
+    per_example = _PerExample(trained, LOSSES[spec.loss], randomness)
+    # The model alone, on public zeros: its errors (shapes, types, writes into its weights) show here,
+    # with their reasons, before anything is charged or read.
+    try:
+        per_example(torch.zeros((1, *x_all.shape[1:]), dtype=x_all.dtype),
+                    torch.zeros((1, *y_all.shape[1:]), dtype=y_all.dtype))
+    except NotAllowed:
+        raise
+    except Exception as exc:  # the scientist's own model on zeros: its error holds nothing private
+        raise NotAllowed(f"the model fails on a batch of zeros shaped like the dataset's items, before any "
+                         f"data is read ({type(exc).__name__}: {str(exc)[:300]})") from None
+    reservation = reserve(spend)  # BudgetExceeded here: nothing read, nothing charged
     started = time.monotonic()
     done = 0
     try:
-        gsm = GradSampleModule(trained)
-        opt = DPOptimizer(rebuild_optimizer(optimizer, list(trained.parameters())), noise_multiplier=sigma,
-                          max_grad_norm=spec.max_grad_norm, expected_batch_size=spec.batch_size, generator=noise_gen)
-        guarded = _guarded_ranges(trained)
-        loss_fn = LOSSES[spec.loss]
-        gsm.train()
         last = time.monotonic()
         for _epoch in range(spec.epochs):
             for indices in sampler:
-                x, y = _batch(dataset, indices)
+                idx = torch.as_tensor(indices, dtype=torch.long)
                 opt.zero_grad(set_to_none=True)
-                observer = Observer(randomness, track=True)
-                with active(observer), warnings.catch_warnings():
-                    # Opacus's hooks fire on module outputs when inputs need no gradient: expected here.
-                    warnings.filterwarnings("ignore", message="Full backward hook is firing")
-                    loss = loss_fn(gsm(x), y)
-                    loss.backward()
-                if ranges_overlap(guarded, observer.written):
-                    raise NotAllowed("the model writes into its own weights or buffers while it runs; "
-                                     "DP training refuses it (the writes would carry data around the noise)")
+                per_example.into(opt, x_all[idx], y_all[idx])
                 opt.step()
                 done += 1
                 if time.monotonic() - last >= PROGRESS_EVERY:
                     progress(done, steps)
                     last = time.monotonic()
         progress(done, steps)
-        gsm._close()
-    except BaseException:
-        if done == 0:
-            reservation.refund()  # no step touched the data
-        else:
-            reservation.commit()  # when in doubt, charge
-        raise
+    except BaseException as exc:
+        reservation.commit()  # the data was read: charged, whatever happened
+        log.warning("DP training failed after %d steps", done, exc_info=True)
+        raise TrainingFailed(type(exc).__name__) from None
     reservation.commit()
     _scrub(trained)
     return Outcome(trained, steps, rate, sigma, epsilon, delta, time.monotonic() - started)
 
 
-def _batch(dataset: Any, indices: List[int]) -> Any:
-    """The examples at these indices, as (inputs, labels); a TensorDataset is indexed at once."""
-    if isinstance(dataset, torch.utils.data.TensorDataset):
-        idx = torch.as_tensor(indices, dtype=torch.long)
-        parts = [t[idx] for t in dataset.tensors]
-    else:
-        samples = [dataset[int(i)] for i in indices]
-        if not samples:
-            first = dataset[0]
-            parts = [torch.as_tensor(v).new_empty((0, *torch.as_tensor(v).shape)) for v in first]
-        else:
-            parts = list(torch.utils.data.default_collate(samples))
-    if len(parts) != 2:
-        raise NotAllowed("DP training takes a dataset of (input, label) pairs")
-    return parts[0], parts[1]
+class _PerExample:
+    """Per-example gradients with torch.func: each example's forward runs alone (vmap over examples of
+    a batch of one), so no model, whatever it does across its batch (a maximum, a softmax over dim
+    0, a concatenation), can let one example's gradient depend on another's. Clipping then bounds
+    each person's influence as DP-SGD's accounting assumes. Forward and backward run under the
+    effect observer: a model that writes into its own weights or buffers is refused."""
+
+    def __init__(self, model: torch.nn.Module, loss_fn: Callable[..., torch.Tensor], randomness: ActionRandomness) -> None:
+        from torch.func import functional_call, grad, vmap
+
+        self.model = model
+        self.randomness = randomness
+        self.params = {k: p.detach() for k, p in model.named_parameters() if p.requires_grad}
+        self.buffers = {k: b.detach() for k, b in model.named_buffers()}
+        self.guarded = _guarded_ranges(model)
+        self.by_name = {k: p for k, p in model.named_parameters() if p.requires_grad}
+
+        def loss_one(params: Dict[str, torch.Tensor], buffers: Dict[str, torch.Tensor], x: torch.Tensor,
+                     y: torch.Tensor) -> torch.Tensor:
+            out = functional_call(model, (params, buffers), (x.unsqueeze(0),))
+            return loss_fn(out, y.unsqueeze(0))
+
+        self.fn = vmap(grad(loss_one), in_dims=(None, None, 0, 0), randomness="different")
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> Dict[str, torch.Tensor]:
+        observer = Observer(self.randomness, track=True)
+        with active(observer):
+            grads = self.fn(self.params, self.buffers, x, y)
+        if ranges_overlap(self.guarded, observer.written):
+            raise NotAllowed("the model writes into its own weights or buffers while it runs; "
+                             "DP training refuses it (the writes would carry data around the noise)")
+        return grads
+
+    def into(self, opt: Any, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Set each parameter's per-example gradients (`grad_sample`) for Opacus's DPOptimizer."""
+        if x.shape[0] == 0:  # a Poisson batch may be empty: one example's worth of zeros (clips to zero)
+            for p in self.by_name.values():
+                p.grad_sample = torch.zeros((1, *p.shape), dtype=p.dtype)  # type: ignore[attr-defined]
+            return
+        grads = self(x, y)
+        for name, p in self.by_name.items():
+            p.grad_sample = grads[name].detach()  # type: ignore[attr-defined]
+
+
+def _tensors(dataset: Any) -> Any:
+    """(inputs, labels) of a dataset of fixed-shape tensors: its shapes are public, its items indexable at once."""
+    if not isinstance(dataset, torch.utils.data.TensorDataset) or len(dataset.tensors) != 2:
+        raise NotAllowed("DP training takes a dataset of (input, label) tensors (a TensorDataset, like duet.datasets.MNIST)")
+    return dataset.tensors
 
 
 def _guarded_ranges(model: torch.nn.Module) -> List[Any]:

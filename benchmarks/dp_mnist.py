@@ -20,6 +20,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -112,11 +113,13 @@ def main() -> int:
 
     cmd = [sys.executable, str(Path(__file__).resolve()), "--role", "owner", "--epsilon", str(args.epsilon),
            "--delta", str(args.delta)] + (["--limit", str(args.limit)] if args.limit else [])
-    env = {**os.environ, "DUET_CONFIG_DIR": os.environ.get("DUET_CONFIG_DIR", "/tmp/duet-bench-dp-owner")}
+    # Fresh identities and ledgers each run: an earlier run's spending would count against this one.
+    fresh = tempfile.mkdtemp(prefix="duet-bench-dp-")
+    env = {**os.environ, "DUET_CONFIG_DIR": os.path.join(fresh, "owner")}
     proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=str(ROOT))
     try:
         code = json.loads(proc.stdout.readline() if proc.stdout else "")["code"]
-        os.environ.setdefault("DUET_CONFIG_DIR", "/tmp/duet-bench-dp-scientist")
+        os.environ["DUET_CONFIG_DIR"] = os.path.join(fresh, "scientist")
         scientist = duet.join(code, name="benchmark", local_only=True)
         train, test = MNIST(train=True, limit=args.limit), MNIST(train=False)
         print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {len(train)} training images, "

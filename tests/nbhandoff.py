@@ -16,6 +16,9 @@ Nothing else is injected: the cells run as a user runs them. The owner's
 cells wait for each request with `owner.requests.wait_pending(timeout=...)`,
 so the two notebooks meet in a fixed order without sleeps.
 
+A federation's topic has several owner notebooks (owner-1, owner-2, ...): each writes its own
+handoff file, and the scientist gets every code, in order, in DUET_JOIN_CODES.
+
 Two ways to run a pair:
 
 * `run_nbval_pair(topic, workdir)`: two `pytest --nbval` processes, outputs
@@ -44,7 +47,18 @@ from tests.waiting import until
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"
 SANITIZE_CFG = NOTEBOOKS / "nbval.cfg"
-TOPICS = ("hello", "statistics", "vae")
+TOPICS = ("hello", "statistics", "vae", "federated")
+
+
+def owner_notebooks(topic: str) -> List[str]:
+    """The owners' notebooks of a topic, by stem: "owner", or "owner-1", "owner-2", ... for a federation."""
+    folder = NOTEBOOKS / topic
+    several = sorted(p.stem for p in folder.glob("owner-*.ipynb"))
+    return several or ["owner"]
+
+
+def roles(topic: str) -> List[str]:
+    return owner_notebooks(topic) + ["scientist"]
 HANDOFF_TIMEOUT = 120.0
 PAIR_TIMEOUT = 300.0
 CELL_TIMEOUT = 180
@@ -52,18 +66,29 @@ CELL_TIMEOUT = 180
 
 @dataclass
 class PairResult:
-    owner_rc: int
+    """How the owners' notebooks (one, or several for a federation) and the scientist's ended."""
+
+    owner_rcs: List[int]
     scientist_rc: int
-    owner_out: str
+    owner_outs: List[str]
     scientist_out: str
 
     @property
+    def owner_rc(self) -> int:
+        return next((rc for rc in self.owner_rcs if rc != 0), 0)
+
+    @property
+    def owner_out(self) -> str:
+        return "\n".join(self.owner_outs)
+
+    @property
     def ok(self) -> bool:
-        return self.owner_rc == 0 and self.scientist_rc == 0
+        return all(rc == 0 for rc in self.owner_rcs) and self.scientist_rc == 0
 
     def report(self) -> str:
-        return (f"--- owner notebook (exit {self.owner_rc}) ---\n{self.owner_out[-12000:]}\n"
-                f"--- scientist notebook (exit {self.scientist_rc}) ---\n{self.scientist_out[-12000:]}")
+        owners = "".join(f"--- owner notebook {i + 1} (exit {rc}) ---\n{out[-12000:]}\n"
+                         for i, (rc, out) in enumerate(zip(self.owner_rcs, self.owner_outs)))
+        return owners + f"--- scientist notebook (exit {self.scientist_rc}) ---\n{self.scientist_out[-12000:]}"
 
 
 def sanitize_patterns(cfg: Path = SANITIZE_CFG) -> List[Tuple[str, str]]:
@@ -128,33 +153,43 @@ def _finish(proc: subprocess.Popen, deadline: float) -> int:
             return proc.wait(10)
 
 
-def run_pair(topic: str, workdir: Path, owner_cmd: List[str], scientist_cmd: List[str],
+def run_pair(topic: str, workdir: Path, owner_cmds: List[List[str]], scientist_cmd: List[str],
              timeout: float = PAIR_TIMEOUT) -> PairResult:
-    """Start the owner command, hand its join code to the scientist command, wait for both."""
+    """Start the owners' commands, hand their join codes to the scientist command, wait for all.
+
+    The scientist gets the first code in DUET_JOIN_CODE and all of them, in order, in
+    DUET_JOIN_CODES (comma-separated).
+    """
     workdir.mkdir(parents=True, exist_ok=True)
     sig, url = start_signaling()
-    handoff = workdir / "join-code"
-    owner_log, scientist_log = workdir / "owner.log", workdir / "scientist.log"
-    owner = scientist = None
+    owners: List[subprocess.Popen] = []
+    scientist = None
+    logs = [workdir / f"owner-{i + 1}.log" for i in range(len(owner_cmds))]
+    scientist_log = workdir / "scientist.log"
     try:
-        owner_env = base_env(workdir, "owner", url)
-        owner_env["DUET_HANDOFF_FILE"] = str(handoff)
-        owner = _spawn(owner_cmd, owner_env, owner_log)
+        codes = []
         deadline = time.monotonic() + timeout
-        try:
-            code = wait_for_file(handoff, HANDOFF_TIMEOUT, alive=owner)
-        except (TimeoutError, RuntimeError) as exc:
-            _finish(owner, time.monotonic())
-            return PairResult(owner.returncode if owner.returncode is not None else -1, -1,
-                              owner_log.read_text() + f"\n[harness] {exc}", "(not started)")
+        for i, cmd in enumerate(owner_cmds):
+            env = base_env(workdir, f"owner-{i + 1}", url)
+            handoff = workdir / f"join-code-{i + 1}"
+            env["DUET_HANDOFF_FILE"] = str(handoff)
+            owners.append(_spawn(cmd, env, logs[i]))
+            try:
+                codes.append(wait_for_file(handoff, HANDOFF_TIMEOUT, alive=owners[-1]))
+            except (TimeoutError, RuntimeError) as exc:
+                rcs = [_finish(o, time.monotonic()) for o in owners]
+                outs = [log.read_text() for log in logs[:len(owners)]]
+                outs[-1] += f"\n[harness] {exc}"
+                return PairResult(rcs, -1, outs, "(not started)")
         scientist_env = base_env(workdir, "scientist", url)
-        scientist_env["DUET_JOIN_CODE"] = code
+        scientist_env["DUET_JOIN_CODE"] = codes[0]
+        scientist_env["DUET_JOIN_CODES"] = ",".join(codes)
         scientist = _spawn(scientist_cmd, scientist_env, scientist_log)
         s_rc = _finish(scientist, deadline)
-        o_rc = _finish(owner, deadline)
-        return PairResult(o_rc, s_rc, owner_log.read_text(), scientist_log.read_text())
+        o_rcs = [_finish(o, deadline) for o in owners]
+        return PairResult(o_rcs, s_rc, [log.read_text() for log in logs], scientist_log.read_text())
     finally:
-        for proc in (scientist, owner):
+        for proc in [scientist, *owners]:
             if proc is not None and proc.poll() is None:
                 proc.kill()
                 proc.wait(10)
@@ -171,7 +206,8 @@ def nbval_cmd(notebook: Path) -> List[str]:
 
 def run_nbval_pair(topic: str, workdir: Path) -> PairResult:
     folder = NOTEBOOKS / topic
-    return run_pair(topic, workdir, nbval_cmd(folder / "owner.ipynb"), nbval_cmd(folder / "scientist.ipynb"))
+    return run_pair(topic, workdir, [nbval_cmd(folder / f"{o}.ipynb") for o in owner_notebooks(topic)],
+                    nbval_cmd(folder / "scientist.ipynb"))
 
 
 # -- regenerating the committed outputs -------------------------------------------------
@@ -214,10 +250,10 @@ def update(topic: str) -> PairResult:
     folder = NOTEBOOKS / topic
     with tempfile.TemporaryDirectory(prefix=f"duet-nb-{topic}-") as tmp:
         work = Path(tmp)
-        outs = {role: work / f"{role}.ipynb" for role in ("owner", "scientist")}
+        outs = {role: work / f"{role}.ipynb" for role in roles(topic)}
         cmd = lambda role: [sys.executable, "-m", "tests.nbhandoff", "execute",  # noqa: E731
                             str(folder / f"{role}.ipynb"), str(outs[role])]
-        result = run_pair(topic, work, cmd("owner"), cmd("scientist"))
+        result = run_pair(topic, work, [cmd(o) for o in owner_notebooks(topic)], cmd("scientist"))
         if result.ok:
             patterns = sanitize_patterns()
             for role, path in outs.items():

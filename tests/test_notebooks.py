@@ -30,7 +30,7 @@ def test_notebook_pair_under_nbval(topic, tmp_path):
 @pytest.mark.parametrize("topic", nbhandoff.TOPICS)
 def test_pairs_are_complete_and_committed_with_outputs(topic):
     folder = nbhandoff.NOTEBOOKS / topic
-    for role in ("owner", "scientist"):
+    for role in nbhandoff.roles(topic):
         nb = json.loads((folder / f"{role}.ipynb").read_text(encoding="utf-8"))
         code = [c for c in nb["cells"] if c["cell_type"] == "code"]
         assert code and all(c.get("execution_count") for c in code), f"{topic}/{role}: run `python -m tests.nbhandoff update`"

@@ -155,3 +155,32 @@ def test_federated_averaging_through_secure_sums_equals_plain_averaging(tmp_path
         for owner, scientist in made:
             scientist.close()
             owner.close()
+
+
+def test_owners_can_add_their_own_noise_to_a_secure_sum(tmp_path):
+    """dp=epsilon: each owner releases its aggregate with its own noise (charged to the scientist's
+    budget with it) before masking; the sum carries everyone's noise and reveals no one's row."""
+    made: Pairs = []
+    try:
+        for k in range(3):
+            owner, scientist = duet.local_pair(audit_log=tmp_path / f"audit-{k}.jsonl", owner_name=f"hospital {k + 1}")
+            owner.store.add(torch.full((200,), 50.0), name="ages", bounds=(0, 100))
+            owner.store.add(torch.full((200,), 50.0), name="undeclared")
+            owner.privacy.budget(epsilon=2.0)
+            owner.requests.add_handler(action="accept", secure_sum=True, dp=True)
+            made.append((owner, scientist))
+        fed = duet.Federation([s for _, s in made])
+        total = fed.secure_sum(fed.map(lambda s: s.store["ages"].mean()), dp=1.0).get(timeout=30)
+        # each owner's noise std: sqrt(2) * (100 / 200) / 1 = 0.71; three of them: 1.2; 10 of those is never seen
+        assert abs(float(total) - 150.0) < 12
+        for owner, scientist in made:
+            assert owner.privacy.summary(scientist.identity.fingerprint)["spent_epsilon"] == pytest.approx(1.0)
+            assert any(r.dp_epsilon == 1.0 for r in owner.requests.history)
+        with pytest.raises(duet.SecureSumFailed, match="declared bounds"):
+            fed.secure_sum(fed.map(lambda s: s.store["undeclared"].mean()), dp=1.0).get(timeout=30)
+        with pytest.raises(duet.SecureSumFailed, match="over your budget"):
+            fed.secure_sum(fed.map(lambda s: s.store["ages"].mean()), dp=1.5).get(timeout=30)
+    finally:
+        for owner, scientist in made:
+            scientist.close()
+            owner.close()

@@ -167,6 +167,7 @@ class SecureSums:
         ops: List[str] = []
         for o in objs:
             ops += [op for op in o.group.ops.labels() if op not in ops]
+        epsilon = self._dp_epsilon(msg.get("dp"), objs)
         min_owners = policy.min_owners
         if lineage:
             reason = msg.get("reason") if isinstance(msg.get("reason"), str) else ""
@@ -176,9 +177,13 @@ class SecureSums:
                 "kind": "secure_sum", "lineage": tuple(sorted(lineage)), "ops": tuple(ops),
                 "type_name": f"secure sum of {spec.length} numbers", "numel": spec.length, "nbytes": 8 * spec.length,
                 "reason": clean(reason, newlines=True), "participants": tuple(participants), "threshold": threshold,
+                "dp_epsilon": epsilon, "dp_mechanism": "each owner's own noise (discrete Laplace)" if epsilon else "",
             }, denied="the owner did not take part in this secure sum")
             if req.decided_rule is not None and req.decided_rule.min_owners:
                 min_owners = max(min_owners, req.decided_rule.min_owners)
+        if epsilon is not None:  # this owner's own noise: its value is protected even if the others collude
+            noisy = self._noisy(objs, epsilon)
+            value = noisy if isinstance(ids, list) else noisy[0]
         parts = contribution_parts(value, spec)  # a snapshot, taken after the approval
         if weight != 1:
             if any(seg.integer for seg in spec.segments) and not float(weight).is_integer():
@@ -194,6 +199,42 @@ class SecureSums:
         self._audit(participant, "secure_sum_join", assets=sorted(lineage), participants=list(participants),
                     threshold=threshold)
         return advert
+
+    def _dp_epsilon(self, requested: Any, objs: List[Any]) -> Optional[float]:
+        """A secure sum with dp=epsilon: every contribution must be an aggregate the owner can bound."""
+        if requested is None:
+            return None
+        from .privacy import facts, mechanisms
+        from .privacy.ledger import check_epsilon
+
+        if isinstance(requested, bool) or not isinstance(requested, (int, float)):
+            raise RoundRefused("dp takes epsilon, a number > 0")
+        try:
+            epsilon = check_epsilon(requested)
+            for o in objs:
+                if not isinstance(o.dp, facts.Aggregate):
+                    raise RoundRefused(f"a contribution with dp= must be an aggregate with declared bounds "
+                                       f"({facts.describe(o.dp, o.dp_why).get('why')})")
+                facts.check_sources(o.dp, self.conn.owner.store)
+                mechanisms.plan(o.dp, epsilon)
+                facts.check_row_wise(o.dp.rows)
+        except (ValueError, LookupError, mechanisms.Unreleasable, facts.Refused) as exc:
+            raise RoundRefused(str(exc)) from None
+        return epsilon
+
+    def _noisy(self, objs: List[Any], epsilon: float) -> List[Any]:
+        """Each contribution released with this owner's own noise, charged to the scientist's budget here
+        (epsilon split evenly among the contributions), before anything leaves, masked or not."""
+        from .privacy import mechanisms
+        from .privacy.ledger import Spend
+
+        requester = self.conn.requester
+        assert requester is not None
+        share = epsilon / len(objs)
+        reservation = self.conn.owner.privacy.ledger.reserve(requester.fingerprint, Spend.laplace(epsilon),
+                                                             f"secure sum with noise ({len(objs)} part(s))")
+        reservation.commit()  # what is computed from here may leave, masked: charged now
+        return [mechanisms.release(o.dp, mechanisms.plan(o.dp, share)) for o in objs]
 
     def _audit(self, participant: Participant, event: str, **fields: Any) -> None:
         req = self.conn.requester

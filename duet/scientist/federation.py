@@ -70,7 +70,7 @@ class SecureSum:
     """A secure sum across a federation's owners; `.get()` runs it and returns the sum."""
 
     def __init__(self, fed: "Federation", values: Sequence[Any], weights: Optional[Sequence[float]], clip: Optional[float],
-                 scale_bits: Optional[int]) -> None:
+                 scale_bits: Optional[int], dp: Optional[float] = None) -> None:
         if len(values) != len(fed):
             raise ValueError(f"one value per owner: {len(fed)} owners, {len(values)} values")
         self.fed = fed
@@ -84,6 +84,9 @@ class SecureSum:
                 raise ValueError(f"owner {i}'s value does not have the shape and kind of owner 1's")
         self.form = forms[0]
         self.report: Optional[RoundReport] = None
+        if dp is not None and (isinstance(dp, bool) or not isinstance(dp, (int, float)) or not dp > 0):
+            raise ValueError("dp= takes epsilon, a number > 0")
+        self.dp = float(dp) if dp is not None else None
 
     def __repr__(self) -> str:
         state = "not run yet" if self.report is None else f"covers {', '.join(self.report.owners)}"
@@ -94,7 +97,7 @@ class SecureSum:
 
         `timeout`: how long to wait for the owners to approve their contributions (default 300 s).
         """
-        total, report = self.fed._run(self.values, self.weights, self.form.spec, reason, timeout or 300.0)
+        total, report = self.fed._run(self.values, self.weights, self.form.spec, reason, timeout or 300.0, self.dp)
         self.report = report
         if report.dropped:
             warnings.warn(f"the secure sum covers {len(report.owners)} of {len(report.owners) + len(report.dropped)} "
@@ -221,14 +224,17 @@ class Federation:
         return [fn(s) for s in self.scientists]
 
     def secure_sum(self, values: Sequence[Any], weights: Optional[Sequence[float]] = None, clip: Optional[float] = None,
-                   scale_bits: Optional[int] = None) -> SecureSum:
+                   scale_bits: Optional[int] = None, dp: Optional[float] = None) -> SecureSum:
         """The sum of one value per owner, which no one sees alone; `.get(reason=...)` runs it.
 
         Floats are summed as fixed point with `scale_bits` fractional bits (default 24), after
         clipping to [-clip, clip] (default 2^30); integers exactly. `weights` multiply each owner's
-        value on the owner first (a weighted average's numerator).
+        value on the owner first (a weighted average's numerator). `dp=epsilon`: each owner adds
+        its own differentially private noise to its value (an aggregate over an asset with declared
+        bounds) and charges epsilon to your budget with it, so the sum reveals no one's row even to
+        a scientist colluding with the other owners; the sum carries every owner's noise.
         """
-        return SecureSum(self, values, weights, clip, scale_bits)
+        return SecureSum(self, values, weights, clip, scale_bits, dp)
 
     def secure_mean(self, values: Sequence[Any], counts: Sequence[Any], reason: str = "",
                     timeout: Optional[float] = None) -> Any:
@@ -257,7 +263,7 @@ class Federation:
         return out
 
     def _run(self, values: List[Any], weights: List[float], spec: encoding.Spec, reason: str,
-             join_timeout: float) -> Tuple[np.ndarray, RoundReport]:
+             join_timeout: float, dp: Optional[float] = None) -> Tuple[np.ndarray, RoundReport]:
         start = time.monotonic()
         n = len(self.scientists)
         rnd = Round(secrets.token_bytes(16), tuple(s.owner_fingerprint or "" for s in self.scientists), self.threshold, spec)
@@ -284,7 +290,8 @@ class Federation:
             which: Dict[str, Any] = {"objs": [p.id for p in value]} if isinstance(value, (list, tuple)) else {"obj": value.id}
             joins[v] = self._request(owner(v), {"step": "join", "round": rid, "participants": list(rnd.participants),
                                                 "index": v, "threshold": self.threshold, "spec": spec.to_wire(),
-                                                "weight": weights[v - 1], "reason": reason, **which})
+                                                "weight": weights[v - 1], "reason": reason, **which,
+                                                **({"dp": dp} if dp is not None else {})})
         adverts = self._gather(joins, join_timeout, errors)
         try:
             verify_adverts(rnd, list(adverts.values()))  # (each owner checks them again; this names a forger early)

@@ -31,7 +31,7 @@ from ..errors import DuetError, NotAllowed
 from ..protocol import RequestKind
 from ..secagg import encoding
 from ..secagg.aggregate import RoundFailed, unmask_total
-from ..secagg.participant import Round, verify_adverts
+from ..secagg.participant import Round, smallest_threshold, verify_adverts
 
 if TYPE_CHECKING:
     from .client import Scientist
@@ -181,8 +181,12 @@ class Federation:
     def __init__(self, scientists: Sequence["Scientist"], min_owners: Optional[int] = None,
                  threshold: Optional[int] = None, step_timeout: float = STEP_TIMEOUT,
                  on_step: Optional[Callable[[str, List[int]], None]] = None) -> None:
-        """`threshold`: how many owners must stay for a sum to be unmasked (default: a majority, and at
-        least min_owners). `on_step(step, owners)` is called after each step of a secure sum with the
+        """`threshold`: how many owners must stay for a sum to be unmasked. The default is the
+        smallest t with 2t > n + c for c = (n - 1) // 3, fewer than a third of the n owners
+        colluding with a scientist (2 of 2 or 3, 3 of 4, 4 of 5, 5 of 7), and at least min_owners:
+        what every owner requires by default (`pin_federation(max_colluders=...)`), since below it
+        owners colluding with a scientist could sign two stories about who survived and unmask
+        everyone. `on_step(step, owners)` is called after each step of a secure sum with the
         owners (1-based positions) still in it, for progress displays."""
         self.scientists = list(scientists)
         self.on_step = on_step
@@ -195,7 +199,7 @@ class Federation:
         self.min_owners = max(2, min_owners or 2)
         if self.min_owners > n:
             raise ValueError(f"min_owners={self.min_owners} but only {n} owners")
-        self.threshold = threshold if threshold is not None else max(n // 2 + 1, self.min_owners)
+        self.threshold = threshold if threshold is not None else max(smallest_threshold(n), self.min_owners)
         if not n // 2 < self.threshold <= n:
             raise ValueError("the threshold must be more than half of the owners and at most all of them")
         self.step_timeout = step_timeout
@@ -229,7 +233,10 @@ class Federation:
 
         Floats are summed as fixed point with `scale_bits` fractional bits (default 24), after
         clipping to [-clip, clip] (default 2^30); integers exactly. `weights` multiply each owner's
-        value on the owner first (a weighted average's numerator). `dp=epsilon`: each owner adds
+        value on the owner first (a weighted average's numerator); an owner refuses a weight whose
+        product with clip is not finite. After weighting, NaN counts as 0 and +-infinity (an
+        overflowing product too) as +-clip, silently: an owner that failed, or answered otherwise,
+        on such a value would tell you something about its value alone, so no error says so. `dp=epsilon`: each owner adds
         its own differentially private noise to its value (an aggregate over an asset with declared
         bounds) and charges epsilon to your budget with it, so the sum reveals no one's row even to
         a scientist colluding with the other owners; the sum carries every owner's noise.

@@ -4,6 +4,12 @@ A `Spec` (chosen by the scientist from public metadata, checked by every owner) 
 segments of the vector: their shapes, and whether they hold integers (summed exactly) or floats
 (rounded to multiples of 2^-scale_bits after clipping to [-clip, clip]). The sum of `owners`
 vectors cannot wrap as long as owners * clip * 2^scale_bits < 2^63, which owners check.
+
+Encoding never fails because of a value: an owner encodes after approving its contribution, and
+an error then (or a different answer) would tell the scientist something about that value alone,
+one bit per try. So NaN counts as 0 and +-infinity as +-clip, after weighting (a product that
+overflows is an infinity), silently; only the public shapes, kinds and weight can be refused,
+and those are checked before approval (`check_parts`, `check_weight`).
 """
 from __future__ import annotations
 
@@ -17,6 +23,7 @@ import numpy as np
 
 DEFAULT_SCALE_BITS = 24  # floats are exact to 6e-8 (2^-24)
 MAX_ELEMENTS = 1 << 26  # 512 MiB of masked vector: far beyond any model a round here carries
+MAX_INTEGER_WEIGHT = 2**53  # integer parts are weighted exactly, without wrapping, below this
 
 
 @dataclass(frozen=True)
@@ -74,29 +81,69 @@ class Spec:
         return hashlib.sha256(msgpack.packb(self.to_wire(), use_bin_type=True)).digest()
 
 
-def encode(spec: Spec, parts: Sequence[np.ndarray]) -> np.ndarray:
-    """The contribution as uint64 (two's complement of the fixed-point integers)."""
+def check_weight(spec: Spec, weight: Any) -> float:
+    """The weight as a float, or ValueError, from public numbers only (before approval): a weight
+    that makes clip itself infinite, or that integers could not carry exactly, is refused up front."""
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+        raise ValueError("weight must be a finite number > 0")
+    try:
+        w = float(weight)
+    except OverflowError:
+        raise ValueError("weight must be a finite number > 0") from None
+    if not (math.isfinite(w) and w > 0 and math.isfinite(w * spec.clip)):
+        raise ValueError("weight must be a finite number > 0 whose product with clip is finite")
+    if any(seg.integer for seg in spec.segments) and w != 1 and not (w.is_integer() and w <= MAX_INTEGER_WEIGHT):
+        raise ValueError(f"integer parts can only be weighted by a whole number up to {MAX_INTEGER_WEIGHT}")
+    return w
+
+
+def check_parts(spec: Spec, parts: Sequence[np.ndarray]) -> None:
+    """ValueError unless the parts have the agreed number, shapes and kinds (metadata only)."""
     if len(parts) != len(spec.segments):
         raise ValueError("the value does not have the agreed parts")
-    out = np.empty(spec.length, dtype=np.uint64)
-    pos = 0
     for seg, part in zip(spec.segments, parts):
         arr = np.asarray(part)
         if tuple(arr.shape) != seg.shape:
             raise ValueError(f"part {seg.name!r} has shape {tuple(arr.shape)}, not the agreed {seg.shape}")
-        flat = arr.reshape(-1)
-        if seg.integer:
-            if flat.dtype.kind not in "biu":
-                raise ValueError(f"part {seg.name!r} is not integers")
-            ints = np.clip(flat.astype(np.int64), -int(spec.clip), int(spec.clip))
-        else:
-            values = flat.astype(np.float64)
-            if not np.all(np.isfinite(values)):
-                raise ValueError(f"part {seg.name!r} holds NaN or infinity")
-            ints = np.rint(np.clip(values, -spec.clip, spec.clip) * 2.0**spec.scale_bits).astype(np.int64)
+        if arr.dtype.kind not in ("biu" if seg.integer else "biuf"):
+            raise ValueError(f"part {seg.name!r} is not {'integers' if seg.integer else 'numbers'}")
+
+
+def encode(spec: Spec, parts: Sequence[np.ndarray], weight: float = 1.0) -> np.ndarray:
+    """The contribution, times `weight`, as uint64 (two's complement of the fixed-point integers).
+
+    Raises only for what `check_parts` and `check_weight` refuse; any value encodes (see above)."""
+    check_parts(spec, parts)
+    w = check_weight(spec, weight)
+    out = np.empty(spec.length, dtype=np.uint64)
+    pos = 0
+    for seg, part in zip(spec.segments, parts):
+        flat = np.asarray(part).reshape(-1)
+        ints = _integers(flat, spec.clip, int(w)) if seg.integer else _fixed_point(flat, spec, w)
         out[pos:pos + seg.size] = ints.view(np.uint64)
         pos += seg.size
     return out
+
+
+def _fixed_point(flat: np.ndarray, spec: Spec, weight: float) -> np.ndarray:
+    """Floats times weight, NaN as 0 and infinities (an overflowing product too) as +-clip, clipped
+    and rounded to the grid: no error and no warning, whatever the values."""
+    with np.errstate(all="ignore"):
+        values = flat.astype(np.float64) * weight
+        values = np.nan_to_num(values, nan=0.0, posinf=spec.clip, neginf=-spec.clip)
+        return np.rint(np.clip(values, -spec.clip, spec.clip) * 2.0**spec.scale_bits).astype(np.int64)
+
+
+def _integers(flat: np.ndarray, clip: float, weight: int) -> np.ndarray:
+    """Integers times weight, clipped to +-clip without ever wrapping: clip(weight * v) exactly,
+    computed as clip(weight * clip(v, +-(bound // weight + 1))), which stays far inside int64."""
+    bound = int(clip)
+    pre = bound // weight + 1
+    if flat.dtype.kind == "u":
+        flat = np.minimum(flat, np.uint64(pre)).astype(np.int64)
+    else:
+        flat = np.clip(flat.astype(np.int64), -pre, pre)
+    return np.clip(flat * weight, -bound, bound)
 
 
 def decode(spec: Spec, total: np.ndarray) -> List[np.ndarray]:

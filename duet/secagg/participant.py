@@ -11,18 +11,26 @@ Steps, each called once and in order, with what the scientist relays:
    owner's shares are sealed to it (crypto_box): the scientist relays what it cannot read.
 3. `masked_input(sealed)`: shares addressed to this owner are opened; the vector goes out as
    value + self mask + pairwise masks with every owner who shared keys, modulo 2^64.
-4. `consistency(survivors)`: the owner signs the list of owners whose masked vectors arrived.
+4. `consistency(survivors)`: the owner signs the list of owners whose masked vectors arrived,
+   bound to this run of the round (a hash of every advert it received: fresh keys per run).
 5. `unmask(survivors, signatures)`: only with valid signatures of at least t survivors on the very
-   same list (so no two owners can be told different stories), the owner reveals, for each
-   survivor, its share of that owner's self mask, and for each owner who dropped after sharing
-   keys, its share of that owner's mask key. Never both for one owner, and only once.
+   same list in the very same run, the owner reveals, for each survivor, its share of that
+   owner's self mask, and for each owner who dropped after sharing keys, its share of that
+   owner's mask key. Never both for one owner, and only once.
 
-Fewer than max(threshold, min_owners) owners at any step ends the round: nothing is revealed.
+Two stories about who survived cannot both gather t signatures as long as 2t > n + c, where c
+is how many owners may collude with the scientist (they sign both stories): every owner refuses
+a round where that fails, c being its own bound (`max_colluders`; by default fewer than a third
+of the round's owners). Fewer than max(threshold, min_owners) owners at any step ends the round:
+nothing is revealed. A step that refuses leaves the participant at "refused": nothing goes on.
 """
 from __future__ import annotations
 
+import hashlib
+import re
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import msgpack
 import nacl.exceptions
@@ -36,10 +44,30 @@ from .encoding import Spec
 
 ROUND_ID_BYTES = 16
 MAX_OWNERS = 64  # full-graph secure aggregation: n^2 pairwise masks
+MAX_MASK_WORDS = 1 << 28  # owners x numbers: the keystream one masked step expands (2 GiB, a few seconds)
+_FINGERPRINT = re.compile(r"SHA256(:[0-9a-f]{4}){8}")  # duet.identity.fingerprint's form
 
 
 class RoundRefused(ValueError):
     """This owner will not go on with the round; the message says why (it carries no data)."""
+
+
+def default_colluders(owners: int) -> int:
+    """The owners that may collude with the scientist unless an owner says otherwise: fewer than a third."""
+    return (owners - 1) // 3
+
+
+def withstands(owners: int, threshold: int, colluders: int) -> bool:
+    """Whether no two survivor lists can each gather `threshold` signatures when `colluders` owners
+    sign both: the honest owners sign one list each, so each list needs threshold - colluders of
+    the owners - colluders honest ones, and two lists need 2 * threshold > owners + colluders."""
+    return 2 * threshold > owners + colluders
+
+
+def smallest_threshold(owners: int, colluders: Optional[int] = None) -> int:
+    """The least threshold that withstands `colluders` (default: fewer than a third of the owners)."""
+    c = default_colluders(owners) if colluders is None else colluders
+    return (owners + c) // 2 + 1
 
 
 @dataclass(frozen=True)
@@ -57,6 +85,8 @@ class Round:
         n = len(self.participants)
         if not 2 <= n <= MAX_OWNERS or len(set(self.participants)) != n:
             raise RoundRefused(f"a round needs 2 to {MAX_OWNERS} distinct owners")
+        if not all(isinstance(p, str) and _FINGERPRINT.fullmatch(p) for p in self.participants):
+            raise RoundRefused("participants are key fingerprints (\"SHA256:xxxx:...\")")
         if not (n // 2 < self.threshold <= n):
             raise RoundRefused("the threshold must be more than half of the owners (so no two groups of owners "
                                "can be told different stories) and at most all of them")
@@ -64,6 +94,9 @@ class Round:
             self.spec.check(n)
         except ValueError as exc:
             raise RoundRefused(str(exc)) from None
+        if n * self.spec.length > MAX_MASK_WORDS:
+            raise RoundRefused(f"{n} owners x {self.spec.length} numbers is more masking than one round may ask "
+                               f"(at most {MAX_MASK_WORDS} in all)")
 
     def transcript(self, what: str, *fields: Any) -> bytes:
         return msgpack.packb([b"duet-secagg-v1", what, self.round_id, list(self.participants), self.threshold,
@@ -78,6 +111,33 @@ class _Peer:
     mask_key: bytes
 
 
+def admit(rnd: Round, fingerprint: str, index: int, min_owners: int = 2, max_colluders: Optional[int] = None) -> None:
+    """RoundRefused unless this owner takes part in `rnd` at `index` under its own limits: at least
+    `min_owners` owners, and a threshold no two stories can both reach with `max_colluders`
+    colluding owners (None: fewer than a third). Public numbers only, so it can run before approval."""
+    rnd.check()
+    n = len(rnd.participants)
+    if not 1 <= index <= n or rnd.participants[index - 1] != fingerprint:
+        raise RoundRefused("this owner is not the participant at that position")
+    if n < min_owners:
+        raise RoundRefused(f"only {n} owners take part; this owner requires at least {min_owners}")
+    if max_colluders is not None and (type(max_colluders) is not int or max_colluders < 0):
+        raise RoundRefused("max_colluders must be an int >= 0")
+    c = default_colluders(n) if max_colluders is None else max_colluders
+    if not withstands(n, rnd.threshold, c):
+        needed = f"a threshold of at least {smallest_threshold(n, c)}" if c < n else "more owners"
+        raise RoundRefused(f"a threshold of {rnd.threshold} of {n} owners does not withstand {c} owner(s) colluding "
+                           f"with the scientist (two stories about who survived could both be signed); this owner "
+                           f"needs 2 x threshold > owners + colluders: {needed}")
+
+
+def adverts_digest(peers: Mapping[int, _Peer]) -> bytes:
+    """What one run of a round is: every owner's fresh keys as this owner received them. Survivor
+    lists are signed with it, so a signature from another run (a reused round id) never counts."""
+    keys = [[v, peers[v].box_key, peers[v].mask_key] for v in sorted(peers)]
+    return hashlib.sha256(msgpack.packb(keys, use_bin_type=True)).digest()
+
+
 @dataclass
 class Participant:
     """This owner in one round. `vector` is its contribution, already encoded (uint64)."""
@@ -87,16 +147,11 @@ class Participant:
     index: int
     vector: np.ndarray
     min_owners: int = 2
+    max_colluders: Optional[int] = None  # None: fewer than a third of the round's owners
     stage: str = field(default="new")
 
     def __post_init__(self) -> None:
-        self.round.check()
-        if not 1 <= self.index <= len(self.round.participants) or \
-                self.round.participants[self.index - 1] != self.identity.fingerprint:
-            raise RoundRefused("this owner is not the participant at that position")
-        if len(self.round.participants) < self.min_owners:
-            raise RoundRefused(f"only {len(self.round.participants)} owners take part; this owner requires at least "
-                               f"{self.min_owners}")
+        admit(self.round, self.identity.fingerprint, self.index, self.min_owners, self.max_colluders)
         if self.vector.dtype != np.uint64 or self.vector.shape != (self.round.spec.length,):
             raise RoundRefused("the contribution does not match the agreed spec")
         self._box = nacl.public.PrivateKey.generate()
@@ -106,26 +161,42 @@ class Participant:
         self._received: Dict[int, Tuple[int, int]] = {}  # owner -> (share of its self seed, share of its mask key)
         self._u2: List[int] = []
         self._u3: List[int] = []
+        self._run = b""  # adverts_digest of this run, set when keys are shared
 
     @property
     def quorum(self) -> int:
         return max(self.round.threshold, self.min_owners)
 
-    def _step(self, expected: str, then: str) -> None:
+    @contextmanager
+    def _step(self, expected: str, then: str) -> Iterator[None]:
+        """One step, in order: the stage is "refused" until it completes, so a step that failed
+        half way (shares opened, no vector sent) can never be followed by the next."""
         if self.stage != expected:
             raise RoundRefused(f"this step comes after {expected!r}; the round is at {self.stage!r}")
+        self.stage = "refused"
+        yield
         self.stage = then
+
+    def survivors_message(self, survivors: Sequence[int]) -> bytes:
+        """What a survivor list's signatures sign: the list, in this run of this round."""
+        return self.round.transcript("survivors", self._run, list(survivors))
 
     # -- 1 -------------------------------------------------------------------------------
     def advertise(self) -> Dict[str, Any]:
-        self._step("new", "advertised")
+        with self._step("new", "advertised"):
+            return self._advertise()
+
+    def _advertise(self) -> Dict[str, Any]:
         box_pk, mask_pk = bytes(self._box.public_key), bytes(self._mask.public_key)
         sig = self.identity.sign(self.round.transcript("advert", self.index, box_pk, mask_pk))
         return {"index": self.index, "pub": self.identity.public_key, "box": box_pk, "mask": mask_pk, "sig": sig}
 
     # -- 2 -------------------------------------------------------------------------------
     def share_keys(self, adverts: Sequence[Mapping[str, Any]]) -> List[Dict[str, Any]]:
-        self._step("advertised", "shared")
+        with self._step("advertised", "shared"):
+            return self._share_keys(adverts)
+
+    def _share_keys(self, adverts: Sequence[Mapping[str, Any]]) -> List[Dict[str, Any]]:
         peers = verify_adverts(self.round, adverts)
         mine = peers.get(self.index)
         if mine is None or mine.box_key != bytes(self._box.public_key) or mine.mask_key != bytes(self._mask.public_key):
@@ -133,6 +204,7 @@ class Participant:
         if len(peers) < self.quorum:
             raise RoundRefused(f"only {len(peers)} owners advertised keys; at least {self.quorum} are needed")
         self._peers = peers
+        self._run = adverts_digest(peers)
         indices = sorted(peers)
         seed_shares = shamir.split(self._self_seed, indices, self.round.threshold)
         key_shares = shamir.split(bytes(self._mask), indices, self.round.threshold)
@@ -149,10 +221,13 @@ class Participant:
 
     # -- 3 -------------------------------------------------------------------------------
     def masked_input(self, sealed: Sequence[Mapping[str, Any]]) -> np.ndarray:
-        self._step("shared", "masked")
+        with self._step("shared", "masked"):
+            return self._masked_input(sealed)
+
+    def _masked_input(self, sealed: Sequence[Mapping[str, Any]]) -> np.ndarray:
         for item in sealed:
             v, ct = item.get("from"), item.get("ct")
-            peer = self._peers.get(v) if isinstance(v, int) else None
+            peer = self._peers.get(v) if type(v) is int else None
             if peer is None or v == self.index or v in self._received or not isinstance(ct, bytes):
                 raise RoundRefused("malformed or repeated shares")
             try:
@@ -162,7 +237,10 @@ class Participant:
                 raise RoundRefused(f"the shares from owner {v} do not open: they were not sealed by that owner") from None
             if rid != self.round.round_id or sender != v or to != self.index:
                 raise RoundRefused(f"the shares from owner {v} belong to another round or owner")
-            self._received[v] = (shamir.from_bytes(seed_share), shamir.from_bytes(key_share))
+            try:
+                self._received[v] = (shamir.from_bytes(seed_share), shamir.from_bytes(key_share))
+            except ValueError:  # a well-sealed box around a malformed share: that owner misbehaves
+                raise RoundRefused(f"the shares from owner {v} are malformed") from None
         self._u2 = sorted(self._received)
         if len(self._u2) < self.quorum:
             raise RoundRefused(f"only {len(self._u2)} owners shared keys; at least {self.quorum} are needed")
@@ -175,21 +253,27 @@ class Participant:
 
     # -- 4 -------------------------------------------------------------------------------
     def consistency(self, survivors: Sequence[int]) -> bytes:
-        self._step("masked", "consistent")
+        with self._step("masked", "consistent"):
+            return self._consistency(survivors)
+
+    def _consistency(self, survivors: Sequence[int]) -> bytes:
         u3 = _indices(survivors)
         if not set(u3) <= set(self._u2) or self.index not in u3:
             raise RoundRefused("the survivors are not owners that shared keys with this one")
         if len(u3) < self.quorum:
             raise RoundRefused(f"only {len(u3)} owners' vectors arrived; at least {self.quorum} are needed")
         self._u3 = u3
-        return self.identity.sign(self.round.transcript("survivors", u3))
+        return self.identity.sign(self.survivors_message(u3))
 
     # -- 5 -------------------------------------------------------------------------------
     def unmask(self, survivors: Sequence[int], signatures: Mapping[int, bytes]) -> Dict[int, Tuple[str, bytes]]:
-        self._step("consistent", "done")
+        with self._step("consistent", "done"):
+            return self._unmask(survivors, signatures)
+
+    def _unmask(self, survivors: Sequence[int], signatures: Mapping[int, bytes]) -> Dict[int, Tuple[str, bytes]]:
         if _indices(survivors) != self._u3:
             raise RoundRefused("the survivors differ from the list this owner signed")
-        message = self.round.transcript("survivors", self._u3)
+        message = self.survivors_message(self._u3)
         valid = 0
         for v, sig in signatures.items():
             peer = self._peers.get(v)

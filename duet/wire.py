@@ -13,6 +13,7 @@ Python value       ext   wire form (ext payload is msgpack)
 None/bool/float    --    msgpack nil / bool / float64 (NaN and inf kept)
 int                --    msgpack int, -2**63 .. 2**64-1
 str / bytes        --    msgpack str (UTF-8) / bin
+Encoded            --    msgpack bin of that encoded message (encode only; decodes as bytes)
 list               --    msgpack array
 dict               --    msgpack map; keys str or int only
 tuple              1     msgpack array [ext 1 (empty marker), item, ...]
@@ -59,10 +60,10 @@ import msgpack
 import numpy as np
 import torch
 
-from duet import wire_frames
+from duet import wire_frames, wire_scan
 from duet.errors import ProtocolError
 
-__all__ = ["Ref", "Limits", "DEFAULT_LIMITS", "encode", "decode"]
+__all__ = ["Ref", "Limits", "DEFAULT_LIMITS", "Encoded", "encode", "encode_parts", "decode"]
 
 
 @dataclass(frozen=True)
@@ -130,12 +131,15 @@ _ITEMSIZE: dict[str, int] = {n: torch.empty((), dtype=dt).element_size() for n, 
 
 _SCALARS = frozenset({type(None), bool, int, float, bytes})  # packed by msgpack as is
 _PLAIN = _SCALARS | {str}
+_BIG_BYTES = 1 << 16  # bytes this long go out as a bin header plus the object itself, not a msgpack copy
 _CONTAINERS = frozenset({list, dict, tuple})
 _KEY_TYPES = frozenset({str, int})
 _EXT_LEAVES = frozenset(
     {torch.Tensor, np.ndarray, complex, slice, type(Ellipsis), torch.dtype, torch.Size, Ref}
 ) | frozenset(_NP_SCALAR_NAME) | _NP_DTYPE_CLASSES
 _DECODED = _PLAIN | _CONTAINERS | _EXT_LEAVES
+_DECODED_BORROWED = _DECODED | {memoryview}  # decode(borrow=True): large bins are views
+BORROW_MIN = 1 << 20  # decode(borrow=True) views bins and reads tensors in place from this size
 
 _TUPLE_MARK_BYTES = b"\xc7\x00\x01"  # ext8, length 0, type 1
 _FRAME_MARK_BYTES = b"\xc7\x00\x0c"  # ext8, length 0, type 12
@@ -161,37 +165,6 @@ _FRAME_MARK = _FrameMark()
 _FIXEXT = {1: 0xD4, 2: 0xD5, 4: 0xD6, 8: 0xD7, 16: 0xD8}
 
 Buffer = Union[bytes, bytearray, memoryview]
-
-
-def _load_madvise() -> Any:
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).madvise
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    fn.restype = ctypes.c_int
-    return fn
-
-
-_madvise = _load_madvise()
-_MADV_HUGEPAGE = 14
-_HUGE = 2 * 2**20
-
-
-def _advise_hugepages(ptr: int, n: int) -> None:
-    """Ask Linux for transparent huge pages on a fresh buffer before the first write.
-
-    First-touch page faults dominate copying a large tensor here (about 40 ms vs
-    11 ms for 64 MiB); numpy does the same for its own large arrays. Advisory only.
-    """
-    if _madvise is None or n < 2 * _HUGE:
-        return
-    start = (ptr + _HUGE - 1) & ~(_HUGE - 1)
-    end = (ptr + n) & ~(_HUGE - 1)
-    if end > start:
-        _madvise(start, end - start, _MADV_HUGEPAGE)
 
 
 def _type_name(t: type) -> str:
@@ -223,6 +196,10 @@ def _map_header(n: int) -> bytes:
     if n < 2**32:
         return b"\xdf" + n.to_bytes(4, "big")
     raise ProtocolError("map too long to encode")
+
+
+def _has_big_bytes(values: Any) -> bool:
+    return any(type(v) is bytes and len(v) > _BIG_BYTES for v in values)
 
 
 def _bin_header(n: int) -> bytes:
@@ -310,6 +287,13 @@ class _Encoder:
         elif t is str:
             self.check_str(obj)
             out.append(self.pack(obj))
+        elif t is bytes and len(obj) > _BIG_BYTES:
+            out.append(_bin_header(len(obj)))
+            out.append(obj)
+        elif t is Encoded:  # an encoded message inside this one: a bin of its bytes, its buffers not copied
+            out.append(_bin_header(obj.size))
+            out.extend(obj.parts)
+            self.keep.append(obj)
         elif t in _SCALARS:
             out.append(self.pack(obj))
         else:
@@ -363,7 +347,7 @@ class _Encoder:
             if str in key_types:
                 self.check_strs(obj)
             vtypes = set(map(type, obj.values()))
-            if vtypes <= _PLAIN:
+            if vtypes <= _PLAIN and not (bytes in vtypes and _has_big_bytes(obj.values())):
                 if str in vtypes:
                     self.check_strs(obj.values())
                 out.append(self.pack(obj))
@@ -375,7 +359,7 @@ class _Encoder:
             return
         # list, or tuple = array [tuple marker, *items]
         vtypes = set(map(type, obj))
-        if vtypes <= _PLAIN:
+        if vtypes <= _PLAIN and not (bytes in vtypes and _has_big_bytes(obj)):
             if str in vtypes:
                 self.check_strs(obj)
             if t is list:
@@ -513,6 +497,34 @@ _EXT_ENCODERS.update({t: _enc_np_scalar for t in _NP_SCALAR_NAME})
 _EXT_ENCODERS.update({t: _enc_np_dtype for t in _NP_DTYPE_CLASSES})
 
 
+class Encoded:
+    """One encoded message as a list of buffers, not yet joined into one bytes object.
+
+    A transport that can send buffers one after another (the fast path) sends a large
+    tensor's memory as it is; an ``Encoded`` inside another message encodes as a msgpack
+    bin of these bytes without copying them. ``keep`` holds the tensors the buffers point
+    into alive for as long as this object lives.
+    """
+
+    __slots__ = ("parts", "size", "_keep")
+
+    def __init__(self, parts: list, keep: list) -> None:
+        self.parts = parts
+        self.size = sum(map(len, parts))
+        self._keep = keep
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __repr__(self) -> str:
+        return f"Encoded({self.size} bytes in {len(self.parts)} parts)"
+
+    def join(self) -> bytes:
+        """The message as one bytes object (a copy, unless it already is one)."""
+        parts = self.parts
+        return parts[0] if len(parts) == 1 and type(parts[0]) is bytes else b"".join(parts)
+
+
 def encode(obj: object, *, limits: Limits = DEFAULT_LIMITS) -> bytes:
     """Serialize one message to bytes the peer's :func:`decode` accepts.
 
@@ -520,6 +532,14 @@ def encode(obj: object, *, limits: Limits = DEFAULT_LIMITS) -> bytes:
     here on the sender, where the error is easier to understand than on the peer.
     A contiguous CPU tensor's data is copied once, into the returned bytes.
     """
+    encoded = encode_parts(obj, limits=limits)
+    data = encoded.join()
+    del encoded  # drop the views before the tensors they point into
+    return data
+
+
+def encode_parts(obj: object, *, limits: Limits = DEFAULT_LIMITS) -> Encoded:
+    """Like :func:`encode`, without joining: tensors' memory stays where it is, viewed, not copied."""
     enc = _Encoder(limits)
     out: list = []
     try:
@@ -534,12 +554,10 @@ def encode(obj: object, *, limits: Limits = DEFAULT_LIMITS) -> bytes:
     except (TypeError, ValueError, RuntimeError) as exc:
         # e.g. msgpack refusing an object, a tensor that numpy cannot view.
         raise ProtocolError(f"cannot encode: {type(exc).__name__}") from exc
-    total = sum(map(len, out))
-    if total > limits.max_message_bytes:
-        raise ProtocolError(f"message of {total} bytes exceeds max_message_bytes={limits.max_message_bytes}")
-    data = out[0] if len(out) == 1 and type(out[0]) is bytes else b"".join(out)
-    del out, enc  # drop the views before the tensors they point into
-    return data
+    result = Encoded(out, enc.keep)
+    if result.size > limits.max_message_bytes:
+        raise ProtocolError(f"message of {result.size} bytes exceeds max_message_bytes={limits.max_message_bytes}")
+    return result
 
 
 # ---------------------------------------------------------------------------
@@ -702,7 +720,7 @@ def _fill(dst: np.ndarray, src: memoryview, name: str) -> None:
             dst.view(f"u{unit}").byteswap(inplace=True)
 
 
-def _dec_tensor(data: bytes, limits: Limits) -> torch.Tensor:
+def _dec_tensor(data: bytes, limits: Limits, adopt: bool = False) -> torch.Tensor:
     (name, shape, requires_grad), body = _split_bin(data, 4, limits)
     name = _dtype_name(name, _TORCH_DTYPE)
     _check_shape(shape, _ITEMSIZE[name], len(body), limits)
@@ -711,8 +729,15 @@ def _dec_tensor(data: bytes, limits: Limits) -> torch.Tensor:
         raise ProtocolError("requires_grad must be a bool")
     if requires_grad and dtype not in _TORCH_GRAD_OK:
         raise ProtocolError("requires_grad is only allowed on floating point and complex tensors")
-    t = torch.empty(shape, dtype=dtype)
     n = len(body)
+    if adopt and n and _LITTLE and not body.readonly and _aligned(body, _ITEMSIZE[name]):
+        if name == "bool" and np.frombuffer(body, dtype=np.uint8).max() > 1:
+            raise ProtocolError("bool data holds values other than 0 and 1")
+        t = torch.frombuffer(body, dtype=torch.uint8).view(dtype).reshape(shape)  # the message's own bytes
+        if requires_grad:
+            t.requires_grad_(True)
+        return t
+    t = torch.empty(shape, dtype=dtype)
     if n:
         # Not via t.numpy(): that would leave the result's storage non-resizable.
         src = np.frombuffer(body, dtype=np.uint8)
@@ -723,17 +748,25 @@ def _dec_tensor(data: bytes, limits: Limits) -> torch.Tensor:
             _fill(src, body, name)  # byteswapped into the temporary
         if t.untyped_storage().nbytes() != n or t.data_ptr() == 0:
             raise ProtocolError("internal size mismatch")  # unreachable after _check_shape
-        _advise_hugepages(t.data_ptr(), n)
         ctypes.memmove(t.data_ptr(), src.ctypes.data, n)
     if requires_grad:
         t.requires_grad_(True)
     return t
 
 
-def _dec_ndarray(data: bytes, limits: Limits) -> np.ndarray:
+def _aligned(body: memoryview, itemsize: int) -> bool:
+    return np.frombuffer(body, dtype=np.uint8).ctypes.data % itemsize == 0
+
+
+def _dec_ndarray(data: bytes, limits: Limits, adopt: bool = False) -> np.ndarray:
     (name, shape), body = _split_bin(data, 3, limits)
     name = _dtype_name(name, _NP_DTYPE)
     _check_shape(shape, _ITEMSIZE[name], len(body), limits)
+    if adopt and len(body) and _LITTLE and not body.readonly and _aligned(body, _ITEMSIZE[name]):
+        view = np.frombuffer(body, dtype=np.uint8)
+        if name == "bool" and view.max() > 1:
+            raise ProtocolError("bool data holds values other than 0 and 1")
+        return view.view(_NP_DTYPE[name]).reshape(shape)  # the message's own bytes
     a = np.empty(shape, dtype=_NP_DTYPE[name])
     if len(body):
         _fill(a.reshape(-1).view(np.uint8), body, name)
@@ -801,7 +834,11 @@ def _dec_ref(data: bytes, limits: Limits) -> Ref:
     return Ref(v)
 
 
-_EXT_DECODERS: dict[int, Callable[[bytes, Limits], Any]] = {
+_ADOPTING_DECODERS: dict[int, Callable[[Any, Limits], Any]] = {
+    EXT_TENSOR: lambda data, limits: _dec_tensor(data, limits, adopt=True),
+    EXT_NDARRAY: lambda data, limits: _dec_ndarray(data, limits, adopt=True),
+}
+_EXT_DECODERS: dict[int, Callable[[Any, Limits], Any]] = {
     EXT_TENSOR: _dec_tensor,
     EXT_NDARRAY: _dec_ndarray,
     EXT_NPSCALAR: _dec_np_scalar,
@@ -815,10 +852,65 @@ _EXT_DECODERS: dict[int, Callable[[bytes, Limits], Any]] = {
 }
 
 
-def _validate(obj: Any, limits: Limits) -> None:
+class _BorrowingDecoder(_Decoder):
+    """Decodes a skeleton whose large payloads were cut out; each placeholder stands for one."""
+
+    __slots__ = ("view", "bigs", "used", "bin_views", "adopt")
+
+    def __init__(self, limits: Limits, view: memoryview, bigs: list, bin_views: bool, adopt: bool) -> None:
+        super().__init__(limits)
+        self.view = view
+        self.bigs = bigs
+        self.used: set = set()
+        self.bin_views = bin_views
+        self.adopt = adopt
+
+    def ext_hook(self, code: int, data: bytes) -> Any:
+        if code != wire_scan.PLACEHOLDER_CODE:
+            return super().ext_hook(code, data)
+        index = int.from_bytes(data, "big") if len(data) == 4 else -1
+        if not 0 <= index < len(self.bigs) or index in self.used:
+            raise ProtocolError("bad placeholder")  # unreachable: only our skeleton has them
+        self.used.add(index)
+        big = self.bigs[index]
+        payload = self.view[big.data:big.end]
+        if not self.adopt:
+            payload = payload.toreadonly()
+        if big.ext_code is None:
+            return payload if self.bin_views else bytes(payload)
+        if big.ext_code in (EXT_TUPLE, EXT_FRAME):
+            raise ProtocolError("bad tuple or frame marker")
+        if self.adopt and big.ext_code in _ADOPTING_DECODERS:
+            return _ADOPTING_DECODERS[big.ext_code](payload, self.limits)
+        dec = _EXT_DECODERS.get(big.ext_code)
+        if dec is None:
+            raise ProtocolError(f"unknown ext type {big.ext_code}")
+        return dec(payload, self.limits)
+
+
+def _decode_borrowed(view: memoryview, bigs: list, limits: Limits, bin_views: bool, adopt: bool) -> object:
+    """Decode `view` with its large payloads viewed in place (see decode's borrow=True)."""
+    if len(view) > limits.max_message_bytes:
+        raise ProtocolError(f"message of {len(view)} bytes exceeds max_message_bytes={limits.max_message_bytes}")
+    pieces: list = []
+    last = 0
+    for i, big in enumerate(bigs):
+        pieces.append(view[last:big.start])
+        pieces.append(b"\xd6" + bytes([wire_scan.PLACEHOLDER_CODE]) + i.to_bytes(4, "big"))
+        last = big.end
+    pieces.append(view[last:])
+    decoder = _BorrowingDecoder(limits, view, bigs, bin_views, adopt)
+    obj = decoder.unpack(b"".join(pieces))
+    if len(decoder.used) != len(bigs):
+        raise ProtocolError("malformed message")  # unreachable: the scan and msgpack agree on the framing
+    _validate(obj, limits, _DECODED_BORROWED if bin_views else _DECODED)
+    return obj
+
+
+def _validate(obj: Any, limits: Limits, allowed: frozenset = _DECODED) -> None:
     """Check depth, key types and value types without recursion (inputs may be ~1000 deep)."""
     if type(obj) not in _CONTAINERS:
-        if type(obj) not in _DECODED and not wire_frames.is_frame_type(type(obj)):
+        if type(obj) not in allowed and not wire_frames.is_frame_type(type(obj)):
             raise ProtocolError(f"unexpected value of type {_type_name(type(obj))}")
         return
     max_depth = limits.max_depth
@@ -836,8 +928,8 @@ def _validate(obj: Any, limits: Limits) -> None:
         else:
             values = c
         vtypes = set(map(type, values))
-        if not vtypes <= _DECODED and not all(map(wire_frames.is_frame_type, vtypes - _DECODED)):
-            bad = sorted(_type_name(k) for k in vtypes - _DECODED)
+        if not vtypes <= allowed and not all(map(wire_frames.is_frame_type, vtypes - allowed)):
+            bad = sorted(_type_name(k) for k in vtypes - allowed)
             raise ProtocolError(f"unexpected value of type {', '.join(bad)}")
         if not vtypes.isdisjoint(_CONTAINERS):
             for v in values:
@@ -845,14 +937,37 @@ def _validate(obj: Any, limits: Limits) -> None:
                     stack.append((v, depth + 1))
 
 
-def decode(data: Buffer, limits: Limits = DEFAULT_LIMITS) -> object:
+def decode(data: Buffer, limits: Limits = DEFAULT_LIMITS, *, borrow: bool = False, bin_views: bool = False,
+           adopt: bool = False) -> object:
     """Turn one message from a peer back into Python objects, or raise ``ProtocolError``.
 
     The peer may be hostile: every size, count, depth, dtype and shape is checked,
     and whatever goes wrong underneath (msgpack, numpy, torch, memory) surfaces as
     ``ProtocolError`` so callers have exactly one thing to catch. Arrays and tensors
     are fresh, writable and independent of ``data``.
+
+    ``borrow=True`` (for a buffer no one will write again, e.g. one a transport handed
+    over): a tensor or array of at least BORROW_MIN bytes is read from ``data`` in place
+    (into a fresh tensor, as always) rather than from msgpack's copy of it; with
+    ``bin_views=True`` as well, such a bin decodes as a read-only memoryview into ``data``
+    rather than as bytes (for a caller that expects exactly that, e.g. a release's payload).
+    With ``adopt=True`` too, and ``data`` writable and handed over for good (no one else
+    keeps or writes it), such views are writable and a large tensor or array whose bytes are
+    aligned *is* a view of ``data``: no copy at all.
     """
+    if borrow and len(data) >= BORROW_MIN:
+        try:
+            view = memoryview(data).cast("B") if isinstance(data, memoryview) else memoryview(data)
+            bigs = wire_scan.big_payloads(view, BORROW_MIN, limits.max_depth + 1) if view.c_contiguous else None
+        except (TypeError, ValueError):
+            bigs = None
+        if bigs:
+            try:
+                return _decode_borrowed(view, bigs, limits, bin_views, adopt and not view.readonly)
+            except ProtocolError:
+                raise
+            except Exception as exc:  # as below
+                raise ProtocolError(f"malformed message ({type(exc).__name__})") from exc
     try:
         if isinstance(data, memoryview):
             if not data.c_contiguous:

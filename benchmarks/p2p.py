@@ -1,6 +1,7 @@
 """Duet over WebRTC between two processes, each figure next to its baseline from the same run.
 
-Baselines: a raw aiortc data channel between two processes (benchmarks/raw_aiortc.py).
+Baselines: a raw aiortc data channel between two processes (benchmarks/raw_aiortc.py). Duet's
+fast path is off here, so this measures the data channel; benchmarks/fast_path.py measures it.
 Figures and goals:
   join() call to ready            goal < 0.5 s      (baseline: raw createOffer -> channel open)
   .get() of a 64 MiB tensor        goal >= 0.85x     raw bulk MB/s
@@ -33,7 +34,7 @@ import duet  # noqa: E402
 
 def owner_child(mib: int) -> None:
     """The owner process: publish, auto-approve, serve until stdin closes."""
-    owner = duet.launch(name="bench-owner", local_only=True, display=False)
+    owner = duet.launch(name="bench-owner", local_only=True, display=False, fast_path=False)  # the data channel
     owner.store.add(torch.rand(mib * 2**18, generator=torch.Generator().manual_seed(7)), name="big")
     owner.store.add(torch.tensor([31.0, 45.0, 52.0, 29.0]), name="ages")
     owner.requests.add_handler(action="accept", kind="release")
@@ -52,10 +53,10 @@ def measure_duet(mib: int, ops: int, joins: int, releases: int) -> dict:
         join_times = []
         for _ in range(joins):
             start = time.perf_counter()
-            s = duet.join(code, name="bench", local_only=True)
+            s = duet.join(code, name="bench", local_only=True, fast_path=False)
             join_times.append(time.perf_counter() - start)
             s.close()
-        scientist = duet.join(code, name="bench", local_only=True)
+        scientist = duet.join(code, name="bench", local_only=True, fast_path=False)
 
         big = scientist.store["big"]
         start = time.perf_counter()

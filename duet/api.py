@@ -48,7 +48,7 @@ def local_pair(
         scientist_name=scientist_name,
     )
     owner.attach(Session(owner_end, name="owner"), ctx)
-    scientist = Scientist(Session(scientist_end, name="scientist"), name=scientist_name, identity=identity_mod.Identity.ephemeral())
+    scientist = Scientist(Session(scientist_end, name="scientist", bin_views=True), name=scientist_name, identity=identity_mod.Identity.ephemeral())
     scientist.handshake(ctx, timeout)
     return owner, scientist
 

@@ -28,6 +28,7 @@ from .session import Session
 from .signaling_client import SignalingClient
 from .text import clean
 from .transport.ice import IceConfig
+from .transport.fastpath import FastPathTransport, fast_path_enabled
 from .transport.webrtc import RtcPeer
 
 log = logging.getLogger("duet.connect")
@@ -110,6 +111,8 @@ class OwnerSignaling:
     close_reason: str = ""
     task: Optional["asyncio.Task[None]"] = None
     registrations: int = 0
+    local_only: bool = False  # (the fast path listens on 127.0.0.1 only, too)
+    fast_path: bool = True
     _registration: threading.Condition = field(default_factory=threading.Condition)
 
     async def serve(self) -> None:
@@ -214,7 +217,8 @@ class OwnerSignaling:
             owner_name=self.owner.name,
             scientist_name=scientist_name,
         )
-        session = Session(transport, name=f"owner<->{scientist_name}")
+        wrapped = FastPathTransport(transport, "owner", local_only=self.local_only, enabled=self.fast_path)
+        session = Session(wrapped, name=f"owner<->{scientist_name}")
 
         def forget(_reason: Optional[BaseException]) -> None:
             runtime.submit(_forget_peer(self, peer))
@@ -320,12 +324,14 @@ def launch(
     resume_window: float = 600.0,
     display: bool = True,
     timeout: float = 15.0,
+    fast_path: Optional[bool] = None,
 ) -> Owner:
     """Start serving as a data owner and print the join code for the scientist.
 
     signaling: the signaling service URL (default: $DUET_SIGNALING_URL, else an
     embedded service in this process); "jupyter" uses the /duet endpoint of the
-    Jupyter server running this kernel.
+    Jupyter server running this kernel. fast_path: offer each scientist a direct TCP
+    connection for large transfers (default on; DUET_FAST_PATH=0 turns it off).
     """
     is_local = env_local_only(local_only)
     url = signaling or os.environ.get("DUET_SIGNALING_URL") or None
@@ -365,7 +371,8 @@ def launch(
                 await embedded.stop()
             raise
         ice = ice_config(local_only, ice_servers, offered=client.ice_servers)
-        sig = OwnerSignaling(owner=owner, code=code, client=client, ice=ice, embedded=embedded)
+        sig = OwnerSignaling(owner=owner, code=code, client=client, ice=ice, embedded=embedded, local_only=is_local,
+                             fast_path=fast_path_enabled(fast_path))
         sig._registered()
         sig.task = asyncio.ensure_future(sig.serve())
         return sig
@@ -451,6 +458,7 @@ def join(
     timeout: float = 30.0,
     join_approval_timeout: float = 300.0,
     reason: str = "",
+    fast_path: Optional[bool] = None,
 ) -> Scientist:
     """Join an owner's Duet with the code they shared; returns the scientist's handle.
 
@@ -458,9 +466,12 @@ def join(
     SignalingError when the service or room cannot be reached, ConnectionFailed
     (a PairingError) when the owner answered but no network route exists (in about
     10 s, saying what to configure), TimeoutError when the owner does not answer
-    within `timeout` seconds.
+    within `timeout` seconds. fast_path: after joining, try a direct TCP connection for
+    large transfers (default on; DUET_FAST_PATH=0 turns it off; `scientist.connection` says
+    whether it is up); everything works without it.
     """
     parsed = JoinCode.parse(code)
+    use_fast_path = fast_path_enabled(fast_path)
     name = _clean_name(name)
     # Explicit servers (argument or $DUET_ICE_SERVERS) win; otherwise the service's offer, read at registration.
     explicit = ice_servers is not None or bool(os.environ.get("DUET_ICE_SERVERS", "").strip())
@@ -476,7 +487,8 @@ def join(
             raise RequestTimeout(
                 f"the owner did not answer within {seconds} s; check that their Duet is still running and the code is current"
             ) from None
-        session = Session(transport, name=f"scientist<->{ctx.owner_name}")
+        wrapped = FastPathTransport(transport, "scientist", local_only=env_local_only(local_only), enabled=use_fast_path)
+        session = Session(wrapped, name=f"scientist<->{ctx.owner_name}", bin_views=True)  # release payloads: views
         return session, ctx, lambda: runtime.run(peer.close(), timeout=10, what="closing the peer connection")
 
     session, ctx, closer = pair(timeout)

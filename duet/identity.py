@@ -362,6 +362,11 @@ class HandshakeContext:
     owner_name: str
     scientist_name: str
 
+    def fast_path_context(self) -> bytes:
+        """What the fast path's keys are bound to: this room, this session, these DTLS keys (duet.transport.fastpath)."""
+        return msgpack.packb([b"duet-fast-path", self.room_id, self.session_id, self.owner_dtls, self.scientist_dtls],
+                             use_bin_type=True)
+
     def transcript(self, signer_role: str, signer_public_key: bytes) -> bytes:
         return transcript(
             self.room_id,

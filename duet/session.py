@@ -15,18 +15,21 @@ from typing import Any, Callable, Dict, Optional
 from . import wire
 from .errors import ConnectionLost, ProtocolError, RequestTimeout
 from .protocol import Msg, error_from_wire, error_to_wire
-from .transport.base import Transport
+from .transport.base import Buffer, Transport
 
 log = logging.getLogger("duet.session")
 
 MessageHandler = Callable[[Dict[str, Any]], None]
+LARGE_MESSAGE = 1 << 20  # from this size, messages go to the transport unjoined
 
 
 class Session:
     """One peer link carrying dict messages; replies matched by request id."""
 
-    def __init__(self, transport: Transport, name: str = "session", limits: wire.Limits = wire.DEFAULT_LIMITS) -> None:
+    def __init__(self, transport: Transport, name: str = "session", limits: wire.Limits = wire.DEFAULT_LIMITS,
+                 bin_views: bool = False) -> None:
         self.transport = transport
+        self.bin_views = bin_views  # large bins decode as memoryviews (the scientist's release payloads)
         self.name = name
         self.limits = limits
         self._ids = itertools.count(1)
@@ -44,7 +47,11 @@ class Session:
         """Send without waiting (pipelined)."""
         if self._closed.is_set():
             raise ConnectionLost(self._closed_message())
-        self.transport.send(wire.encode(msg))
+        encoded = wire.encode_parts(msg)
+        if encoded.size >= LARGE_MESSAGE:
+            self.transport.send_parts(encoded)  # the fast path sends a tensor's memory as it is
+        else:
+            self.transport.send(encoded.join())
 
     def request(self, msg: Dict[str, Any]) -> "concurrent.futures.Future[Any]":
         """Send a request; the future resolves with the reply's value or the peer's error."""
@@ -98,10 +105,12 @@ class Session:
         if self._closed.is_set():
             callback(self.close_reason)
 
-    def _on_bytes(self, data: bytes) -> None:
+    def _on_bytes(self, data: "Buffer") -> None:
         self.last_message_bytes = len(data)  # for handlers that account queued bytes
         try:
-            msg = wire.decode(data, self.limits)
+            # The transport hands each message over for good (duet.transport.base): large
+            # tensors and arrays are used where they arrived, when aligned, rather than copied.
+            msg = wire.decode(data, self.limits, borrow=True, bin_views=self.bin_views, adopt=True)
             if not isinstance(msg, dict) or not isinstance(msg.get("t"), str):
                 raise ProtocolError("a message must be a map with a string 't'")
         except ProtocolError as exc:

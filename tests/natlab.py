@@ -4,6 +4,7 @@
               |          default route: veth "sink" to a neighbour that does not exist (packets vanish)
               +-- router  dl<pid>r<k>  wan 198.18.0.<10+k>/24 --nftables NAT-- lan 198.19.<n>.1/24
                            +-- home    dl<pid>h<k>  eth0 198.19.<n>.2/24, default via the router
+              +-- lan host dl<pid>b<k>  eth0 198.18.0.<100+k>/24 on the bridge itself (no NAT)
 
 Only 198.18.0.0/15 addresses, IPv6 off, and nothing is connected to the namespace this runs in:
 no packet can leave the namespaces the lab creates. Every namespace, link and process is removed
@@ -295,6 +296,56 @@ class Site:
             _kill_namespace(self.router)
 
 
+@dataclass
+class BridgeHost(Site):
+    """A computer on the internet bridge itself, no NAT: two of them are peers on one LAN.
+
+    Address 198.18.0.<100+index>; reaches the other hosts and the lab's services directly.
+    `block_inbound_tcp()` installs a firewall that drops every new inbound TCP connection.
+    """
+
+    @property
+    def home(self) -> str:
+        return f"dl{self.lab.pid}b{self.index}"
+
+    @property
+    def home_ip(self) -> str:
+        return f"198.18.0.{100 + self.index}"
+
+    def build(self) -> None:
+        lab, host = self.lab, self.home
+        _new_namespace(host)
+        port = f"q{self.index}"
+        sh("ip", "link", "add", "name", "eth0", "netns", host, "type", "veth", "peer", "name", port, "netns", lab.ns)
+        sh("ip", "-n", lab.ns, "link", "set", port, "master", "br0", "up")
+        sh("ip", "-n", host, "addr", "add", f"{self.home_ip}/{INET_PREFIX}", "dev", "eth0")
+        sh("ip", "-n", host, "link", "set", "eth0", "up")
+
+    def block_inbound_tcp(self) -> None:
+        sh(*in_ns(self.home, "nft", "-f", "-"), input=INBOUND_TCP_BLOCKED)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            for proc in self.procs:
+                stop_proc(proc, polite=False)
+        finally:
+            _kill_namespace(self.home)
+
+
+INBOUND_TCP_BLOCKED = """
+table inet firewall {
+    chain input {
+        type filter hook input priority 0; policy accept;
+        iifname "lo" accept
+        tcp flags & (syn | ack) == syn drop
+    }
+}
+"""
+
+
 class Internet:
     """The internet namespace: a bridge, a silent default route, coturn and signaling services."""
 
@@ -434,6 +485,26 @@ class Internet:
         return site
 
     @contextlib.contextmanager
+    def lan_hosts(self, count: int = 2) -> Iterator[Tuple[BridgeHost, ...]]:
+        """Computers on the bridge, no NAT between them (BridgeHost); torn down on exit."""
+        hosts: List[BridgeHost] = []
+        try:
+            for _ in range(count):
+                host = BridgeHost(self, self._next_site, "none", 0)
+                self._next_site += 1
+                hosts.append(host)
+                host.build()
+            self.sites.extend(hosts)
+            yield tuple(hosts)
+        finally:
+            for host in hosts:
+                try:
+                    host.close()
+                finally:
+                    if host in self.sites:
+                        self.sites.remove(host)
+
+    @contextlib.contextmanager
     def homes(self, *nats: str) -> Iterator[Tuple[Site, ...]]:
         """One home per NAT kind, each behind its own router; the n-th on LAN 198.19.<n>.0/24.
 
@@ -453,7 +524,7 @@ class Internet:
                     self.sites.remove(site)
 
 
-_NAME = re.compile(r"^dl(\d+)(i|p|r\d+|h\d+)$")
+_NAME = re.compile(r"^dl(\d+)(i|p|r\d+|h\d+|b\d+)$")
 
 
 def _lab_namespaces() -> List[Tuple[str, int]]:

@@ -318,6 +318,10 @@ class ScientistConnection:
                 "resumed": resumed,
             }
         )
+        # Both identities are now bound to this channel: offer the direct path for large transfers.
+        start_fast_path = getattr(self.session.transport, "start", None)
+        if start_fast_path is not None:
+            start_fast_path(self.ctx.fast_path_context())
         start_warm_up()
         self.owner._changed()
 
@@ -860,8 +864,11 @@ class ScientistConnection:
 
     def _send_release(self, req_id: int, value: Any, request: Optional[Request], private: bool,
                       dp: Optional[Dict[str, Any]] = None) -> None:
-        payload = wire.encode(value)
-        digest = hashlib.sha256(payload).hexdigest()
+        payload = wire.encode_parts(value)  # travels inside the reply as a bin, its tensor memory not copied
+        hasher = hashlib.sha256()
+        for part in payload.parts:
+            hasher.update(part)
+        digest = hasher.hexdigest()
         self.owner.audit.append(
             "release",
             request=request.id if request else None,

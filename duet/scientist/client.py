@@ -28,6 +28,7 @@ from .requests import RequestHandle, RequestList
 log = logging.getLogger("duet.scientist")
 
 DEFAULT_TIMEOUT = 30.0
+_HASH_ALONGSIDE = 16 << 20  # release payloads from this size are checksummed while they are decoded
 _ARG_ERRORS = RefErrors(
     foreign=lambda: ValueError("this pointer belongs to another Duet session"),
     too_deep=lambda: ProtocolError("arguments nested too deeply"),
@@ -260,6 +261,10 @@ class Scientist:
         self._resume_token = token if isinstance(token, bytes) else None
         self.resumed = bool(welcome.get("resumed"))
         self.approve_mode = welcome.get("approve") if isinstance(welcome.get("approve"), str) else None
+        # The owner's identity is verified and bound to this channel: now the direct path may be offered.
+        start_fast_path = getattr(self.session.transport, "start", None)
+        if start_fast_path is not None:
+            start_fast_path(ctx.fast_path_context())
 
     # -- inbound (runtime loop thread) ------------------------------------------------
     def _on_message(self, msg: Dict[str, Any]) -> None:
@@ -497,12 +502,26 @@ class Scientist:
 
     @staticmethod
     def _decode_release(raw: Any) -> Any:
-        if not isinstance(raw, dict) or not isinstance(raw.get("encoded"), bytes):
+        if not isinstance(raw, dict) or not isinstance(raw.get("encoded"), (bytes, memoryview)):
             raise ProtocolError("malformed release from the owner")
-        payload = raw["encoded"]
-        if hashlib.sha256(payload).hexdigest() != raw.get("sha256"):
+        payload = raw["encoded"]  # a memoryview into the received message when it is large
+        if len(payload) < _HASH_ALONGSIDE:
+            if hashlib.sha256(payload).hexdigest() != raw.get("sha256"):
+                raise ProtocolError("the released value does not match its checksum")
+            return wire.decode(payload, borrow=True, adopt=True)
+        # Large: hash on a second thread while decoding (both release the GIL); the value is
+        # returned only if the checksum matches.
+        digest: List[str] = []
+        hasher = threading.Thread(target=lambda: digest.append(hashlib.sha256(payload).hexdigest()),
+                                  name="duet-release-checksum", daemon=True)
+        hasher.start()
+        try:
+            value = wire.decode(payload, borrow=True, adopt=True)  # a view of the payload, when it can be
+        finally:
+            hasher.join()
+        if digest != [raw.get("sha256")]:
             raise ProtocolError("the released value does not match its checksum")
-        return wire.decode(payload)
+        return value
 
     def ping(self, timeout: float = DEFAULT_TIMEOUT) -> float:
         """Round-trip time to the owner in seconds; also a barrier after pipelined actions.

@@ -7,12 +7,27 @@ frames and applies backpressure on its own loop.
 from __future__ import annotations
 
 import abc
-from typing import Callable, Optional
+from typing import Callable, Optional, Protocol, Sequence, Union
 
-MessageHandler = Callable[[bytes], None]
+Buffer = Union[bytes, bytearray, memoryview]
+# Receives each message as a buffer the transport hands over for good: it never reads, writes or
+# reuses it again, so the receiver may keep views of it (duet.wire.decode(adopt=True)).
+MessageHandler = Callable[[Buffer], None]
 CloseHandler = Callable[[Optional[BaseException]], None]
 # (message bytes received so far, total bytes of that message); for progress bars.
 ProgressHandler = Callable[[int, int], None]
+
+
+class Parts(Protocol):
+    """A message as buffers not yet joined (duet.wire.Encoded); it keeps what they point into alive."""
+
+    @property
+    def parts(self) -> Sequence[Buffer]: ...
+
+    @property
+    def size(self) -> int: ...
+
+    def join(self) -> bytes: ...
 
 
 class Transport(abc.ABC):
@@ -31,6 +46,10 @@ class Transport(abc.ABC):
     @abc.abstractmethod
     def send(self, data: bytes) -> None:
         """Queue one message. Thread safe, non-blocking. Raises ConnectionLost when closed."""
+
+    def send_parts(self, message: Parts) -> None:
+        """Queue one message given as buffers; a transport that can send them as they are overrides this."""
+        self.send(message.join())
 
     @abc.abstractmethod
     async def drain(self) -> None:

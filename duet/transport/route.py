@@ -18,6 +18,7 @@ class Route:
     remote_type: Optional[str] = None
     protocol: Optional[str] = None  # udp, tcp or tls: how our packets travel (to the TURN server, when relayed)
     rtt: Optional[float] = None  # seconds, measured by a ping when asked
+    fast_path: Optional[str] = None  # the direct TCP path for large messages: up (to where), connecting, down (why), off
 
     def __str__(self) -> str:
         if self.kind == "in-process":
@@ -25,6 +26,8 @@ class Route:
         parts = [f"{self.kind} over {self.protocol or '?'}", f"{self.local_type or '?'} -> {self.remote_type or '?'} candidates"]
         if self.rtt is not None:
             parts.append(f"rtt {self.rtt * 1000:.1f} ms")
+        if self.fast_path is not None:
+            parts.append(f"fast path {self.fast_path}")
         return ", ".join(parts)
 
     def _repr_html_(self) -> str:

@@ -401,7 +401,7 @@ class WebRtcTransport(Transport):
             messages, self._inbox = self._inbox, []
         for msg in messages:
             try:
-                handler(msg)  # type: ignore[arg-type]
+                handler(msg)
             except Exception:  # a buggy handler must not break the link
                 log.exception("on_message handler raised")
 

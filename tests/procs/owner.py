@@ -70,12 +70,13 @@ def main(argv: list | None = None) -> int:
                          "in secure sums by rule")
     ap.add_argument("--min-owners", type=int, default=2, help="with --federated: this owner's min_owners")
     ap.add_argument("--pin", default=None, help="with --federated: comma-separated fingerprints of the only peers")
+    ap.add_argument("--no-fast-path", action="store_true", help="large transfers over the data channel only")
     ap.add_argument("--network", action="store_true",
                     help="ICE over the real network with the servers the signaling service offers (default: loopback only)")
     args = ap.parse_args(argv)
 
     owner = duet.launch(name=args.name, signaling=args.signaling, local_only=not args.network, display=False,
-                        approve_joins=args.approve_joins)
+                        approve_joins=args.approve_joins, fast_path=False if args.no_fast_path else None)
     owner.store.add(torch.tensor([31.0, 45.0, 52.0, 29.0]), name="ages", description="patient ages")
     if args.big_mb:
         gen = torch.Generator().manual_seed(1234)

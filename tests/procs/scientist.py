@@ -6,7 +6,7 @@ small auto-approved release and a `.get()` of the owner's seeded "big" tensor (t
 
     {"join_s": ..., "release_s": ..., "release_warm_s": ..., "release_ok": true, "get_s": ..., "get_MBps": ..., "sha_ok": true,
      "route": "relay over tcp, relay -> srflx candidates, rtt 1.2 ms", "kind": "relay", "local_type": ...,
-     "remote_type": ..., "protocol": ..., "rtt": ...}
+     "remote_type": ..., "protocol": ..., "rtt": ..., "fast_path": "up: TCP to ...", "fast_received": ...}
 
 or, when joining or a transfer fails with a Duet error (or the join times out):
 
@@ -59,6 +59,8 @@ def main(argv: list | None = None) -> int:
     ap.add_argument("--get-mb", type=int, default=16, help="size of the owner's 'big' tensor (its --big-mb); 0: skip")
     ap.add_argument("--timeout", type=float, default=30.0, help="join timeout")
     ap.add_argument("--releases", type=int, default=5, help="more small releases after the first (their median)")
+    ap.add_argument("--fast-path-wait", type=float, default=0.0,
+                    help="before the get, wait up to this many seconds for the fast path to be up or known down")
     ap.add_argument("--local-only", action="store_true",
                     help="loopback ICE (an owner on this machine without --network): a baseline for the network runs")
     args = ap.parse_args(argv)
@@ -84,6 +86,11 @@ def main(argv: list | None = None) -> int:
         if warm:
             result["release_warm_s"] = sorted(warm)[len(warm) // 2]
 
+        if args.fast_path_wait:
+            stage = "fast path"
+            transport = scientist.session.transport
+            result["fast_path_settled"] = transport.settled.wait(args.fast_path_wait)
+
         if args.get_mb:
             stage, t0 = "get", time.perf_counter()
             big = scientist.store["big"].get(reason="nat lab", timeout=120)
@@ -93,7 +100,8 @@ def main(argv: list | None = None) -> int:
         stage = "route"
         route = scientist.connection
         result.update(route=str(route), kind=route.kind, local_type=route.local_type, remote_type=route.remote_type,
-                      protocol=route.protocol, rtt=route.rtt)
+                      protocol=route.protocol, rtt=route.rtt, fast_path=route.fast_path,
+                      fast_received=scientist.session.transport.stats().get("fast_received", 0))
         emit(**result)
     except (duet.DuetError, TimeoutError) as exc:
         emit(error=type(exc).__name__, message=str(exc), seconds=time.monotonic() - started, stage=stage)

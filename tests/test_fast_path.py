@@ -314,3 +314,53 @@ def test_records_cut_a_message_into_views_without_copying():
     assert b"".join(b"".join(bytes(p) for p in pieces) for _, pieces in runs) == b"head" + data + b"tail"
     assert any(p.obj is data for _, pieces in runs for p in pieces)  # views of the tensor's own buffer
     assert fastpath._largest_part_at(parts) == 4
+
+
+# -- a hostile peer cannot make the receiver hold unbounded memory ------------------------------------
+def _wrapped_pair() -> Tuple[fastpath.FastPathTransport, "object", List[bytes], threading.Event]:
+    """Our FastPathTransport over one end of an in-memory pair; the other end is the 'peer', raw."""
+    from duet import runtime
+    from duet.transport.memory import memory_pair
+
+    ours, peer = memory_pair()
+    wrapped = fastpath.FastPathTransport(ours, "owner", local_only=True)
+    got: List[bytes] = []
+    closed = threading.Event()
+    runtime.run(_set_handlers(wrapped, got, closed), timeout=10, what="handlers")
+    peer.set_handlers(lambda data: None, lambda reason: None)
+    return wrapped, peer, got, closed
+
+
+async def _set_handlers(wrapped, got, closed) -> None:
+    wrapped.set_handlers(lambda data: got.append(bytes(data)), lambda reason: closed.set())
+
+
+def test_messages_held_behind_a_placeholder_whose_bytes_never_come_are_bounded(monkeypatch):
+    monkeypatch.setattr(fastpath, "MAX_WAITING_BYTES", 64 * 1024)
+    wrapped, peer, got, closed = _wrapped_pair()
+    peer.send(bytes([fastpath.SIDE, fastpath.REF]) + (1).to_bytes(8, "big") + (2 * MIB).to_bytes(8, "big"))
+    for _ in range(100):
+        try:
+            peer.send(b"\x81\xa1t\xa1x" + bytes(1024))  # held: they come after the placeholder
+        except duet.ConnectionLost:  # we closed it already
+            break
+    assert closed.wait(10)  # the session ends rather than hold them all
+    assert got == [] and wrapped.closed
+
+
+@pytest.mark.parametrize("flood", ["fallback", "early"])
+def test_bytes_ahead_of_their_placeholders_are_bounded(flood, monkeypatch):
+    monkeypatch.setattr(fastpath, "MAX_EARLY", 4)
+    wrapped, peer, got, closed = _wrapped_pair()
+    from duet import runtime
+
+    for msg_id in range(1, 10):
+        if flood == "fallback":
+            try:
+                peer.send(bytes([fastpath.SIDE, fastpath.FALLBACK]) + msg_id.to_bytes(8, "big") + bytes(1000))
+            except duet.ConnectionLost:  # we closed it already
+                break
+        else:  # as if they had come over TCP, never announced
+            runtime.loop().call_soon_threadsafe(wrapped._tcp_arrived, msg_id, memoryview(bytearray(1000)))
+    assert closed.wait(10)
+    assert got == [] and len(wrapped._filled) == 0

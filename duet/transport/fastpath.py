@@ -62,14 +62,16 @@ SIDE = 0xC1  # msgpack never uses it: the first byte of the fast path's own data
 OFFER, REF, FALLBACK, ACK, DOWN = 1, 2, 3, 4, 5
 THRESHOLD = 1 << 20  # messages from this size on take the fast path
 CHUNK = 4 << 20  # bytes of message per sealed record
-MAX_MESSAGE = 1 << 30
+MAX_MESSAGE = 512 << 20  # the decoder's own limit (duet.wire.Limits.max_message_bytes)
 MAX_HANDSHAKE_RECORD = 256
 CONNECT_TIMEOUT = 3.0  # per hint
 HANDSHAKE_TIMEOUT = 5.0
 LISTEN_FOR = 30.0  # seconds the listener waits for the path to come up
 MAX_HINTS = 8
 MAX_PENDING_HANDSHAKES = 8
-MAX_EARLY = 64  # messages that arrived on TCP before their placeholders, at most
+MAX_EARLY = 64  # messages that arrived (on TCP, or as FALLBACK) before their placeholders, at most
+MAX_EARLY_BYTES = 1 << 30  # ... and their bytes
+MAX_WAITING_BYTES = 256 << 20  # data-channel messages held behind a placeholder whose bytes have not come
 ACK_GRACE = 30.0  # seconds, plus one per MB, before an unacknowledged message means a dead path
 USE, DATA, BYE = 0, 1, 2
 PEER_CLOSED = "the peer closed the fast path"
@@ -539,6 +541,9 @@ class FastPathTransport(Transport):
         self._lock = threading.Lock()
         self._pending: "collections.OrderedDict[int, Tuple[Parts, float]]" = collections.OrderedDict()  # sent, not acked
         self._ordered: Deque[Tuple[str, Any]] = collections.deque()  # ("msg", bytes) or ("ref", id)
+        self._waiting_bytes = 0  # of the "msg" entries in _ordered
+        self._broken = False  # the peer broke the rules: the session is closing, nothing more is delivered
+        self._early_bytes = 0  # of the entries in _filled
         self._filled: Dict[int, Buffer] = {}
         self._delivered: Set[int] = set()
         self._secret: Optional[nacl.public.PrivateKey] = None
@@ -702,6 +707,8 @@ class FastPathTransport(Transport):
 
     # -- the data channel's messages ------------------------------------------------------------
     def _on_inner(self, data: Buffer) -> None:
+        if self._broken:
+            return  # the session is ending: nothing more is delivered
         if len(data) >= 2 and data[0] == SIDE:
             try:
                 self._side(data[1], memoryview(data)[2:])
@@ -710,7 +717,29 @@ class FastPathTransport(Transport):
                 self._stop_fast_path(f"a malformed fast-path message: {exc}")
             return
         self._ordered.append(("msg", data))
+        self._waiting_bytes += len(data)
         self._pump()
+        if self._waiting_bytes > MAX_WAITING_BYTES:
+            self._violation(f"more than {MAX_WAITING_BYTES >> 20} MiB of messages behind a placeholder whose bytes never came")
+
+    def _violation(self, reason: str) -> None:
+        """The peer broke the fast path's rules in a way that would hold our memory: end the session."""
+        log.warning("closing the session: %s", reason)
+        self._broken = True
+        self._stop_fast_path(reason, tell_peer=False)
+        self._ordered.clear()
+        self._filled.clear()
+        self._waiting_bytes = self._early_bytes = 0
+        asyncio.ensure_future(self.inner.close())
+
+    def _keep_early(self, msg_id: int, data: Buffer) -> bool:
+        """Hold bytes that came before their placeholder, within bounds; False (and the session ends) beyond."""
+        if len(self._filled) >= MAX_EARLY or self._early_bytes + len(data) > MAX_EARLY_BYTES:
+            self._violation("too many messages ahead of their places on the data channel")
+            return False
+        self._filled[msg_id] = data
+        self._early_bytes += len(data)
+        return True
 
     def _side(self, kind: int, body: memoryview) -> None:
         if kind == OFFER:
@@ -730,7 +759,8 @@ class FastPathTransport(Transport):
         elif kind == FALLBACK:
             (msg_id,) = struct.unpack(">Q", body[:8])
             if msg_id not in self._delivered and msg_id not in self._filled:
-                self._filled[msg_id] = bytes(body[8:])
+                if not self._keep_early(msg_id, bytes(body[8:])):
+                    return
             self._pump()
         elif kind == ACK:
             (msg_id,) = struct.unpack(">Q", body)
@@ -751,11 +781,13 @@ class FastPathTransport(Transport):
                 data = self._filled.pop(item, None)
                 if data is None:
                     return
+                self._early_bytes -= len(data)
                 self._delivered.add(item)
                 if len(self._delivered) > 100_000:
                     self._delivered = {i for i in self._delivered if i > item - 50_000}
             else:
                 data = item
+                self._waiting_bytes -= len(data)
             self._ordered.popleft()
             try:
                 handler(data)
@@ -772,11 +804,11 @@ class FastPathTransport(Transport):
         self._call_soon(self._tcp_arrived, msg_id, data)
 
     def _tcp_arrived(self, msg_id: int, data: memoryview) -> None:
+        if self._broken:
+            return
         if msg_id not in self._delivered and msg_id not in self._filled:
-            if len(self._filled) >= MAX_EARLY:
-                self._stop_fast_path("too many messages ahead of their places on the data channel")
+            if not self._keep_early(msg_id, data):  # (the receiver's own buffer, handed over: not copied)
                 return
-            self._filled[msg_id] = data  # the receiver's own buffer, handed over: not copied
         try:
             self.inner.send(bytes([SIDE, ACK]) + struct.pack(">Q", msg_id))
         except ConnectionLost:

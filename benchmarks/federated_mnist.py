@@ -40,6 +40,7 @@ def owner_main(shard: int, owners: int, limit: int | None) -> int:
     owner = duet.launch(name=f"hospital {shard + 1}", local_only=True, display=False)
     owner.store.add(torch.utils.data.TensorDataset(full.data[shard::owners], full.targets[shard::owners]),
                     name="mnist-train", description=f"a third of MNIST (shard {shard + 1} of {owners})")
+    owner.pin_federation(min_owners=owners, exact=True)  # exact sums of model weights: trusts the scientist's program
     owner.requests.add_handler(action="accept", secure_sum=True, min_owners=owners)
     # Plain FedAvg, for comparison: each owner releases its trained model (a benchmark: nobody at the queue).
     owner.requests.add_handler(action="accept", kind="release", datasets=["mnist-train"])

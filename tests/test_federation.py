@@ -37,6 +37,7 @@ def pairs(tmp_path):
         owner, scientist = duet.local_pair(audit_log=tmp_path / f"audit-{k}.jsonl", owner_name=f"hospital {k + 1}",
                                            scientist_name="Dr. Lee")
         owner.store.add(torch.tensor([float(k + 1)] * 4), name="ages")
+        owner.pin_federation(None, exact=True)  # these tests are about exact sums (opt-in)
         made.append((owner, scientist))
     yield made
     for owner, scientist in made:
@@ -97,7 +98,7 @@ def test_rules_match_only_federations_big_enough_and_among_known_peers(pairs):
 
 def test_a_pinned_owner_refuses_strangers_and_small_federations(pairs):
     owner1 = pairs[0][0]
-    owner1.pin_federation([pairs[1][0].fingerprint], min_owners=2)
+    owner1.pin_federation([pairs[1][0].fingerprint], min_owners=2, exact=True)
     for owner, _ in pairs:
         owner.requests.add_handler(action="accept", secure_sum=True)
     fed = duet.Federation([s for _, s in pairs])
@@ -108,7 +109,7 @@ def test_a_pinned_owner_refuses_strangers_and_small_federations(pairs):
     with pytest.raises(duet.SecureSumFailed, match="not one this owner aggregates with"):
         strict = duet.Federation([s for _, s in pairs], min_owners=3)
         strict.secure_sum(strict.map(lambda s: s.store["ages"].sum())).get(timeout=30)
-    owner1.pin_federation(None, min_owners=3)
+    owner1.pin_federation(None, min_owners=3, exact=True)
     with pytest.raises(duet.SecureSumFailed, match="requires at least 3"):
         two = duet.Federation([s for _, s in pairs[:2]])
         two.secure_sum(two.map(lambda s: s.store["ages"].sum())).get(timeout=30)
@@ -134,6 +135,7 @@ def test_federated_averaging_through_secure_sums_equals_plain_averaging(tmp_path
         for k in range(3):
             owner, scientist = duet.local_pair(audit_log=tmp_path / f"audit-{k}.jsonl", owner_name=f"hospital {k + 1}")
             owner.store.add(torch.utils.data.TensorDataset(full.data[k::3], full.targets[k::3]), name="mnist-train")
+            owner.pin_federation(None, min_owners=3, exact=True)
             owner.requests.add_handler(action="accept", secure_sum=True, min_owners=3)
             owner.requests.add_handler(action="accept", kind="release")  # (plain averaging releases each model)
             made.append((owner, scientist))
@@ -190,6 +192,71 @@ def test_owners_can_add_their_own_noise_to_a_secure_sum(tmp_path):
 
 
 # -- attacks from a review of secure sums, each kept as a regression test ------------------------------------
+def test_by_default_owners_refuse_exact_sums_whose_other_parts_the_scientist_chooses(tmp_path):
+    """A review's attack: owners 2 and 3 contribute what the scientist chose (its own zeros, or their
+    data times zero), so an exact "sum of three pinned owners" is owner 1's value. By default an
+    owner takes part only in sums where it noises its own contribution (dp=)."""
+    made: Pairs = []
+    try:
+        for k in range(3):
+            owner, scientist = duet.local_pair(audit_log=tmp_path / f"audit-{k}.jsonl", owner_name=f"hospital {k + 1}")
+            owner.store.add(torch.tensor([10.0 * (k + 1) + 0.5] * 4), name="ages")
+            made.append((owner, scientist))
+        prints = [o.fingerprint for o, _ in made]
+        for owner, _ in made:
+            owner.pin_federation([p for p in prints if p != owner.fingerprint], min_owners=3)
+            owner.requests.add_handler(action="accept", secure_sum=True, min_owners=3, peers=prints)
+        fed = duet.Federation([s for _, s in made], min_owners=3)
+        s1, s2, s3 = fed
+        for values in ([s1.store["ages"].sum(), s2.torch.tensor(0.0), s3.torch.tensor(0.0)],
+                       [s1.store["ages"].sum(), s2.store["ages"].sum() * 0, s3.store["ages"].sum() * 0]):
+            with pytest.raises(duet.SecureSumFailed, match="only with dp="):
+                fed.secure_sum(values).get(timeout=30)
+        assert all(not o.requests.history for o, _ in made)  # refused before anyone was asked
+    finally:
+        for owner, scientist in made:
+            scientist.close()
+            owner.close()
+
+
+def test_every_owners_weight_is_signed_into_the_round_shown_and_audited(pairs):
+    """A review's attack: weights [1, 1e-300, 1e-300] drown owners 2 and 3, each of which saw only
+    its own weight. Now each owner is asked with every weight, signs them with the round, and an
+    owner told other weights than the rest refuses the adverts."""
+    for owner, _ in pairs:
+        owner.requests.add_handler(action="accept", secure_sum=True)
+    fed = duet.Federation([s for _, s in pairs])
+    handle = fed.secure_sum(fed.map(lambda s: s.store["ages"].sum()), weights=[1.0, 1e-300, 1e-300])
+    assert float(handle.get(timeout=30)) == pytest.approx(4.0)  # allowed here (exact=True), but not hidden:
+    from duet.widgets.approval import request_html, request_text
+
+    for owner, _ in pairs:
+        req = owner.requests.history[-1]
+        assert req.weights == (1.0, 1e-300, 1e-300)
+        assert "weights: 1, 1e-300, 1e-300" in request_text(req) and "exact sum" in request_text(req)
+        assert "1e-300" in request_html(req) and "Exact sum" in request_html(req)
+        join = [e for e in owner.audit.read() if e["event"] == "secure_sum_join"][-1]
+        assert join["weights"] == [1.0, 1e-300, 1e-300] and join["dp_epsilon"] is None
+    # Telling owner 1 "all weights 1" and the others the drowning weights: their adverts disagree.
+    from duet.secagg.encoding import Segment, Spec
+
+    spec = Spec((Segment("value", (), False),), 24, 2.0**30)
+    prints = [o.fingerprint for o, _ in pairs]
+    rid = secrets.token_bytes(16)
+    told = {1: [1, 1, 1], 2: [1, 1e-300, 1e-300], 3: [1, 1e-300, 1e-300]}
+    adverts = [_call(s, rid, {"step": "join", "participants": prints, "index": k, "threshold": 2, "spec": spec.to_wire(),
+                              "obj": s.store["ages"].sum().id, "weight": told[k][k - 1], "weights": told[k]})
+               for k, (_o, s) in enumerate(pairs, start=1)]
+    for k, (_o, s) in enumerate(pairs, start=1):
+        with pytest.raises(duet.NotAllowed, match="signature|advert"):
+            _call(s, rid, {"step": "share", "adverts": adverts})
+    with pytest.raises(duet.NotAllowed, match="every owner's weight"):
+        _call(pairs[0][1], secrets.token_bytes(16), {"step": "join", "participants": prints, "index": 1, "threshold": 2,
+                                                     "spec": spec.to_wire(), "obj": pairs[0][1].store["ages"].sum().id,
+                                                     "weight": 1})  # no weights: refused
+
+
+
 def _call(s: duet.Scientist, rid: bytes, msg: dict, what: str = "secure sum") -> Any:
     return s.session.call({"kind": "secure_sum", "round": rid, **msg}, 30, what)
 
@@ -212,13 +279,15 @@ def _two_stories(tmp_path, threshold: int, max_colluders: Optional[int], stories
             honest[k] = (o, s)
         prints = [honest[k][0].fingerprint if k in honest else colluder.fingerprint for k in range(1, 6)]
         for o, _ in honest.values():
-            o.pin_federation([p for p in prints if p != o.fingerprint], min_owners=3, max_colluders=max_colluders)
+            o.pin_federation([p for p in prints if p != o.fingerprint], min_owners=3, max_colluders=max_colluders,
+                             exact=True)
             o.requests.add_handler(action="accept", secure_sum=True, min_owners=3, peers=prints)
         spec = Spec((Segment("value", (), False),), 24, 2.0**30)
-        rnd = Round(secrets.token_bytes(16), tuple(prints), threshold, spec)
+        rnd = Round(secrets.token_bytes(16), tuple(prints), threshold, spec, (1.0,) * 5)
         rid = rnd.round_id
         ads = {k: _call(s, rid, {"step": "join", "participants": prints, "index": k, "threshold": threshold,
-                                 "spec": spec.to_wire(), "obj": s.store["ages"].sum().id, "weight": 1})
+                                 "spec": spec.to_wire(), "obj": s.store["ages"].sum().id, "weight": 1,
+                                 "weights": [1] * 5})
                for k, (_o, s) in honest.items()}
         bad = Participant(colluder, rnd, 3, np.zeros(1, dtype=np.uint64), max_colluders=0)  # (its own choice)
         ads[3] = bad.advertise()
@@ -291,7 +360,8 @@ def _join(s: duet.Scientist, prints: List[str], k: int, obj: int, weight: Any = 
 
     spec = spec or Spec((Segment("value", (), False),), 24, 2.0**30)
     return _call(s, rid or secrets.token_bytes(16), {"step": "join", "participants": prints, "index": k, "threshold": 2,
-                                                     "spec": spec.to_wire(), "obj": obj, "weight": weight})
+                                                     "spec": spec.to_wire(), "obj": obj, "weight": weight,
+                                                     "weights": [weight if v == k else 1 for v in range(1, len(prints) + 1)]})
 
 
 def test_the_join_answers_the_same_whatever_the_value(pairs):
@@ -337,6 +407,7 @@ def test_open_rounds_count_against_the_scientists_memory_budget(tmp_path):
     from duet.secagg.encoding import Segment, Spec
 
     owner, s = duet.local_pair(audit_log=tmp_path / "audit.jsonl", limits=Limits(max_bytes=30 * 2**20))
+    owner.pin_federation(None, exact=True)  # (the default policy refuses exact sums before any memory is held)
     try:
         n = 2**20
         big = s.torch.zeros(n)  # the scientist's own value (4 MiB): no approval needed

@@ -93,7 +93,8 @@ def test_below_the_threshold_the_round_fails_and_nothing_is_revealed(signaling, 
 def _join_all(scientists, prints, rid, spec, threshold=2, name="values"):
     ptrs = [s.store[name] for s in scientists]
     return [s.session.call({"kind": "secure_sum", "step": "join", "round": rid, "participants": prints, "index": k + 1,
-                            "threshold": threshold, "spec": spec.to_wire(), "obj": p.id, "weight": 1}, 60, "join")
+                            "threshold": threshold, "spec": spec.to_wire(), "obj": p.id, "weight": 1,
+                            "weights": [1] * len(prints)}, 60, "join")
             for k, (s, p) in enumerate(zip(scientists, ptrs))]
 
 
@@ -136,7 +137,8 @@ def test_one_owners_masked_vector_is_uniform(signaling, tmp_path):
         spec = Spec((Segment("value", (50_000,), True),), 0, 2.0**20)
         rid = secrets.token_bytes(16)
         adverts = [s.session.call({"kind": "secure_sum", "step": "join", "round": rid, "participants": prints,
-                                   "index": k + 1, "threshold": 2, "spec": spec.to_wire(), "obj": b.id, "weight": 1},
+                                   "index": k + 1, "threshold": 2, "spec": spec.to_wire(), "obj": b.id, "weight": 1,
+                                   "weights": [1] * len(prints)},
                                   60, "join") for k, (s, b) in enumerate(zip(scientists, big))]
         sealed = [s.session.call({"kind": "secure_sum", "step": "share", "round": rid, "adverts": adverts}, 60, "share")
                   for s in scientists]

@@ -54,6 +54,10 @@ class FederationPolicy:
     pinned: Optional[FrozenSet[str]] = None  # the other owners' fingerprints it aggregates with; None: any
     min_owners: int = 2  # fewer owners than this (at any step) and the round ends, nothing revealed
     max_colluders: Optional[int] = None  # owners that may collude with the scientist; None: fewer than a third
+    # Exact sums (no dp=): the scientist chooses what every owner contributes (a zero, or a value it
+    # knows, or a weight that drowns the others), so an exact sum can be one owner's value. Only
+    # with dp= is each contribution protected whatever the others are. Exact sums are opt-in.
+    exact: bool = False
 
     def __post_init__(self) -> None:
         if self.max_colluders is not None and (type(self.max_colluders) is not int or self.max_colluders < 0):
@@ -229,14 +233,24 @@ class SecureSums:
         if not isinstance(round_id, bytes) or round_id in self.rounds or not isinstance(participants, list) \
                 or not all(isinstance(p, str) for p in participants) or type(index) is not int or type(threshold) is not int:
             raise RoundRefused("malformed secure-sum request")
+        weights = msg.get("weights")
+        if not isinstance(weights, list) or len(weights) != len(participants) or not 1 <= index <= len(weights):
+            raise RoundRefused("a secure sum names every owner's weight (weights: one per owner)")
         try:
             spec = encoding.Spec.from_wire(msg.get("spec"))
-            weight = encoding.check_weight(spec, msg.get("weight", 1))
+            weights = [encoding.check_weight(spec, w) for w in weights]
         except ValueError as exc:
             raise RoundRefused(str(exc)) from None
-        rnd = Round(round_id, tuple(participants), threshold, spec)
-        rnd.check()
+        weight = weights[index - 1]
+        requested_dp = msg.get("dp")
         policy = owner.federation
+        if requested_dp is None and not policy.exact:
+            raise RoundRefused("this owner takes part in secure sums only with dp= (each contribution noised here): "
+                               "in an exact sum the scientist chooses what every other owner contributes, so the "
+                               "sum can be this owner's value alone (pin_federation(..., exact=True) allows it)")
+        rnd = Round(round_id, tuple(participants), threshold, spec, tuple(weights),
+                    float(requested_dp) if isinstance(requested_dp, (int, float)) and not isinstance(requested_dp, bool) else None)
+        rnd.check()
         if policy.pinned is not None and not set(participants) - {owner.fingerprint} <= policy.pinned:
             raise RoundRefused("an owner taking part is not one this owner aggregates with (see pin_federation)")
         admit(rnd, owner.fingerprint, index, policy.min_owners, policy.colluders(len(participants)))
@@ -251,7 +265,7 @@ class SecureSums:
             encoding.check_parts(spec, contribution_parts(value, spec))  # metadata only, before approval
         except ValueError as exc:
             raise RoundRefused(str(exc)) from None
-        epsilon = self._dp_epsilon(msg.get("dp"), objs)
+        epsilon = self._dp_epsilon(requested_dp, objs)
         requester = conn.requester.fingerprint if conn.requester is not None else ""
         self.round_ids.claim(owner.fingerprint, requester, round_id)
         nbytes = 8 * spec.length  # the encoded snapshot this round holds until it ends
@@ -265,7 +279,7 @@ class SecureSums:
             raise
         self.rounds[round_id] = _Open(participant, time.monotonic(), nbytes)
         self._audit(participant, "secure_sum_join", assets=sorted(set().union(*(o.lineage for o in objs))),
-                    participants=list(participants), threshold=threshold)
+                    participants=list(participants), threshold=threshold, weights=list(rnd.weights), dp_epsilon=epsilon)
         return advert
 
     def _contribute(self, rnd: Round, index: int, ids: Any, objs: List[Any], value: Any, weight: float,
@@ -285,6 +299,7 @@ class SecureSums:
                 "kind": "secure_sum", "lineage": tuple(sorted(lineage)), "ops": tuple(ops),
                 "type_name": f"secure sum of {spec.length} numbers", "numel": spec.length, "nbytes": 8 * spec.length,
                 "reason": clean(reason, newlines=True), "participants": rnd.participants, "threshold": rnd.threshold,
+                "weights": rnd.weights,
                 "dp_epsilon": epsilon, "dp_mechanism": "each owner's own noise (discrete Laplace)" if epsilon else "",
             }, denied="the owner did not take part in this secure sum")
             if req.decided_rule is not None and req.decided_rule.min_owners:

@@ -992,21 +992,26 @@ class Owner:
         return self.identity.fingerprint
 
     def pin_federation(self, peers: Optional[List[str]] = None, min_owners: int = 2,
-                       max_colluders: Optional[int] = None) -> FederationPolicy:
+                       max_colluders: Optional[int] = None, exact: bool = False) -> FederationPolicy:
         """Which secure sums this owner takes part in: only with these other owners (key fingerprints;
         None: any), and only while at least `min_owners` owners take part (a scientist inventing
         owners to single one out meets the first; one whose federation shrinks meets the second).
         `max_colluders`: how many owners of a round may collude with the scientist (None: fewer than
         a third); rounds whose threshold t of n owners has 2t <= n + max_colluders are refused.
+        `exact=True`: also take part in exact sums (without dp=). In an exact sum the scientist
+        chooses what every other owner contributes and with which weight, so it can make the sum
+        this owner's value alone; allow it only for a scientist you trust with your values' sum
+        (without it, only sums where each owner noises its own contribution, dp=epsilon).
         Each contribution still needs approval, by hand or by a rule (`add_handler(secure_sum=True)`).
         """
         if isinstance(min_owners, bool) or not isinstance(min_owners, int) or min_owners < 2:
             raise ValueError("min_owners must be an int >= 2")
         if peers is not None and (isinstance(peers, str) or not all(isinstance(p, str) and p.startswith("SHA256:") for p in peers)):
             raise ValueError("peers must be key fingerprints (\"SHA256:...\")")
-        self.federation = FederationPolicy(frozenset(peers) if peers is not None else None, min_owners, max_colluders)
+        self.federation = FederationPolicy(frozenset(peers) if peers is not None else None, min_owners, max_colluders,
+                                           bool(exact))
         self.audit.append("federation_pinned", peers=sorted(peers) if peers is not None else None, min_owners=min_owners,
-                          max_colluders=max_colluders)
+                          max_colluders=max_colluders, exact=bool(exact))
         return self.federation
 
     @property

@@ -60,6 +60,7 @@ class Request:
     # how many must stay for the sum to be unmasked.
     participants: Tuple[str, ...] = ()
     threshold: Optional[int] = None
+    weights: Tuple[float, ...] = ()  # every owner's weight, in the participants' order (signed into the round)
     decided_rule: Optional["Rule"] = field(default=None, repr=False)  # the rule that decided it, if one did
     value: Any = field(default=None, repr=False)
     _queue: Optional["RequestQueue"] = field(default=None, repr=False)
@@ -101,7 +102,8 @@ class Request:
             "nbytes": self.nbytes,
             "reason": self.reason,
             **({"dp_epsilon": self.dp_epsilon} if self.dp_epsilon is not None else {}),
-            **({"participants": list(self.participants), "threshold": self.threshold} if self.participants else {}),
+            **({"participants": list(self.participants), "threshold": self.threshold, "weights": list(self.weights)}
+               if self.participants else {}),
         }
 
     def _row(self) -> List[Any]:

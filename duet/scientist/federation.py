@@ -273,7 +273,8 @@ class Federation:
              join_timeout: float, dp: Optional[float] = None) -> Tuple[np.ndarray, RoundReport]:
         start = time.monotonic()
         n = len(self.scientists)
-        rnd = Round(secrets.token_bytes(16), tuple(s.owner_fingerprint or "" for s in self.scientists), self.threshold, spec)
+        rnd = Round(secrets.token_bytes(16), tuple(s.owner_fingerprint or "" for s in self.scientists), self.threshold, spec,
+                    tuple(float(w) for w in weights), float(dp) if dp is not None else None)
         rnd.check()
         rid = rnd.round_id
         errors: Dict[int, BaseException] = {}
@@ -297,7 +298,7 @@ class Federation:
             which: Dict[str, Any] = {"objs": [p.id for p in value]} if isinstance(value, (list, tuple)) else {"obj": value.id}
             joins[v] = self._request(owner(v), {"step": "join", "round": rid, "participants": list(rnd.participants),
                                                 "index": v, "threshold": self.threshold, "spec": spec.to_wire(),
-                                                "weight": weights[v - 1], "reason": reason, **which,
+                                                "weight": weights[v - 1], "weights": list(weights), "reason": reason, **which,
                                                 **({"dp": dp} if dp is not None else {})})
         adverts = self._gather(joins, join_timeout, errors)
         try:

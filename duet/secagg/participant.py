@@ -78,6 +78,10 @@ class Round:
     participants: Tuple[str, ...]  # key fingerprints; owner i (1-based) is participants[i - 1]
     threshold: int
     spec: Spec
+    # Every owner's weight (position order) and the dp epsilon (None: an exact sum). Signed with the
+    # rest, so each owner knows what all the others were asked, not only its own part.
+    weights: Tuple[float, ...] = ()
+    dp: Optional[float] = None
 
     def check(self) -> None:
         if not isinstance(self.round_id, bytes) or len(self.round_id) != ROUND_ID_BYTES:
@@ -94,13 +98,15 @@ class Round:
             self.spec.check(n)
         except ValueError as exc:
             raise RoundRefused(str(exc)) from None
+        if self.weights and len(self.weights) != n:
+            raise RoundRefused("one weight per owner")
         if n * self.spec.length > MAX_MASK_WORDS:
             raise RoundRefused(f"{n} owners x {self.spec.length} numbers is more masking than one round may ask "
                                f"(at most {MAX_MASK_WORDS} in all)")
 
     def transcript(self, what: str, *fields: Any) -> bytes:
         return msgpack.packb([b"duet-secagg-v1", what, self.round_id, list(self.participants), self.threshold,
-                              self.spec.digest(), *fields], use_bin_type=True)
+                              self.spec.digest(), [float(w) for w in self.weights], self.dp, *fields], use_bin_type=True)
 
 
 @dataclass

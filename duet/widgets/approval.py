@@ -86,6 +86,11 @@ def request_html(req: "Request") -> str:
             rows.append(("Summed with", f"{owners}<br><span class='duet-muted'>{len(req.participants)} owners, this one "
                                         f"included; the scientist learns only the sum, and only if at least "
                                         f"{req.threshold} of them stay</span>"))
+            if req.weights:
+                rows.append(("Weights", esc(_weights_text(req.weights))))
+            if req.dp_epsilon is None:
+                rows.append(("Exact sum", "<b>the scientist chose what every other owner adds</b>: a sum of exact "
+                                          "values protects yours only if those are real contributions"))
         if req.dp_epsilon is not None:
             rows.append(("Privacy", f"<b>ε {req.dp_epsilon:g}</b> from this scientist's budget "
                                     "<span class='duet-muted'>(reserved now; refunded if you deny)</span>"
@@ -102,6 +107,13 @@ def request_html(req: "Request") -> str:
     return f"<div class='duet-panel'>{head}<table class='duet-table'>{body}</table></div>"
 
 
+def _weights_text(weights: "tuple") -> str:
+    """Each owner's weight, in order; equal weights said once."""
+    if len(set(weights)) == 1:
+        return f"all {weights[0]:g}"
+    return ", ".join(f"{w:g}" for w in weights)
+
+
 def request_text(req: "Request") -> str:
     lines = [f"Request #{req.id}: {req.kind} from {req.requester.name} ({req.requester.fingerprint})"]
     if req.kind != "join":
@@ -113,6 +125,10 @@ def request_text(req: "Request") -> str:
         if req.participants:
             lines.append(f"  summed with {len(req.participants)} owners (this one included; at least {req.threshold} "
                          f"must stay): {', '.join(req.participants)}")
+            if req.weights:
+                lines.append(f"  weights: {_weights_text(req.weights)}")
+            if req.dp_epsilon is None:
+                lines.append("  exact sum: the scientist chose what every other owner adds")
         if req.dp_epsilon is not None:
             lines.append(f"  privacy: epsilon {req.dp_epsilon:g} from this scientist's budget ({req.dp_mechanism})")
     lines.append(f"  reason (their words): {req.reason!r}" if req.reason else "  reason: none given")

@@ -99,7 +99,7 @@ def main(argv: list | None = None) -> int:
     if args.federated is not None:
         owner.store.add(torch.full((8,), args.federated, dtype=torch.float32), name="values")
         owner.store.add(torch.tensor(int(args.federated)), name="count")
-        owner.pin_federation(args.pin.split(",") if args.pin else None, min_owners=args.min_owners)
+        owner.pin_federation(args.pin.split(",") if args.pin else None, min_owners=args.min_owners, exact=True)
         owner.requests.add_handler(action="accept", secure_sum=True)
     if args.accept_all:
         owner.requests.add_handler(action="accept", kind=("release", "join"))

@@ -28,6 +28,7 @@ torch.Size         9     [int64, ...] (at most max_ndim entries)
 numpy.dtype        10    dtype name
 Ref                11    object id, 0 .. 2**63-1
 pandas frame       12    array [ext 12 (empty marker), kind, ...]: see duet.wire_frames
+Ciphertext         13    [kind, context digest, [part, ...], [size, ...]]: see duet.ciphertext
 =================  ====  ===================================================
 
 dtype names: bool uint8 int8 int16 int32 int64 float16 float32 float64
@@ -60,7 +61,8 @@ import msgpack
 import numpy as np
 import torch
 
-from duet import wire_frames, wire_scan
+from duet import ciphertext, wire_frames, wire_scan
+from duet.ciphertext import Ciphertext
 from duet.errors import ProtocolError
 
 __all__ = ["Ref", "Limits", "DEFAULT_LIMITS", "Encoded", "encode", "encode_parts", "decode"]
@@ -107,6 +109,7 @@ EXT_TORCH_SIZE = 9
 EXT_NP_DTYPE = 10
 EXT_REF = 11
 EXT_FRAME = 12  # empty marker, first element of the array that holds a DataFrame or Series
+EXT_CIPHERTEXT = 13
 
 _I64_MIN = -(2**63)
 _I64_MAX = 2**63 - 1
@@ -135,7 +138,7 @@ _BIG_BYTES = 1 << 16  # bytes this long go out as a bin header plus the object i
 _CONTAINERS = frozenset({list, dict, tuple})
 _KEY_TYPES = frozenset({str, int})
 _EXT_LEAVES = frozenset(
-    {torch.Tensor, np.ndarray, complex, slice, type(Ellipsis), torch.dtype, torch.Size, Ref}
+    {torch.Tensor, np.ndarray, complex, slice, type(Ellipsis), torch.dtype, torch.Size, Ref, Ciphertext}
 ) | frozenset(_NP_SCALAR_NAME) | _NP_DTYPE_CLASSES
 _DECODED = _PLAIN | _CONTAINERS | _EXT_LEAVES
 _DECODED_BORROWED = _DECODED | {memoryview}  # decode(borrow=True): large bins are views
@@ -492,6 +495,7 @@ _EXT_ENCODERS: dict[type, Callable[[_Encoder, Any], tuple[int, list]]] = {
     torch.dtype: _enc_torch_dtype,
     torch.Size: _enc_torch_size,
     Ref: _enc_ref,
+    Ciphertext: lambda enc, c: _enc_ciphertext(enc, c),
 }
 _EXT_ENCODERS.update({t: _enc_np_scalar for t in _NP_SCALAR_NAME})
 _EXT_ENCODERS.update({t: _enc_np_dtype for t in _NP_DTYPE_CLASSES})
@@ -825,6 +829,31 @@ def _dec_np_dtype(data: bytes, limits: Limits) -> np.dtype:
     return _NP_DTYPE[_dtype_name(_small(data, limits), _NP_DTYPE)]
 
 
+def _dec_ciphertext(data: Any, limits: Limits) -> Ciphertext:
+    n = len(data)
+    v = msgpack.unpackb(data, raw=False, strict_map_key=True, use_list=True, max_str_len=32, max_bin_len=n,
+                        max_array_len=max(4, ciphertext.MAX_PARTS), max_map_len=0, max_ext_len=0)
+    if type(v) is not list or len(v) != 4 or type(v[2]) is not list or type(v[3]) is not list:
+        raise ProtocolError("bad ciphertext payload")
+    kind, context, parts, sizes = v
+    if type(kind) is not str or type(context) is not bytes or not all(type(p) is bytes for p in parts) \
+            or not all(type(s) is int for s in sizes):
+        raise ProtocolError("bad ciphertext payload")
+    try:
+        return Ciphertext(kind, context, tuple(parts), tuple(sizes))
+    except ValueError as exc:
+        raise ProtocolError(f"bad ciphertext: {exc}") from None
+
+
+def _enc_ciphertext(enc: _Encoder, c: Ciphertext) -> tuple[int, list]:
+    head = b"\x94" + enc.pack(c.kind) + enc.pack(c.context) + _array_header(len(c.parts))
+    out: list = [head]
+    for p in c.parts:
+        out += [_bin_header(len(p)), p]
+    out.append(enc.pack(list(c.sizes)))
+    return EXT_CIPHERTEXT, out
+
+
 def _dec_ref(data: bytes, limits: Limits) -> Ref:
     if len(data) == 1 and data[0] < 0x80:  # positive fixint: the common case, kept cheap
         return Ref(data[0])
@@ -849,6 +878,7 @@ _EXT_DECODERS: dict[int, Callable[[Any, Limits], Any]] = {
     EXT_TORCH_SIZE: _dec_torch_size,
     EXT_NP_DTYPE: _dec_np_dtype,
     EXT_REF: _dec_ref,
+    EXT_CIPHERTEXT: _dec_ciphertext,
 }
 
 

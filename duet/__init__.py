@@ -27,7 +27,7 @@ from .scientist.federation import Federation, SecureSumFailed
 from .scientist.pointer import Pointer
 from .scientist.plan import plan
 
-from . import views, widgets
+from . import he, views, widgets
 
 # Looked up on each use, so the ui layer's functions can be replaced (tests do).
 views.register(owner_panel=lambda owner: widgets.OwnerPanel.for_owner(owner),
@@ -37,6 +37,7 @@ views.register(owner_panel=lambda owner: widgets.OwnerPanel.for_owner(owner),
 __version__ = "0.1.0"
 
 __all__ = [
+    "he",
     "local_pair",
     "launch",
     "join",

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, Mapping, Optional, Tuple, Type, Union
 
+from .ciphertext import Ciphertext
 from .errors import (
     BudgetExceeded,
     ConnectionLost,
@@ -72,6 +73,7 @@ class RequestKind:
     PRIVACY = "privacy"  # the scientist's own privacy budget and releases
     DP_TRAIN = "dp_train"  # train a copy of a model with DP-SGD on a dataset; the result is a DP release
     SECURE_SUM = "secure_sum"  # one step of a secure sum across owners (duet.secagg), under "step"
+    HE_CONTEXT = "he_context"  # the scientist's public CKKS context ("context": a Ciphertext), for encrypted data
 
 
 class ActionKind:
@@ -107,7 +109,8 @@ _ID_LIST = (list,)
 # when present and not None it must have one of these types. "free" (ids freed on the way) may ride
 # on any scientist message.
 FIELDS: Mapping[str, Mapping[str, _Types]] = {
-    Msg.REQ: {"id": _INT, "kind": str, "obj": _INT, "name": str, "rid": _INT, "reason": str, "dp": (int, float), "step": str},
+    Msg.REQ: {"id": _INT, "kind": str, "obj": _INT, "name": str, "rid": _INT, "reason": str, "dp": (int, float), "step": str,
+              "context": Ciphertext},
     Msg.REP: {"id": _INT, "ok": bool, "error": dict},
     Msg.HELLO: {"pub": bytes, "sig": bytes, "reason": str, "resume": bytes},
     Msg.WELCOME: {"pub": bytes, "sig": bytes, "approve": str, "resume": bytes, "resumed": bool},

@@ -45,7 +45,7 @@ from .. import allowlist, containers
 from ..allowlist import Entry
 from ..errors import LimitExceeded, NotAllowed, RemoteError, UnknownObject
 from ..wire import Ref
-from . import bounds, numpy_random, shapes
+from . import bounds, he, numpy_random, shapes
 from . import frames  # pandas, optional: a no-op unless pandas is loaded
 from .effects import Observer, active, reads_watched
 from .footprint import Footprint, arrays_in, footprint, grad_of, ranges_overlap, structure, tensor_range, tensors_in
@@ -496,6 +496,7 @@ class Executor:
     def __init__(self, table: ObjectTable, randomness: Optional[Randomness] = None) -> None:
         self.table = table
         self.randomness = randomness or Randomness()
+        self.he_context: Any = None  # the scientist's public CKKS context, once sent (duet.owner.he)
         self._shadows: Dict[Any, Tuple[Any, int, int, bool]] = {}  # signature -> (prediction, elements, bytes, random)
         self._chain: Optional[List[str]] = None
 
@@ -562,6 +563,8 @@ class Executor:
         input_ids = self.inputs_of(args, kwargs)
         values = substitute(args, self.table)
         kw = substitute(kwargs, self.table)
+        if he.involved(values, kw):
+            return self._run_encrypted(rid, kind, name, values, kw, input_ids)
         target = values[0] if kind in ("method", "attr", "call") else None
         try:
             entry, label = lookup(kind, name, target)
@@ -590,6 +593,33 @@ class Executor:
             # size, a dtype, a result's type): every failure on private inputs reads the same.
             log.warning("%s failed on private inputs", label, exc_info=True)  # the owner's log has the details
             raise withheld_failure(label) from None
+        return obj
+
+    def _run_encrypted(self, rid: Optional[int], kind: str, name: str, values: List[Any], kw: Dict[str, Any],
+                       input_ids: List[int]) -> Optional[RemoteObject]:
+        """An action on the scientist's ciphertexts (duet.owner.he): a short list of operations. The
+        result reads everything the action read (a private model's weights make it private), and its
+        metadata too (its size follows the model)."""
+        label = f"encrypted {name}" if kind != "call" else "encrypted model call"
+        flow = flow_of(self.table, input_ids, kind, name, values[0] if kind != "func" else None)
+        try:
+            result = he.run(kind, name, values, kw, self.he_context)
+        except NotAllowed:
+            if flow.private:
+                raise withheld_failure(label) from None  # which check refused may depend on private shapes
+            raise
+        except Exception:
+            if flow.private:
+                raise withheld_failure(label) from None
+            raise NotAllowed(f"{label} failed: TenSEAL refused it (more multiplications than the context's "
+                             "depth allows? the default context takes a Linear layer and a square)") from None
+        if rid is None:
+            return None
+        lineage = set(flow.all)
+        obj = self.table.put(rid, result, lineage=lineage, ops=[], meta=lineage)
+        chain = flow.ops.copy()
+        self._record(chain, label)
+        obj.group.ops.merge(chain)
         return obj
 
     def _fact_of(self, kind: str, name: str, args: List[Any], kwargs: Dict[str, Any], fn: Any,

@@ -7,6 +7,7 @@ loop, and an approval never needs a notebook cell to be running.
 from __future__ import annotations
 
 import atexit
+import copy
 import hashlib
 import secrets
 import logging
@@ -22,6 +23,7 @@ import torch
 from .. import identity as identity_mod
 from ..identity import HandshakeContext
 from .. import wire
+from ..ciphertext import Ciphertext
 from ..errors import ConnectionLost, DuetError, LimitExceeded, NotAllowed, PairingError, RemoteError, RequestDenied
 from .privacy.privacy import Privacy
 from ..protocol import Msg, RequestKind, Status, error_to_wire, problem
@@ -33,6 +35,7 @@ from .connection_state import LIVE, ConnState, check as check_transition
 from . import frames, store as store_mod
 from .executor import Executor, type_name, withheld_failure
 from .federation import FederationPolicy, SecureSums
+from .he import Encrypted, HEContext
 from .privacy import facts, mechanisms
 from .privacy.ledger import Spend, check_epsilon
 from .objects import Budget, Limits, ObjectTable, RemoteObject
@@ -53,6 +56,8 @@ def snapshot(value: Any, depth: int = 0) -> Any:
     """A detached copy of what would be released, fixed at request time."""
     if depth > 8:
         raise NotAllowed("the value is nested too deeply to release")
+    if isinstance(value, Encrypted):
+        return value.to_wire()  # serialized now; only the scientist's secret key opens it
     if isinstance(value, torch.Tensor):
         copy = value.detach().clone()
         return copy
@@ -88,6 +93,8 @@ def size_of(value: Any) -> tuple:
         numel = int(value.numel() if isinstance(value, torch.Tensor) else value.size)
         nbytes = int(value.element_size() * numel if isinstance(value, torch.Tensor) else value.nbytes)
         return max(numel, value.ndim), nbytes  # an empty tensor's shape is numbers too: (10, 20, 0)
+    if isinstance(value, Ciphertext):
+        return max(value.size, 1), value.nbytes  # encrypted numbers: what the scientist's key opens
     if isinstance(value, dict) and "$module" in value:
         parts = [size_of(v) for v in value["state"].values()]  # names come from the model's structure
     elif isinstance(value, dict):
@@ -140,6 +147,7 @@ class ScientistConnection:
         self.state = ConnState.HANDSHAKE
         self.objects = ObjectTable(owner.limits)
         self.executor = Executor(self.objects)
+        self.he_context: Any = None  # the scientist's public CKKS context (duet.owner.he.HEContext), once sent
         from .training import TrainingHandlers  # models, plans, remote loaders
 
         self.training = TrainingHandlers(self)
@@ -162,6 +170,7 @@ class ScientistConnection:
             RequestKind.PRIVACY: self._privacy,
             RequestKind.DP_TRAIN: self._dp_train,
             RequestKind.SECURE_SUM: lambda req_id, msg: self.secure_sums.handle(req_id, msg),
+            RequestKind.HE_CONTEXT: self._he_context,
         }
         self.secure_sums = SecureSums(self)
         self.failures: Dict[int, Dict[str, Any]] = {}
@@ -571,15 +580,36 @@ class ScientistConnection:
             value = frames.copy(value)
         elif store_mod.is_python_value(value):
             value = snapshot(value)  # tensors cloned, arrays and containers copied
+        elif isinstance(value, torch.nn.Module):
+            value = copy.deepcopy(value)  # the scientist's copy: training it changes nothing published
         else:
             raise NotAllowed(f"asset {name!r} is a dataset; iterate it with scientist.loader({name!r})")
         # Numbers in a published list or dict are values; anything computed from the container could
         # carry them as if they were metadata (a shape, an index), so all of its metadata is private.
-        meta = {name} if store_mod.holds_numbers(value) else set()
+        # A published model's architecture is the owner's: what it computes has private metadata too.
+        meta = {name} if store_mod.holds_numbers(value) or isinstance(value, torch.nn.Module) else set()
         obj = self.objects.put(rid, value, lineage={name}, ops=[name], meta=meta)
         if asset.privacy is not None:
             obj.dp = facts.from_asset(asset, asset.privacy)
         self.session.reply(req_id, asset.public_info())
+
+    def _he_context(self, req_id: int, msg: Dict[str, Any]) -> None:
+        """The scientist's public encryption context: its ciphertexts are computed on with it, here,
+        without the secret key (refused if it is in there)."""
+        data = msg.get("context")
+        if not isinstance(data, Ciphertext):
+            raise NotAllowed("he_context takes a public context")
+        if self.he_context is not None:
+            self.objects.hold(-self.he_context.nbytes)
+        self.he_context = None
+        self.objects.check_room(data.nbytes)
+        ctx = HEContext(data)
+        self.objects.hold(ctx.nbytes)
+        self.he_context = self.executor.he_context = ctx
+        self.owner.audit.append("he_context", scientist=self.requester.name if self.requester else "",
+                                fingerprint=self.requester.fingerprint if self.requester else "",
+                                digest=data.context.hex(), bytes=data.nbytes)
+        self.session.reply(req_id, {"digest": data.context})
 
     def _meta(self, obj: RemoteObject) -> Dict[str, Any]:
         """What the scientist may know of an object: its metadata only if nothing private shaped it."""

@@ -106,6 +106,8 @@ class Asset:
             return "Tensor"
         if isinstance(self.value, np.ndarray):
             return "ndarray"
+        if isinstance(self.value, torch.nn.Module):
+            return "Module"  # (not its class: the architecture is the owner's)
         return type(self.value).__name__
 
     @property
@@ -139,6 +141,13 @@ class Asset:
 SUPPORTED = (torch.Tensor, np.ndarray)
 
 
+def _check_module(module: torch.nn.Module) -> None:
+    """A published model: its weights dense CPU tensors, so a scientist's copy is an ordinary model."""
+    for t in list(module.parameters()) + list(module.buffers()):
+        if t.layout != torch.strided or t.device.type != "cpu":
+            raise TypeError("cannot publish a model with sparse or non-CPU weights")
+
+
 class AssetStore:
     """The owner's published assets, by name."""
 
@@ -149,7 +158,9 @@ class AssetStore:
 
     def add(self, value: Any, name: str, description: str = "", tags: Sequence[str] = (), *,
             bounds: Any = None, privacy_unit: Any = None, missing: bool = False) -> Asset:
-        """Publish a tensor, array, dataset, DataFrame or Python numbers/lists/dicts under a display name.
+        """Publish a tensor, array, dataset, DataFrame, model (nn.Module) or Python numbers/lists/dicts
+        under a display name. A model's weights and architecture are private like any asset's values:
+        scientists call it on their pointers (or ciphertexts) and its outputs need approval.
 
         Differential privacy (optional): `bounds=(lo, hi)` (or one `(lo, hi)` per column) declares
         the range of every value of a tensor or array, so aggregates of it can be released with
@@ -164,6 +175,8 @@ class AssetStore:
             check_python_value(value)
         elif frames.kind(value) is not None:
             frames.check_publishable(value)  # a DataFrame or Series of bool/numeric columns; TypeError otherwise
+        elif isinstance(value, torch.nn.Module):
+            _check_module(value)
         elif not isinstance(value, SUPPORTED) and not _is_dataset(value):
             raise TypeError(
                 f"cannot publish a {type(value).__name__}: publish a torch.Tensor, a numpy.ndarray or a dataset"

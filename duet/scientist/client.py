@@ -214,6 +214,7 @@ class Scientist:
         self._welcome: "concurrent.futures.Future[Dict[str, Any]]" = concurrent.futures.Future()
         self._bye_reason: Optional[str] = None
         self._orphan_errors: List[BaseException] = []
+        self._he: Any = None  # scientist.he, made on first use
         self._early_queued: Dict[int, int] = {}
         self._handles_lock = threading.Lock()
         self._resume_token: Optional[bytes] = None
@@ -539,6 +540,16 @@ class Scientist:
             first, self._orphan_errors = self._orphan_errors[0], []
             raise first
         return elapsed
+
+    @property
+    def he(self) -> Any:
+        """Homomorphic encryption with this owner (`duet.scientist.he.HE`): `self.he.context()` makes
+        keys here and gives the owner the public part; encrypt, send, compute, get, decrypt."""
+        if self._he is None:
+            from .he import HE
+
+            self._he = HE(self)
+        return self._he
 
     @property
     def privacy(self) -> Any:

@@ -52,6 +52,12 @@ def report_connection_failures(owner: "duet.Owner") -> None:
     changed()
 
 
+def seeded_he_model() -> torch.nn.Module:
+    """The model --he-model publishes: a seeded Linear(784, 10), the same in every process."""
+    torch.manual_seed(784)
+    return torch.nn.Linear(784, 10)
+
+
 def main(argv: list | None = None) -> int:
     faulthandler.enable()
     ap = argparse.ArgumentParser()
@@ -71,6 +77,7 @@ def main(argv: list | None = None) -> int:
     ap.add_argument("--min-owners", type=int, default=2, help="with --federated: this owner's min_owners")
     ap.add_argument("--pin", default=None, help="with --federated: comma-separated fingerprints of the only peers")
     ap.add_argument("--no-fast-path", action="store_true", help="large transfers over the data channel only")
+    ap.add_argument("--he-model", action="store_true", help="publish 'risk-model', seeded_he_model() (784 -> 10)")
     ap.add_argument("--network", action="store_true",
                     help="ICE over the real network with the servers the signaling service offers (default: loopback only)")
     args = ap.parse_args(argv)
@@ -101,6 +108,8 @@ def main(argv: list | None = None) -> int:
         owner.store.add(torch.tensor(int(args.federated)), name="count")
         owner.pin_federation(args.pin.split(",") if args.pin else None, min_owners=args.min_owners, exact=True)
         owner.requests.add_handler(action="accept", secure_sum=True)
+    if args.he_model:
+        owner.store.add(seeded_he_model(), name="risk-model", description="a linear model on 28x28 images")
     if args.accept_all:
         owner.requests.add_handler(action="accept", kind=("release", "join"))
     emit(code=owner.code, fingerprint=owner.fingerprint)

@@ -1,0 +1,188 @@
+"""Homomorphic encryption (CKKS, TenSEAL): the owner computes on the scientist's ciphertexts with its
+private model, never holding the secret key; results leave only with approval, and only the
+scientist can open them.
+
+The done-means case: a 784-input linear model on MNIST images, encrypted, equals the plain result
+within duet.scientist.he.PRECISION, on one process pair and across two processes over WebRTC.
+"""
+from __future__ import annotations
+
+import msgpack
+import pytest
+import torch
+
+import duet
+import duet.he
+from duet import wire
+from duet.ciphertext import CONTEXT, VECTOR, Ciphertext
+from duet.datasets import MNIST
+from duet.errors import NotAllowed, ProtocolError
+from duet.scientist.he import PRECISION
+from tests.procs.helpers import start_owner, start_signaling
+
+tenseal = pytest.importorskip("tenseal")
+
+
+def trained_linear(seed: int = 0) -> torch.nn.Linear:
+    """A 784-input linear model fitted for a few steps on 2,000 MNIST images (realistic weights)."""
+    torch.manual_seed(seed)
+    data = MNIST(train=True, limit=2000)
+    model = torch.nn.Linear(784, 10)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    x, y = data.data.reshape(len(data.data), -1), data.targets
+    for _ in range(30):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    return model
+
+
+@pytest.fixture
+def he_pair(tmp_path):
+    owner, scientist = duet.local_pair(audit_log=tmp_path / "audit.jsonl")
+    model = trained_linear()
+    owner.store.add(model, name="risk-model", description="a linear model on 28x28 images")
+    yield owner, scientist, model
+    scientist.close()
+    owner.close()
+
+
+def test_encrypted_inference_on_mnist_equals_the_plain_result(he_pair):
+    owner, scientist, model = he_pair
+    owner.requests.add_handler(action="accept", kind="release", datasets=["risk-model"])
+    he = scientist.he.context(progress=False)
+    images = MNIST(train=False, limit=8)
+    remote_model = scientist.store["risk-model"]
+    for image, label in zip(images.data, images.targets):
+        x = image.reshape(-1)
+        y = remote_model(scientist.send(he.encrypt(x)))
+        encrypted_result = y.get(reason="my prediction", timeout=60)
+        assert isinstance(encrypted_result, Ciphertext) and encrypted_result.size == 10
+        got = he.decrypt(encrypted_result)
+        plain = model(x).detach().double()
+        assert float((got - plain).abs().max()) < PRECISION
+        assert int(got.argmax()) == int(plain.argmax())
+    conn = owner._connections[0]
+    assert conn.he_context is not None and not conn.he_context.context.is_private()  # never the secret key
+    # The owner only ever saw ciphertext: its copy of the context cannot decrypt.
+    with pytest.raises(ValueError, match="secret"):
+        tenseal.ckks_vector_from(conn.he_context.context, encrypted_result.parts[0]).decrypt()
+
+
+def test_results_computed_with_private_weights_need_approval(he_pair):
+    owner, scientist, _model = he_pair
+    he = scientist.he.context(progress=False)
+    values = torch.rand(784)
+    x = scientist.send(he.encrypt(values))
+    mine = (x * 2 + 1).sum()  # only the scientist's own data: no approval
+    assert float(he.decrypt(mine.get(timeout=30))[0]) == pytest.approx(float((values.double() * 2 + 1).sum()), abs=1e-3)
+    assert not owner.requests.history
+    y = scientist.store["risk-model"](x)
+    handle = y.request(reason="prediction")
+    req = owner.requests.wait_pending(timeout=10, kind="release")
+    assert req.lineage == ("risk-model",) and "encrypted model call" in req.ops
+    req.deny("not today")
+    with pytest.raises(duet.RequestDenied, match="not today"):
+        handle.wait(10)
+
+
+def test_a_context_with_the_secret_key_is_refused_and_not_kept(he_pair):
+    owner, scientist, _model = he_pair
+    ctx = tenseal.context(tenseal.SCHEME_TYPE.CKKS, poly_modulus_degree=8192, coeff_mod_bit_sizes=[60, 40, 40, 60])
+    raw = ctx.serialize(save_secret_key=True)
+    import hashlib
+
+    private = Ciphertext(CONTEXT, hashlib.sha256(raw).digest(), (raw,))
+    with pytest.raises(duet.NotAllowed, match="secret key"):
+        scientist.session.call({"kind": "he_context", "context": private}, 30, "context")
+    assert owner._connections[0].he_context is None
+
+
+def test_ciphertexts_of_another_context_and_unlisted_operations_are_refused(he_pair):
+    _owner, scientist, _model = he_pair
+    first = scientist.he.context(progress=False)
+    stale = first.encrypt(torch.ones(4))
+    second = scientist.he.context(progress=False)  # a new context replaces the first on the owner
+    with pytest.raises(duet.NotAllowed, match="another encryption context"):
+        (scientist.send(stale) * 2).get(timeout=30)
+    x = scientist.send(second.encrypt(torch.ones(4)))
+    with pytest.raises(duet.NotAllowed, match="not among the operations"):
+        x.exp().get(timeout=30)
+    with pytest.raises(duet.NotAllowed, match="4 encrypted"):
+        (x + torch.ones(3)).get(timeout=30)
+    with pytest.raises(duet.NotAllowed, match="cannot run on encrypted data"):
+        scientist.send(torch.nn.Sequential(torch.nn.Linear(4, 2), torch.nn.ReLU()))(x).get(timeout=30)
+
+
+def test_a_model_the_scientist_sends_runs_on_its_own_ciphertext(he_pair):
+    _owner, scientist, _model = he_pair
+    he = scientist.he.context(progress=False)
+    torch.manual_seed(1)
+    net = torch.nn.Sequential(torch.nn.Linear(784, 8), duet.he.Square())
+    x = torch.rand(784)
+    y = scientist.send(net)(scientist.send(he.encrypt(x))).get(timeout=60)
+    assert float((he.decrypt(y) - net(x).detach().double()).abs().max()) < PRECISION
+
+
+def test_a_published_polynomial_activation_runs_by_polyval(he_pair):
+    owner, scientist, _model = he_pair
+    torch.manual_seed(2)
+    net = torch.nn.Sequential(torch.nn.Linear(784, 5), duet.he.Polynomial([0.5, 0.197, 0.0, -0.004]))
+    owner.store.add(net, name="scorer")
+    owner.requests.add_handler(action="accept", kind="release", datasets=["scorer"])
+    # a degree-3 polynomial after a Linear layer needs three levels: a larger context (~117 MiB)
+    he = scientist.he.context(poly_modulus=16384, coeff_bits=(60, 40, 40, 40, 60), progress=False)
+    assert he.depth == 3
+    x = torch.rand(784) * 0.1
+    y = scientist.store["scorer"](scientist.send(he.encrypt(x))).get(timeout=60)
+    assert float((he.decrypt(y) - net(x).detach().double()).abs().max()) < PRECISION
+
+
+def test_ciphertexts_travel_as_a_typed_wire_value():
+    c = Ciphertext(VECTOR, bytes(32), (b"\x01" * 10, b"\x02" * 3), (4, 1))
+    assert wire.decode(wire.encode({"x": c})) == {"x": c}
+    assert repr(c) == "<Ciphertext: 5 encrypted numbers (CKKS), 0 KiB>"
+    bad_payloads = [
+        ["ckks-vector", bytes(31), [b"x"], [1]],  # digest of the wrong length
+        ["ckks-vector", bytes(32), [b"x"], [1, 2]],  # sizes do not match parts
+        ["ckks-vector", bytes(32), [], []],  # nothing
+        ["rsa", bytes(32), [b"x"], [1]],  # unknown kind
+        ["ckks-context", bytes(32), [b"x", b"y"], []],  # a context in two parts
+        ["ckks-vector", bytes(32), ["text"], [1]],  # a part that is not bytes
+    ]
+    for payload in bad_payloads:
+        data = msgpack.packb(msgpack.ExtType(wire.EXT_CIPHERTEXT, msgpack.packb(payload, use_bin_type=True)))
+        with pytest.raises(ProtocolError):
+            wire.decode(data)
+
+
+def test_modules_are_published_privately(he_pair):
+    owner, scientist, model = he_pair
+    listing = {a["name"]: a for a in scientist.store.listing()}
+    assert listing["risk-model"]["type"] == "Module" and listing["risk-model"]["shape"] is None
+    out = scientist.store["risk-model"](scientist.send(torch.rand(784)))
+    assert out.private
+    with pytest.raises(NotAllowed, match="private"):
+        out.shape  # its shape follows the private architecture
+    with pytest.raises(TypeError, match="publish"):
+        owner.store.add(torch.nn.Linear(2, 2).to("meta"), name="on meta")
+    scientist.store["risk-model"].weight.add_(1)  # the scientist's copy; the published model is unchanged
+    assert torch.equal(owner.store["risk-model"].value.weight, model.weight)
+
+
+@pytest.mark.slow
+def test_encrypted_inference_across_two_processes(tmp_path):
+    proc, url = start_signaling()
+    owner_proc, info = start_owner("--signaling", url, "--he-model", "--accept-all")
+    try:
+        scientist = duet.join(info["code"], name="clinic", local_only=True)
+        he = scientist.he.context(progress=False)
+        x = MNIST(train=False, limit=1).data[0].reshape(-1)
+        y = scientist.store["risk-model"](scientist.send(he.encrypt(x))).get(reason="prediction", timeout=120)
+        from tests.procs.owner import seeded_he_model
+
+        assert float((he.decrypt(y) - seeded_he_model()(x).detach().double()).abs().max()) < PRECISION
+        scientist.close()
+    finally:
+        assert owner_proc.stop() == 0, "".join(owner_proc.stderr[-40:])
+        proc.stop()

@@ -44,7 +44,12 @@ class Session:
 
     # -- sending ---------------------------------------------------------------
     def send(self, msg: Dict[str, Any]) -> None:
-        """Send without waiting (pipelined)."""
+        """Send without waiting (pipelined).
+
+        The caller may change the tensors and arrays in `msg` as soon as this returns: what the peer
+        gets is their value now (a large message is copied where a transport sends it later,
+        `duet.wire.Encoded.owned`, unless its values were handed over with `encode_parts(owned=True)`).
+        """
         if self._closed.is_set():
             raise ConnectionLost(self._closed_message())
         encoded = wire.encode_parts(msg)

@@ -364,3 +364,175 @@ def test_bytes_ahead_of_their_placeholders_are_bounded(flood, monkeypatch):
             runtime.loop().call_soon_threadsafe(wrapped._tcp_arrived, msg_id, memoryview(bytearray(1000)))
     assert closed.wait(10)
     assert got == [] and len(wrapped._filled) == 0
+
+
+# -- what goes out is the value at send time --------------------------------------------------------
+# Large messages leave the sender's thread before their bytes are sealed: the fast path's sender
+# thread seals them later, and resends them on the data channel if the path fails. A caller may
+# write its tensor again as soon as send returns; what arrives is still the value it sent.
+WAIT = 30.0  # bound of every wait on an event below
+
+
+class HeldLink:
+    """Stands in for the TCP link: keeps each message it is given and seals nothing."""
+
+    alive = True
+
+    def __init__(self) -> None:
+        self.queued: List[Tuple[int, object]] = []
+
+    def send(self, msg_id: int, message) -> None:
+        self.queued.append((msg_id, message))
+
+    def close(self, reason: str = "closed") -> None:
+        self.alive = False
+
+
+def _held_pair() -> Tuple["object", HeldLink, List[bytes], threading.Event]:
+    """A Session over a FastPathTransport whose path is 'up' but holds every message; the peer raw."""
+    from duet.session import Session
+    from duet.transport.memory import memory_pair
+
+    ours, peer = memory_pair()
+    wrapped = fastpath.FastPathTransport(ours, "scientist", local_only=True)
+    link = HeldLink()
+    wrapped.link = link  # type: ignore[assignment]
+    session = Session(wrapped, name="sender")
+    got: List[bytes] = []
+    fallback = threading.Event()
+
+    def on_peer(data) -> None:
+        got.append(bytes(data))
+        if data[:2] == bytes([fastpath.SIDE, fastpath.FALLBACK]):
+            fallback.set()
+
+    peer.set_handlers(on_peer, lambda reason: None)
+    return session, link, got, fallback
+
+
+def _mutable_values() -> List[Tuple[str, object, object]]:
+    """(label, a large value, a function that changes it in place)."""
+    import numpy as np
+    import pandas as pd
+
+    frame = pd.DataFrame({"a": np.arange(2**18, dtype=np.float64), "b": np.ones(2**18)})
+    model = torch.nn.Linear(1024, 512)
+    return [
+        ("tensor", seeded(2), lambda t: t.add_(1)),
+        ("bfloat16 tensor", seeded(2).to(torch.bfloat16), lambda t: t.add_(1)),
+        ("ndarray", np.arange(2**18, dtype=np.float64), lambda a: a.__iadd__(1)),
+        ("DataFrame", frame, lambda f: f.iloc[:, 0].to_numpy().__iadd__(1)),
+        ("state dict", dict(model.state_dict()), lambda s: s["weight"].add_(1)),
+    ]
+
+
+def _same(a: object, b: object) -> bool:
+    """The same value, bit for bit, as the wire carries it."""
+    from duet import wire
+
+    return wire.encode(a) == wire.encode(b)
+
+
+@pytest.mark.parametrize("label", [v[0] for v in _mutable_values()])
+def test_a_value_changed_after_send_goes_out_as_it_was_on_the_path_and_in_the_fallback(label):
+    from duet import wire
+
+    ((_, value, change),) = [v for v in _mutable_values() if v[0] == label]
+    before = wire.decode(wire.encode(value))  # a copy of the value at send time
+    session, link, got, fallback = _held_pair()
+    session.send({"t": "put", "value": value})
+    change(value)  # after send returned, before anything was sealed
+    assert not _same(wire.decode(wire.encode(value)), before)  # it did change
+    ((msg_id, message),) = link.queued
+    assert _same(wire.decode(message.join())["value"], before)  # what the sender thread will seal
+    # The path fails before the peer acknowledged it: the message goes again on the data channel.
+    session.transport._stop_fast_path("cut for the test", tell_peer=False)
+    assert fallback.wait(WAIT)
+    (resent,) = [m for m in got if m[:2] == bytes([fastpath.SIDE, fastpath.FALLBACK])]
+    assert int.from_bytes(resent[2:10], "big") == msg_id
+    assert _same(wire.decode(resent[10:])["value"], before)
+
+
+def test_a_snapshot_handed_over_with_its_encoding_is_sent_from_its_own_memory():
+    """The owner's releases (snapshots, encoded owned=True) are not copied again on the way out."""
+    import numpy as np
+
+    from duet import wire
+
+    snap = seeded(8)
+    session, link, _got, _fallback = _held_pair()
+    session.send({"t": "rep", "value": {"encoded": wire.encode_parts(snap, owned=True)}})
+    ((_, message),) = link.queued
+    big = max(message.parts, key=lambda p: memoryview(p).nbytes)
+    assert np.frombuffer(big, dtype=np.uint8).ctypes.data == snap.data_ptr()  # the snapshot's own bytes
+
+
+@pytest.fixture
+def held_sender(monkeypatch):
+    """Hold the fast path's message records until `release` is set; `entered` is set at the first.
+
+    Control records (USE, BYE) pass, so the path still comes up and closes."""
+    entered, release = threading.Event(), threading.Event()
+    real_send = fastpath._send_sealed
+    queued: List[object] = []
+    real_queue = fastpath.Link.send
+
+    def hold(sock, keys, counter, header, body, out):
+        if header[0] == fastpath.DATA:
+            entered.set()
+            assert release.wait(WAIT), "the test never let the record go"
+        real_send(sock, keys, counter, header, body, out)
+
+    def remember(self, msg_id, message):
+        queued.append(message)
+        real_queue(self, msg_id, message)
+
+    monkeypatch.setattr(fastpath, "_send_sealed", hold)
+    monkeypatch.setattr(fastpath.Link, "send", remember)
+    try:
+        yield entered, release, queued
+    finally:
+        release.set()
+
+
+def test_a_tensor_changed_after_send_arrives_as_it_was_sent(duo, held_sender):
+    _owner, scientist = duo
+    entered, release, _queued = held_sender
+    assert transport_of(scientist).settled.wait(SETTLE) and transport_of(scientist).state == "up"
+    mine = seeded(12, seed=9)
+    pointer = scientist.send(mine)
+    assert entered.wait(WAIT)  # on the fast path, its sender thread held before sealing anything
+    mine.add_(1)
+    release.set()
+    assert torch.equal(pointer.get(timeout=60), seeded(12, seed=9))
+
+
+def test_a_release_is_the_snapshot_and_is_sent_from_it_without_a_copy(duo, held_sender):
+    """The owner's value changes after the release was taken and before its bytes are sealed."""
+    owner, scientist = duo
+    entered, release, queued = held_sender
+    assert owner_transport(owner).settled.wait(SETTLE) and owner_transport(owner).state == "up"
+    pointer = scientist.store["big"]
+    result: List[torch.Tensor] = []
+    getter = threading.Thread(target=lambda: result.append(pointer.get(timeout=60)), daemon=True)
+    getter.start()
+    assert entered.wait(WAIT)  # the owner's sender thread holds the release, unsealed
+    (conn,) = owner._connections
+    conn.objects.get(pointer._rid).value.add_(1)  # the object the release was taken from
+    release.set()
+    getter.join(WAIT)
+    assert result and torch.equal(result[0], seeded(24))
+    (message,) = queued
+    big = max(message.parts, key=lambda p: memoryview(p).nbytes)
+    assert isinstance(big, memoryview) and not isinstance(big.obj, bytes)  # the snapshot's memory, not a copy
+
+
+@pytest.mark.parametrize("duo", [False], indirect=True)
+def test_without_the_fast_path_a_message_is_joined_before_send_returns(duo):
+    """The data channel takes one bytes object per message, made at send: a later change is not in it."""
+    _owner, scientist = duo
+    assert transport_of(scientist).state == "off"
+    mine = seeded(2, seed=9)
+    pointer = scientist.send(mine)
+    mine.add_(1)
+    assert torch.equal(pointer.get(timeout=60), seeded(2, seed=9))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import weakref
 from typing import Iterator
 
 import numpy as np
@@ -151,3 +152,70 @@ def test_encoded_parts_keep_their_tensors_alive():
     filler = [torch.zeros(2**20) for _ in range(4)]  # would reuse freed memory
     assert torch.equal(wire.decode(parts.join()), torch.full((2**20,), 7.0))
     del filler
+
+
+# -- owned(): the message as it was when it was sent ---------------------------------------------------
+@PROPERTY
+@given(values)
+def test_property_an_owned_message_is_the_same_message(value: object) -> None:
+    parts = wire.encode_parts(value)
+    assert parts.owned().join() == wire.encode(value)
+    assert wire.encode_parts(value, owned=True).owned().join() == wire.encode(value)
+
+
+def test_owned_copies_the_callers_tensors_and_arrays_and_nothing_else():
+    t = torch.arange(2**18, dtype=torch.float32)
+    a = np.arange(2**18, dtype=np.float64)
+    writable = np.arange(2**10, dtype=np.int16)
+    frozen = writable.view()
+    frozen.flags.writeable = False  # read-only here, written through another view
+    blob = bytes(2**17)
+    msg = {"t": t, "a": a, "frozen": frozen, "blob": blob, "n": 3}
+    before = wire.encode(msg)
+    parts = wire.encode_parts(msg)
+    viewed = {np.frombuffer(view, dtype=np.uint8).ctypes.data for view, _ in parts.views}
+    assert viewed == {t.data_ptr(), a.ctypes.data, frozen.ctypes.data}  # bytes are immutable: never copied
+    owned = parts.owned()
+    t.add_(1)
+    a += 1
+    writable[0] = 7
+    assert owned.join() == before  # the value when owned() was called
+    assert parts.join() != before  # the views themselves show the change
+    assert not owned.views and owned.owned() is owned
+    assert any(p is blob for p in owned.parts)
+
+
+def test_copies_the_encoder_made_itself_are_not_copied_again():
+    t = torch.arange(2**18, dtype=torch.float32).reshape(512, 512)
+    for value in (t.T, t[:, ::2], t.to(torch.complex64).conj(), t.to(torch.complex64).conj().imag,
+                  np.asfortranarray(t.numpy()), t.numpy().astype(">f4")):
+        assert wire.encode_parts(value).views == ()  # a contiguous copy of ours, nobody else's
+    assert len(wire.encode_parts(t).views) == 1
+    assert len(wire.encode_parts(t.to(torch.bfloat16)).views) == 1
+    assert wire.encode_parts(torch.zeros(0)).views == ()  # no bytes to copy
+
+
+def test_handed_over_values_are_not_copied_even_inside_another_message():
+    snap = torch.arange(2**20, dtype=torch.float32)
+    inner = wire.encode_parts(snap, owned=True)
+    outer = wire.encode_parts({"encoded": inner, "sha256": "x"})
+    assert outer.views == () and outer.owned() is outer
+    big = max(outer.parts, key=lambda p: memoryview(p).nbytes)
+    assert np.frombuffer(big, dtype=np.uint8).ctypes.data == snap.data_ptr()  # the snapshot's own bytes
+    # Not handed over: the inner message's views are the outer one's too.
+    mine = torch.arange(2**20, dtype=torch.float32)
+    outer = wire.encode_parts({"encoded": wire.encode_parts(mine), "sha256": "x"})
+    before = outer.join()
+    owned = outer.owned()
+    mine.add_(1)
+    assert owned.join() == before != outer.join()
+
+
+def test_an_owned_message_does_not_keep_the_callers_tensor_alive():
+    t = torch.full((2**20,), 7.0)
+    ref = weakref.ref(t)
+    owned = wire.encode_parts({"value": t}).owned()
+    del t
+    gc.collect()
+    assert ref() is None  # the caller's memory is freed once the caller lets it go
+    assert torch.equal(wire.decode(owned.join())["value"], torch.full((2**20,), 7.0))

@@ -29,6 +29,10 @@ class Parts(Protocol):
 
     def join(self) -> bytes: ...
 
+    def owned(self) -> "Parts":
+        """The message with its own copy of any buffer its sender may still write (itself if none)."""
+        ...
+
 
 class Transport(abc.ABC):
     """A message pipe between two peers. Callbacks run on the runtime loop thread."""
@@ -48,7 +52,11 @@ class Transport(abc.ABC):
         """Queue one message. Thread safe, non-blocking. Raises ConnectionLost when closed."""
 
     def send_parts(self, message: Parts) -> None:
-        """Queue one message given as buffers; a transport that can send them as they are overrides this."""
+        """Queue one message given as buffers; a transport that can send them as they are overrides this.
+
+        The sender may change the values the buffers view as soon as this returns: a transport that
+        keeps buffers to send later keeps `message.owned()`, and this default joins them now.
+        """
         self.send(message.join())
 
     @abc.abstractmethod

@@ -521,6 +521,9 @@ class _Whole:
     def join(self) -> bytes:
         return bytes(self.parts[0])
 
+    def owned(self) -> "_Whole":
+        return self if type(self.parts[0]) is bytes else _Whole(bytes(self.parts[0]))
+
 
 # -- the transport ---------------------------------------------------------------------------
 class FastPathTransport(Transport):
@@ -576,6 +579,13 @@ class FastPathTransport(Transport):
 
     def _send_fast(self, message: Parts) -> bool:
         """A placeholder in order on the data channel, the bytes on TCP; False when the path is not up."""
+        link = self.link
+        if link is None or not link.alive:
+            return False
+        # Sealed later on the link's thread, and resent from the same buffers if the path fails: the
+        # caller may change its tensors once send returns, so what goes out is a copy of any that are
+        # still the caller's (none for a snapshot handed over, e.g. an owner's release).
+        message = message.owned()
         with self._lock:  # (with _stop_fast_path: a message is either resent by it or not sent on the path)
             link = self.link
             if link is None or not link.alive:

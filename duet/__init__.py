@@ -26,6 +26,7 @@ from .scientist.client import Scientist
 from .scientist.federation import Federation, SecureSumFailed
 from .scientist.pointer import Pointer
 from .scientist.plan import plan
+from .scientist import smpc
 
 from . import he, views, widgets
 
@@ -38,6 +39,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "he",
+    "smpc",
     "local_pair",
     "launch",
     "join",

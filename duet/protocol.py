@@ -74,6 +74,7 @@ class RequestKind:
     DP_TRAIN = "dp_train"  # train a copy of a model with DP-SGD on a dataset; the result is a DP release
     SECURE_SUM = "secure_sum"  # one step of a secure sum across owners (duet.secagg), under "step"
     HE_CONTEXT = "he_context"  # the scientist's public CKKS context ("context": a Ciphertext), for encrypted data
+    SMPC = "smpc"  # one step of a secret-shared computation across owners (duet.sharing), under "step"
 
 
 class ActionKind:

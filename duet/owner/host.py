@@ -36,6 +36,7 @@ from . import frames, store as store_mod
 from .executor import Executor, type_name, withheld_failure
 from .federation import FederationPolicy, SecureSums
 from .he import Encrypted, HEContext
+from .smpc import SharedComputations
 from .privacy import facts, mechanisms
 from .privacy.ledger import Spend, check_epsilon
 from .objects import Budget, Limits, ObjectTable, RemoteObject
@@ -171,8 +172,10 @@ class ScientistConnection:
             RequestKind.DP_TRAIN: self._dp_train,
             RequestKind.SECURE_SUM: lambda req_id, msg: self.secure_sums.handle(req_id, msg),
             RequestKind.HE_CONTEXT: self._he_context,
+            RequestKind.SMPC: lambda req_id, msg: self.shared.handle(req_id, msg),
         }
         self.secure_sums = SecureSums(self)
+        self.shared = SharedComputations(self)
         self.failures: Dict[int, Dict[str, Any]] = {}
         self.connected_at = time.time()
         # Resume: a dropped link suspends this connection (objects, requests and
@@ -894,7 +897,9 @@ class ScientistConnection:
 
     def _send_release(self, req_id: int, value: Any, request: Optional[Request], private: bool,
                       dp: Optional[Dict[str, Any]] = None) -> None:
-        payload = wire.encode_parts(value)  # travels inside the reply as a bin, its tensor memory not copied
+        # `value` is a snapshot (see `snapshot`) or computed for this release alone: no one writes it
+        # again, so it travels inside the reply as a bin sent from its own memory, not copied.
+        payload = wire.encode_parts(value, owned=True)
         hasher = hashlib.sha256()
         for part in payload.parts:
             hasher.update(part)

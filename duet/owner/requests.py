@@ -17,7 +17,7 @@ from ..tables import html_table, human_bytes, text_table
 from .audit import AuditLog
 from .opchain import describe_ops
 
-KINDS = ("join", "release", "compute", "secure_sum")
+KINDS = ("join", "release", "compute", "secure_sum", "smpc")
 PENDING, ACCEPTED, DENIED, EXPIRED, CANCELLED = Status.PENDING, Status.ACCEPTED, Status.DENIED, Status.EXPIRED, Status.CANCELLED
 
 
@@ -61,6 +61,10 @@ class Request:
     participants: Tuple[str, ...] = ()
     threshold: Optional[int] = None
     weights: Tuple[float, ...] = ()  # every owner's weight, in the participants' order (signed into the round)
+    # A share in a secret-shared computation (kind "smpc"): the dealer's fingerprint and what each
+    # other owner signed its vector is (assets and operations).
+    dealer: str = ""
+    computed_with: Tuple[str, ...] = ()
     decided_rule: Optional["Rule"] = field(default=None, repr=False)  # the rule that decided it, if one did
     value: Any = field(default=None, repr=False)
     _queue: Optional["RequestQueue"] = field(default=None, repr=False)
@@ -104,6 +108,7 @@ class Request:
             **({"dp_epsilon": self.dp_epsilon} if self.dp_epsilon is not None else {}),
             **({"participants": list(self.participants), "threshold": self.threshold, "weights": list(self.weights)}
                if self.participants else {}),
+            **({"dealer": self.dealer, "computed_with": list(self.computed_with)} if self.kind == "smpc" else {}),
         }
 
     def _row(self) -> List[Any]:
@@ -149,9 +154,10 @@ class Rule:
             return False
         if self.dp is not None and (req.dp_epsilon is not None) != self.dp:
             return False
-        if self.min_owners is not None and (req.kind != "secure_sum" or len(req.participants) < self.min_owners):
+        if self.min_owners is not None and (req.kind not in ("secure_sum", "smpc") or len(req.participants) < self.min_owners):
             return False
-        if self.peers is not None and (req.kind != "secure_sum" or not set(req.participants) <= set(self.peers)):
+        if self.peers is not None and (req.kind not in ("secure_sum", "smpc")
+                                       or not set(req.participants) | ({req.dealer} if req.dealer else set()) <= set(self.peers)):
             return False
         if self.datasets is not None and not set(req.lineage) <= set(self.datasets):
             return False
@@ -288,6 +294,8 @@ class RequestQueue:
         `secure_sum=True`: contributions to secure sums (the kind "secure_sum"); `min_owners`: only
         when at least this many owners take part; `peers`: only when every owner taking part is one
         of these key fingerprints (this owner's own is added).
+        `kind="smpc"`: shares in secret-shared computations (`duet.smpc`); `peers` then also covers
+        the dealer, and `min_owners` counts the owners computing.
         """
         if action not in ("accept", "deny"):
             raise ValueError("action must be 'accept' or 'deny'")

@@ -180,14 +180,17 @@ class Federation:
 
     def __init__(self, scientists: Sequence["Scientist"], min_owners: Optional[int] = None,
                  threshold: Optional[int] = None, step_timeout: float = STEP_TIMEOUT,
-                 on_step: Optional[Callable[[str, List[int]], None]] = None) -> None:
+                 on_step: Optional[Callable[[str, List[int]], None]] = None,
+                 dealer: Optional["Scientist"] = None) -> None:
         """`threshold`: how many owners must stay for a sum to be unmasked. The default is the
         smallest t with 2t > n + c for c = (n - 1) // 3, fewer than a third of the n owners
         colluding with a scientist (2 of 2 or 3, 3 of 4, 4 of 5, 5 of 7), and at least min_owners:
         what every owner requires by default (`pin_federation(max_colluders=...)`), since below it
         owners colluding with a scientist could sign two stories about who survived and unmask
         everyone. `on_step(step, owners)` is called after each step of a secure sum with the
-        owners (1-based positions) still in it, for progress displays."""
+        owners (1-based positions) still in it, for progress displays. `dealer`: a session with
+        a third owner that deals the random triples of products on secret shares (`duet.smpc`)
+        and colludes with none of these owners."""
         self.scientists = list(scientists)
         self.on_step = on_step
         n = len(self.scientists)
@@ -204,6 +207,13 @@ class Federation:
             raise ValueError("the threshold must be more than half of the owners and at most all of them")
         self.step_timeout = step_timeout
         self.history: List[Dict[str, Any]] = []  # per training round: seconds, accuracy, bytes
+        self.dealer = dealer
+        if dealer is not None:
+            if dealer.owner_fingerprint is None or dealer.owner_fingerprint in prints:
+                raise ValueError("the dealer must be a joined session with a third owner, none of the federation's")
+            from .smpc import register_dealer
+
+            register_dealer(self.scientists, dealer)
 
     def __len__(self) -> int:
         return len(self.scientists)

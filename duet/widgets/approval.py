@@ -66,6 +66,7 @@ _KIND_TEXT = {
     "release": "asks for a value",
     "compute": "asks to run an operation",
     "secure_sum": "asks you to add a value to a secure sum across owners",
+    "smpc": "asks you to compute with other owners on secret shares of a value",
 }
 
 
@@ -81,7 +82,9 @@ def request_html(req: "Request") -> str:
         what = _what_text(req)
         if what:
             rows.append(("What", esc(what)))
-        if req.participants:
+        if req.kind == "smpc":
+            rows += _smpc_rows(req)
+        elif req.participants:
             owners = "<br>".join(f"<code>{esc(fp)}</code>" for fp in req.participants)
             rows.append(("Summed with", f"{owners}<br><span class='duet-muted'>{len(req.participants)} owners, this one "
                                         f"included; the scientist learns only the sum, and only if at least "
@@ -107,6 +110,20 @@ def request_html(req: "Request") -> str:
     return f"<div class='duet-panel'>{head}<table class='duet-table'>{body}</table></div>"
 
 
+def _smpc_rows(req: "Request") -> list:
+    """A share in a secret-shared computation: with whom, on what, and who deals."""
+    owners = "<br>".join(f"<code>{esc(fp)}</code>" for fp in req.participants)
+    rows = [("Computed with", f"{owners}<br><span class='duet-muted'>{len(req.participants)} owners, this one included; "
+                              "your value leaves only as shares sealed to them; the scientist learns only the result</span>")]
+    if req.computed_with:
+        rows.append(("Their values", "<br>".join(esc(line) for line in req.computed_with)
+                     + "<br><span class='duet-muted'>as each owner signed it</span>"))
+    if req.dealer:
+        rows.append(("Dealer", f"<code>{esc(req.dealer)}</code><br><span class='duet-muted'>makes the random triples; if it "
+                               "colluded with another owner, that owner would learn your values</span>"))
+    return rows
+
+
 def _weights_text(weights: "tuple") -> str:
     """Each owner's weight, in order; equal weights said once."""
     if len(set(weights)) == 1:
@@ -122,7 +139,11 @@ def request_text(req: "Request") -> str:
         what = _what_text(req)
         if what:
             lines.append(f"  what: {what}")
-        if req.participants:
+        if req.kind == "smpc":
+            lines.append(f"  computed with {len(req.participants)} owners: {', '.join(req.participants)}")
+            lines += [f"    {line}" for line in req.computed_with]
+            lines.append(f"  dealer: {req.dealer or 'none'} (must not collude with any owner)")
+        elif req.participants:
             lines.append(f"  summed with {len(req.participants)} owners (this one included; at least {req.threshold} "
                          f"must stay): {', '.join(req.participants)}")
             if req.weights:

@@ -58,6 +58,13 @@ def seeded_he_model() -> torch.nn.Module:
     return torch.nn.Linear(784, 10)
 
 
+def seeded_column(seed: int) -> torch.Tensor:
+    """300 numbers in [0, 100): owners with seeds 1 and 2 hold two correlated columns of the same rows."""
+    base = torch.rand(300, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 100
+    noise = torch.rand(300, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * 50
+    return (base * 0.5 + noise).clamp(0, 99.99)
+
+
 def main(argv: list | None = None) -> int:
     faulthandler.enable()
     ap = argparse.ArgumentParser()
@@ -78,6 +85,9 @@ def main(argv: list | None = None) -> int:
     ap.add_argument("--pin", default=None, help="with --federated: comma-separated fingerprints of the only peers")
     ap.add_argument("--no-fast-path", action="store_true", help="large transfers over the data channel only")
     ap.add_argument("--he-model", action="store_true", help="publish 'risk-model', seeded_he_model() (784 -> 10)")
+    ap.add_argument("--column", default=None, metavar="SEED:NAME",
+                    help="publish 'column' (seeded_column(SEED), 300 float64s) and accept shared computations "
+                         "(kind smpc); NAME 'deny' denies them instead")
     ap.add_argument("--network", action="store_true",
                     help="ICE over the real network with the servers the signaling service offers (default: loopback only)")
     args = ap.parse_args(argv)
@@ -110,6 +120,10 @@ def main(argv: list | None = None) -> int:
         owner.requests.add_handler(action="accept", secure_sum=True)
     if args.he_model:
         owner.store.add(seeded_he_model(), name="risk-model", description="a linear model on 28x28 images")
+    if args.column is not None:
+        seed, _, how = args.column.partition(":")
+        owner.store.add(seeded_column(int(seed)), name="column")
+        owner.requests.add_handler(action="deny" if how == "deny" else "accept", kind="smpc")
     if args.accept_all:
         owner.requests.add_handler(action="accept", kind=("release", "join"))
     emit(code=owner.code, fingerprint=owner.fingerprint)

@@ -186,3 +186,54 @@ def test_encrypted_inference_across_two_processes(tmp_path):
     finally:
         assert owner_proc.stop() == 0, "".join(owner_proc.stderr[-40:])
         proc.stop()
+
+
+def _every_slot(he, raw: bytes) -> torch.Tensor:
+    """All slots of a released CKKS vector, opened with the secret key (what a scientist can do)."""
+    from tenseal import sealapi
+
+    ctx = he._context
+    vec = tenseal.ckks_vector_from(ctx, raw)
+    plain = sealapi.Plaintext()
+    sealapi.Decryptor(ctx.data.seal_context(), ctx.data.secret_key()).decrypt(vec.data.ciphertext()[0], plain)
+    return torch.tensor(sealapi.CKKSEncoder(ctx.data.seal_context()).decode_double(plain), dtype=torch.float64)
+
+
+def test_a_released_prediction_carries_its_outputs_only_not_partial_sums_of_the_weights(he_pair):
+    """TenSEAL sums n numbers by rotations over n, leaving partial sums of x_i * w_i in the other
+    slots; from one prediction a least-squares solve gave every weight and the bias. Every slot of
+    each released output now holds that output, whatever the scientist put past its input."""
+    owner, scientist, model = he_pair
+    owner.requests.add_handler(action="accept", kind="release", datasets=["risk-model"], max_elements=10)
+    he = scientist.he.context(progress=False)
+    x = MNIST(train=False, limit=1).data[0].reshape(-1).double()
+    from duet.owner.he import with_size
+
+    full = he.encrypt(torch.cat([x, torch.rand(he.slots - 784)]))  # the padding filled too ...
+    sneaky = Ciphertext(VECTOR, full.context, (with_size(full.parts[0], 784),), (784,))  # ... said to be 784
+    for sent in (he.encrypt(x), sneaky):
+        y = scientist.store["risk-model"](scientist.send(sent)).get(timeout=60)
+        expected = model(x.float()).detach().double()
+        for k, raw in enumerate(y.parts):
+            slots = _every_slot(he, raw)
+            assert float((slots - expected[k]).abs().max()) < PRECISION, k
+
+
+def test_copies_of_a_result_never_meet_the_scientists_padding(he_pair):
+    """A sum's result holds its number in every slot, a ciphertext the scientist made holds their
+    own numbers past its size. Combining the two (or a Linear layer on one-number ciphertexts the
+    scientist made) would answer the computation for inputs the release does not show: refused."""
+    owner, scientist, _model = he_pair
+    from duet.errors import RemoteError
+
+    owner.store.add(torch.nn.Linear(3, 2), name="small")
+    he = scientist.he.context(progress=False)
+    total = scientist.send(he.encrypt(torch.rand(784))).sum()
+    one = scientist.send(he.encrypt(torch.rand(1)))
+    with pytest.raises(NotAllowed, match="combines only"):
+        (total + one).get(timeout=30)
+    assert float((he.decrypt((total + total).get(timeout=30)))[0]) != 0.0  # results with results: fine
+    parts = [he.encrypt(torch.rand(1)).parts[0] for _ in range(3)]
+    singles = scientist.send(Ciphertext(VECTOR, he.digest, tuple(parts), (1, 1, 1)))
+    with pytest.raises(RemoteError, match="withheld"):  # (the model is private: the reason is the owner's)
+        scientist.store["small"](singles).get(timeout=30)

@@ -9,8 +9,18 @@ model made of `nn.Linear` layers and polynomial activations (`duet.he.Square`,
 scientist sent. Every multiplication (by plain numbers too) spends one multiplicative level, and
 the default context has two: a Linear layer and a square. Past that, TenSEAL refuses.
 
-A vector-matrix product is one `dot` per output column (0.04 s each at 784 inputs), not TenSEAL's
+A vector-matrix product is one `dot` per output column (0.03 s each at 784 inputs), not TenSEAL's
 `mm` (7 s for 784x10 here), so a product's result has one part per output.
+
+Slots. A CKKS vector has 4,096 slots (poly modulus 8192) whatever its size says, and the secret key
+opens all of them. TenSEAL sums a vector of n numbers by rotations over n, which leaves partial
+sums of its products in the other slots: one released prediction of a Linear layer would give the
+scientist every weight. So every vector here spans all slots: plain operands are padded with zeros
+(a product with a plain vector zeroes whatever the scientist put past its numbers), sums rotate
+over all slots (every slot then holds the same total), and only the release says how many numbers
+a vector holds (`sizes`). What the other slots can still carry: the same slot-wise computation on
+the scientist's own padding (an elementwise computation answers for every slot the scientist
+filled), never a partial sum.
 
 Lineage is the executor's: a result computed with a private plain value (a published model's
 weights) is private and leaves only with approval, as a Ciphertext only the scientist can open.
@@ -67,20 +77,76 @@ class HEContext:
         self.context = ctx
         self.digest = data.context
         self.nbytes = len(raw)
+        self.slots = degree // 2
+
+    def widen(self, vector: Any) -> Any:
+        """The same ciphertext, read as a vector of all the context's slots."""
+        if int(vector.size()) == self.slots:
+            return vector
+        return _tenseal().ckks_vector_from(self.context, with_size(vector.serialize(), self.slots))
+
+
+def with_size(raw: bytes, size: int) -> bytes:
+    """A serialized TenSEAL CKKS vector (CKKSVectorProto: 1 sizes, 2 ciphertexts, 3 scale), said to
+    hold `size` numbers: how many slots TenSEAL's sums rotate over and its decrypt returns. Read
+    only from TenSEAL's own serialization; the ciphertext itself is not touched."""
+    at, ciphertexts, scale = 0, [], b""
+    while at < len(raw):
+        tag, at = _varint(raw, at)
+        field, kind = tag >> 3, tag & 7
+        if kind == 2:
+            length, at = _varint(raw, at)
+            if field == 2:
+                ciphertexts.append(raw[at:at + length])
+            at += length
+        elif kind == 1 and field == 3:
+            scale, at = raw[at:at + 8], at + 8
+        elif kind == 0:
+            _, at = _varint(raw, at)
+        else:
+            raise NotAllowed("an unexpected CKKS vector encoding")
+    if len(ciphertexts) != 1 or len(scale) != 8:
+        raise NotAllowed("an unexpected CKKS vector encoding")
+    sizes = _to_varint(size)
+    return (b"\x0a" + _to_varint(len(sizes)) + sizes + b"\x12" + _to_varint(len(ciphertexts[0])) + ciphertexts[0]
+            + b"\x19" + scale)
+
+
+def _varint(raw: bytes, at: int) -> tuple:
+    value = shift = 0
+    while True:
+        if at >= len(raw) or shift > 63:
+            raise NotAllowed("an unexpected CKKS vector encoding")
+        byte = raw[at]
+        at += 1
+        value |= (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            return value, at
+
+
+def _to_varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
 
 
 class Encrypted:
     """Encrypted numbers on the owner: CKKS vectors (TenSEAL) read as one vector, in order."""
 
-    __slots__ = ("parts", "context")
+    __slots__ = ("parts", "context", "sizes", "replicated")
 
-    def __init__(self, parts: List[Any], context: HEContext) -> None:
-        self.parts = parts
+    def __init__(self, parts: List[Any], context: HEContext, sizes: Sequence[int], replicated: bool = False) -> None:
+        self.parts = parts  # each spans all of the context's slots (see the module's docstring)
         self.context = context
-
-    @property
-    def sizes(self) -> List[int]:
-        return [int(p.size()) for p in self.parts]
+        self.sizes = list(sizes)  # how many of each part's slots are its numbers
+        # One number per part, in every slot (a sum's or a product's result): plain numbers then
+        # go to every slot too, so the other slots stay copies (a bias added to one slot only
+        # would show as the difference).
+        self.replicated = replicated
 
     @property
     def size(self) -> int:
@@ -107,26 +173,34 @@ class Encrypted:
                 v = ts.ckks_vector_from(context.context, raw)
             except Exception:
                 raise NotAllowed("a ciphertext TenSEAL cannot read") from None
-            if int(v.size()) != size:
+            if int(v.size()) != size or size > context.slots:
                 raise NotAllowed("a ciphertext's size is not what it says")
-            parts.append(v)
-        return cls(parts, context)
+            parts.append(context.widen(v))
+        return cls(parts, context, data.sizes)
 
     def to_wire(self) -> Ciphertext:
         """What a release sends: the serialized vectors (only the secret key opens them)."""
-        return Ciphertext(VECTOR, self.context.digest, tuple(p.serialize() for p in self.parts), tuple(self.sizes))
+        return Ciphertext(VECTOR, self.context.digest,
+                          tuple(with_size(p.serialize(), n) for p, n in zip(self.parts, self.sizes)), tuple(self.sizes))
 
     # -- operations -----------------------------------------------------------------------
     def _plain_parts(self, other: Any) -> List[List[float]]:
         """A plain operand cut to this vector's parts (a number is broadcast)."""
+        pad = self.context.slots
+        if self.replicated:
+            flat = [float(other)] * len(self.parts) if isinstance(other, (int, float)) and not isinstance(other, bool) \
+                else _plain_vector(other)
+            if len(flat) != len(self.parts):
+                raise NotAllowed(f"a plain operand of {len(flat)} numbers for {self.size} encrypted ones")
+            return [[v] * pad for v in flat]
         if isinstance(other, (int, float)) and not isinstance(other, bool):
-            return [[float(other)] * n for n in self.sizes]
+            return [[float(other)] * n + [0.0] * (pad - n) for n in self.sizes]
         flat = _plain_vector(other)
         if len(flat) != self.size:
             raise NotAllowed(f"a plain operand of {len(flat)} numbers for {self.size} encrypted ones")
         out, at = [], 0
         for n in self.sizes:
-            out.append(flat[at:at + n])
+            out.append(flat[at:at + n] + [0.0] * (pad - n))
             at += n
         return out
 
@@ -135,18 +209,26 @@ class Encrypted:
             raise NotAllowed("encrypted values of two contexts")
         if other.sizes != self.sizes:
             raise NotAllowed("encrypted vectors of different layouts")
+        if other.replicated != self.replicated:
+            # The other slots of one are copies of a result, of the other the scientist's padding:
+            # combined, they would answer the computation for inputs the release does not show.
+            raise NotAllowed("the result of a sum or product combines only with other such results or plain numbers")
 
     def add(self, other: Any) -> "Encrypted":
         if isinstance(other, Encrypted):
             self._same(other)
-            return Encrypted([a + b for a, b in zip(self.parts, other.parts)], self.context)
-        return Encrypted([a + b for a, b in zip(self.parts, self._plain_parts(other))], self.context)
+            return Encrypted([a + b for a, b in zip(self.parts, other.parts)], self.context, self.sizes,
+                             self.replicated and other.replicated)
+        return Encrypted([a + b for a, b in zip(self.parts, self._plain_parts(other))], self.context, self.sizes,
+                         self.replicated)
 
     def sub(self, other: Any) -> "Encrypted":
         if isinstance(other, Encrypted):
             self._same(other)
-            return Encrypted([a - b for a, b in zip(self.parts, other.parts)], self.context)
-        return Encrypted([a - b for a, b in zip(self.parts, self._plain_parts(other))], self.context)
+            return Encrypted([a - b for a, b in zip(self.parts, other.parts)], self.context, self.sizes,
+                             self.replicated and other.replicated)
+        return Encrypted([a - b for a, b in zip(self.parts, self._plain_parts(other))], self.context, self.sizes,
+                         self.replicated)
 
     def rsub(self, other: Any) -> "Encrypted":
         return self.neg().add(other)
@@ -154,18 +236,22 @@ class Encrypted:
     def mul(self, other: Any) -> "Encrypted":
         if isinstance(other, Encrypted):  # (each such product spends a level of the context)
             self._same(other)
-            return Encrypted([a * b for a, b in zip(self.parts, other.parts)], self.context)
-        return Encrypted([a * b for a, b in zip(self.parts, self._plain_parts(other))], self.context)
+            return Encrypted([a * b for a, b in zip(self.parts, other.parts)], self.context, self.sizes,
+                             self.replicated and other.replicated)
+        return Encrypted([a * b for a, b in zip(self.parts, self._plain_parts(other))], self.context, self.sizes,
+                         self.replicated)
 
     def neg(self) -> "Encrypted":
-        return Encrypted([-a for a in self.parts], self.context)
+        return Encrypted([-a for a in self.parts], self.context, self.sizes, self.replicated)
 
     def sum(self) -> "Encrypted":
+        """The total, in every slot: a rotation sum over all slots (the padding holds zeros or the
+        scientist's own numbers, never a partial sum of the owner's)."""
         total = None
         for p in self.parts:
-            s = p.sum()
+            s = self.context.widen(p.sum())
             total = s if total is None else total + s
-        return Encrypted([total], self.context)
+        return Encrypted([total], self.context, [1], True)
 
     def dot(self, other: Any) -> "Encrypted":
         return self.mm(_plain_matrix(other, column=True))
@@ -179,14 +265,15 @@ class Encrypted:
             raise NotAllowed(f"x @ W: x has {self.size} numbers, W has {w.shape[0]} rows")
         if w.shape[1] > MAX_OUTPUTS:
             raise NotAllowed(f"at most {MAX_OUTPUTS} outputs")
-        x = self.parts[0]
-        return Encrypted([x.dot(w[:, j].tolist()) for j in range(w.shape[1])], self.context)
+        x, pad = self.parts[0], [0.0] * (self.context.slots - self.size)
+        outs = [self.context.widen(x.dot(w[:, j].tolist() + pad)) for j in range(w.shape[1])]
+        return Encrypted(outs, self.context, [1] * len(outs), True)
 
     def polyval(self, coefficients: Sequence[float]) -> "Encrypted":
         coeffs = [float(c) for c in coefficients]
         if not 1 <= len(coeffs) <= 9:
             raise NotAllowed("a polynomial of degree 0 to 8")
-        return Encrypted([p.polyval(coeffs) for p in self.parts], self.context)
+        return Encrypted([p.polyval(coeffs) for p in self.parts], self.context, self.sizes, self.replicated)
 
 
 def _plain_vector(value: Any) -> List[float]:
@@ -289,17 +376,17 @@ def _linear(x: Encrypted, weight: np.ndarray, bias: Optional[np.ndarray]) -> Enc
     if len(x.parts) == 1:
         out = x.mm(weight.T)
         return out.add(bias) if bias is not None else out
-    if any(n != 1 for n in x.sizes):
+    if any(n != 1 for n in x.sizes) or not x.replicated:
         raise NotAllowed("a Linear layer takes one CKKS vector, or the one-number outputs of a Linear layer")
     if weight.shape[0] * weight.shape[1] > 1 << 16:
         raise NotAllowed("a Linear layer after another is limited to 65,536 weights")
     outs = []
-    for m in range(weight.shape[0]):
-        acc: Any = x.parts[0] * [float(weight[m, 0])]
+    for m in range(weight.shape[0]):  # (each part holds its number in every slot: scalars keep it so)
+        acc: Any = x.parts[0] * float(weight[m, 0])
         for j in range(1, len(x.parts)):
-            acc = acc + x.parts[j] * [float(weight[m, j])]
-        outs.append(acc + [float(bias[m])] if bias is not None else acc)
-    return Encrypted(outs, x.context)
+            acc = acc + x.parts[j] * float(weight[m, j])
+        outs.append(acc + float(bias[m]) if bias is not None else acc)
+    return Encrypted(outs, x.context, [1] * len(outs), x.replicated)
 
 
 # -- the executor's entry ----------------------------------------------------------------------

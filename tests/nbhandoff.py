@@ -47,7 +47,7 @@ from tests.waiting import until
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"
 SANITIZE_CFG = NOTEBOOKS / "nbval.cfg"
-TOPICS = ("hello", "statistics", "vae", "federated", "encrypted")
+TOPICS = ("hello", "statistics", "vae", "federated", "encrypted", "shared")
 
 
 def owner_notebooks(topic: str) -> List[str]:

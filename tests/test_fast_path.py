@@ -66,6 +66,8 @@ def test_up_on_loopback_and_carries_both_directions(duo):
     t = transport_of(scientist)
     assert t.settled.wait(SETTLE)
     assert str(scientist.connection.fast_path).startswith("up: TCP to 127.0.0.1:")
+    expected = "AES-256-GCM" if sealed.AESGCM in sealed.available_ciphers() else "XChaCha20-Poly1305"
+    assert expected in str(scientist.connection.fast_path)
     assert "fast path up" in str(scientist.connection)
     value = scientist.store["big"].get(timeout=60)
     assert torch.equal(value, seeded(24))
@@ -292,6 +294,35 @@ def test_records_open_only_as_exactly_what_was_sealed(binding, monkeypatch):
         with pytest.raises(ProtocolError, match="did not open"):
             sealed.open_into(key, counter, head, data, target)
         assert bytes(target) == bytes(len(body))  # nothing but zeros was written
+
+
+@pytest.mark.skipif(sealed.AESGCM not in sealed.available_ciphers(), reason="no AES instructions here")
+def test_aes_gcm_records_open_only_as_exactly_what_was_sealed_and_only_under_aes():
+    a, b = nacl.public.PrivateKey.generate(), nacl.public.PrivateKey.generate()
+    owner_keys = sealed.derive_keys(a, bytes(b.public_key), b"ctx", "owner", sealed.AESGCM)
+    scientist_keys = sealed.derive_keys(b, bytes(a.public_key), b"ctx", "scientist", sealed.AESGCM)
+    xchacha_keys = sealed.derive_keys(b, bytes(a.public_key), b"ctx", "scientist")
+    assert owner_keys.cipher == sealed.AESGCM and scientist_keys.recv != xchacha_keys.recv  # the choice is in the keys
+    body = memoryview(bytes(range(256)) * 40)
+    out = memoryview(bytearray(len(body) + sealed.TAG))
+    n = sealed.seal_into(owner_keys.send, 3, b"h", body, out, sealed.AESGCM)
+    back = memoryview(bytearray(len(body)))
+    assert sealed.open_into(scientist_keys.recv, 3, b"h", out[:n], back, sealed.AESGCM) == len(body) and back == body
+    for key, counter, cipher in [(scientist_keys.recv, 4, sealed.AESGCM), (scientist_keys.recv, 3, sealed.XCHACHA),
+                                 (xchacha_keys.recv, 3, sealed.AESGCM)]:
+        with pytest.raises(ProtocolError, match="did not open"):
+            sealed.open_into(key, counter, b"h", out[:n], memoryview(bytearray(len(body))), cipher)
+
+
+def test_the_cipher_is_aes_gcm_only_when_both_peers_offer_it():
+    both = [sealed.AESGCM, sealed.XCHACHA]
+    assert sealed.choose_cipher(both, both) == sealed.AESGCM
+    assert sealed.choose_cipher(both, [sealed.XCHACHA]) == sealed.XCHACHA
+    assert sealed.choose_cipher([sealed.XCHACHA], both) == sealed.XCHACHA
+    assert sealed.choose_cipher(both, None) == sealed.XCHACHA  # a peer that says nothing: what everyone has
+    with pytest.raises(ProtocolError, match="cipher"):
+        sealed.derive_keys(nacl.public.PrivateKey.generate(), bytes(nacl.public.PrivateKey.generate().public_key),
+                           b"ctx", "owner", "rot13")
 
 
 def test_keys_are_bound_to_the_session_context():
@@ -536,3 +567,21 @@ def test_without_the_fast_path_a_message_is_joined_before_send_returns(duo):
     pointer = scientist.send(mine)
     mine.add_(1)
     assert torch.equal(pointer.get(timeout=60), seeded(2, seed=9))
+
+
+def test_without_aes_instructions_the_path_uses_xchacha20_poly1305(monkeypatch):
+    monkeypatch.setattr(fastpath, "available_ciphers", lambda: [sealed.XCHACHA])
+    owner = duet.launch(name="St. Mary's", local_only=True, display=False)
+    scientist = None
+    try:
+        owner.store.add(seeded(4), name="big")
+        owner.requests.add_handler(action="accept", kind="release")
+        scientist = duet.join(owner.code, name="Dr. Lee", local_only=True)
+        assert transport_of(scientist).settled.wait(SETTLE)
+        assert "XChaCha20-Poly1305" in str(scientist.connection.fast_path)
+        assert torch.equal(scientist.store["big"].get(timeout=60), seeded(4))
+        assert transport_of(scientist).stats()["fast_received"] >= 4 * MIB
+    finally:
+        if scientist is not None:
+            scientist.close()
+        owner.close()

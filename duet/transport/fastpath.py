@@ -16,8 +16,8 @@ data-channel transport) tries, in the manner of magic-wormhole's transit:
    unauthenticated is ever decoded, and a connection that fails any check is closed.
 4. Transfer. A message of at least `threshold` bytes goes as a placeholder (REF id, size) on the
    data channel, in order with every other message, and as sealed records on TCP: each record is
-   length-prefixed and sealed with XChaCha20-Poly1305 under the direction's key with a counter
-   nonce, so a replayed, reordered, altered or foreign record fails to open and closes the path.
+   length-prefixed and sealed with AES-256-GCM (when both peers have AES instructions) or
+   XChaCha20-Poly1305 under the direction's key with a counter nonce, so a replayed, reordered, altered or foreign record fails to open and closes the path.
    The receiver delivers messages in data-channel order, waiting at a placeholder for its bytes,
    and acknowledges each one (ACK id).
 5. Faults. When the path fails (an error, a record that does not open, no acknowledgement in
@@ -54,7 +54,7 @@ import nacl.public
 
 from ..errors import ConnectionLost, ProtocolError
 from .base import Buffer, CloseHandler, MessageHandler, Parts, Transport
-from .sealed import TAG, Keys, derive_keys, open_into, seal_into
+from .sealed import TAG, Keys, available_ciphers, choose_cipher, derive_keys, open_into, seal_into
 
 log = logging.getLogger("duet.transport.fastpath")
 
@@ -115,7 +115,7 @@ def _write_record(sock: socket.socket, payload: bytes) -> None:
 
 def _send_sealed(sock: socket.socket, keys: Keys, counter: int, header: bytes, body: memoryview, out: memoryview) -> None:
     """One link record: length, header (authenticated, in the clear), body sealed into `out`."""
-    n = seal_into(keys.send, counter, header, body, out)
+    n = seal_into(keys.send, counter, header, body, out, keys.cipher)
     sock.sendall(_REC.pack(len(header) + n) + header)
     sock.sendall(out[:n])
 
@@ -137,7 +137,7 @@ def _read_control(sock: socket.socket, keys: Keys, counter: int) -> int:
     header, sealed = _read_sealed(sock, memoryview(bytearray(_DATA.size + CHUNK + TAG)))
     if len(sealed) != TAG:
         raise ProtocolError("a fast-path control record with a body")
-    open_into(keys.recv, counter, header, sealed, memoryview(bytearray(0)))
+    open_into(keys.recv, counter, header, sealed, memoryview(bytearray(0)), keys.cipher)
     return header[0]
 
 
@@ -281,7 +281,7 @@ class Link:
                 size = len(sealed) - TAG
                 # Only these fixed fields are read before the record opens: to know where it goes.
                 if kind == BYE:
-                    open_into(self.keys.recv, self._recv_counter, header, sealed, first)
+                    open_into(self.keys.recv, self._recv_counter, header, sealed, first, self.keys.cipher)
                     self._fail(PEER_CLOSED)
                     return
                 if kind != DATA or total > MAX_MESSAGE:
@@ -291,14 +291,14 @@ class Link:
                         raise ProtocolError("a fast-path message that does not start at its beginning")
                     # The first record opens into scratch space: the message's buffer is allocated
                     # only for a size an authenticated record gave.
-                    open_into(self.keys.recv, self._recv_counter, header, sealed, first)
+                    open_into(self.keys.recv, self._recv_counter, header, sealed, first, self.keys.cipher)
                     current = (msg_id, _message_buffer(total, align_at), 0)
                     current[1][:size] = first[:size]
                 else:
                     mid, data, got = current
                     if msg_id != mid or offset != got or len(data) != total or got + size > total:
                         raise ProtocolError("fast-path records out of order")
-                    open_into(self.keys.recv, self._recv_counter, header, sealed, data[got:got + size])
+                    open_into(self.keys.recv, self._recv_counter, header, sealed, data[got:got + size], self.keys.cipher)
                 self._recv_counter += 1
                 mid, data, got = current
                 got += size
@@ -551,7 +551,7 @@ class FastPathTransport(Transport):
         self._delivered: Set[int] = set()
         self._secret: Optional[nacl.public.PrivateKey] = None
         self._establisher: Optional[Establisher] = None
-        self._peer_offer: Optional[Tuple[bytes, List[Tuple[str, int]]]] = None
+        self._peer_offer: Optional[Tuple[bytes, List[Tuple[str, int]], Any]] = None
         self._context: Optional[bytes] = None
         self._keys: Optional[Keys] = None
         self.link: Optional[Link] = None
@@ -642,7 +642,8 @@ class FastPathTransport(Transport):
     def describe(self) -> str:
         link = self.link
         if link is not None and link.alive:
-            return f"up: TCP to {link.peer}, for messages of {self.threshold // (1 << 20)} MiB and more"
+            return (f"up: TCP to {link.peer}, for messages of {self.threshold // (1 << 20)} MiB and more "
+                    f"({'AES-256-GCM' if link.keys.cipher == 'aes256gcm' else 'XChaCha20-Poly1305'})")
         if self.state == "down" and self.closed_reason:
             return f"down ({self.closed_reason}); large messages use the data channel"
         return self.state
@@ -669,18 +670,18 @@ class FastPathTransport(Transport):
             self.settled.set()
             return
         self.state = "connecting"
-        offer = msgpack.packb({"pk": bytes(self._secret.public_key), "hints": [list(h) for h in self._establisher.hints()]},
-                              use_bin_type=True)
+        offer = msgpack.packb({"pk": bytes(self._secret.public_key), "hints": [list(h) for h in self._establisher.hints()],
+                               "aead": available_ciphers()}, use_bin_type=True)
         self.inner.send(bytes([SIDE, OFFER]) + offer)
         if self._peer_offer is not None:
             self._peer_offered(*self._peer_offer)
 
-    def _peer_offered(self, pk: bytes, hints: List[Tuple[str, int]]) -> None:
+    def _peer_offered(self, pk: bytes, hints: List[Tuple[str, int]], aead: Any = None) -> None:
         if self._secret is None or self._establisher is None or self._context is None or self._keys is not None:
-            self._peer_offer = (pk, hints)
+            self._peer_offer = (pk, hints, aead)
             return
         try:
-            self._keys = derive_keys(self._secret, pk, self._context, self.role)
+            self._keys = derive_keys(self._secret, pk, self._context, self.role, choose_cipher(available_ciphers(), aead))
         except ProtocolError as exc:
             self._give_up(str(exc))
             return
@@ -759,7 +760,8 @@ class FastPathTransport(Transport):
                 raise ProtocolError("malformed fast-path offer")
             clean = [(str(h[0]), int(h[1])) for h in hints[:MAX_HINTS]
                      if isinstance(h, list) and len(h) == 2 and isinstance(h[0], str) and isinstance(h[1], int)]
-            self._peer_offered(pk, clean)
+            aead = offer.get("aead")
+            self._peer_offered(pk, clean, [a for a in aead[:8] if isinstance(a, str)] if isinstance(aead, list) else None)
         elif kind == REF:
             msg_id, size = struct.unpack(">QQ", body)
             if size > MAX_MESSAGE:

@@ -30,6 +30,7 @@ def trio(tmp_path):
                                            scientist_name="Dr. Lee")
         if data is not None:
             owner.store.add(data.clone(), name="lab" if k == 0 else "claims")
+            owner.pin_federation(exact=True)  # shared computations are opt-in
             owner.requests.add_handler(action="accept", kind="smpc")
         made.append((owner, scientist))
     yield made
@@ -85,11 +86,34 @@ def test_each_owner_approves_seeing_the_other_owners_signed_description_and_the_
 
     text = request_text(req)
     assert req.dealer == dealer_owner.fingerprint and list(req.participants) == [ha.fingerprint, hb.fingerprint]
-    assert "owner 2: claims after claims, operator.mul" in text and dealer_owner.fingerprint in text and "dot product" in text
+    assert "owner 2 [a key you have not pinned: anyone may hold it]: claims after claims, operator.mul" in text and dealer_owner.fingerprint in text and "dot product" in text
     assert "Dealer" in request_html(req) and "claims" in request_html(req)
     req.accept()
     t.join(30)
     assert abs(result[0] - float(LAB @ (CLAIMS * 2))) < 1.0
+
+
+def test_shared_computations_are_opt_in_and_unpinned_keys_are_marked(trio):
+    """Without pin_federation(exact=True) an owner takes no part: the scientist chooses the function
+    and names the other owner's key, which may be its own (then the "other owner" receives this
+    owner's shares and openings). Pinned peers are shown as such."""
+    (ha, a), (hb, b), (dealer_owner, c) = trio
+    ha.pin_federation()  # back to the default
+    fed = duet.Federation([a, b], dealer=c)
+    with pytest.raises(SharedComputationFailed, match="exact=True"):
+        duet.smpc.dot(fed[0].store["lab"], fed[1].store["claims"], bounds=(200, 2e4)).get(timeout=30)
+    ha.pin_federation([hb.fingerprint, dealer_owner.fingerprint], exact=True)
+    for rule in ha.requests.rules:
+        ha.requests.remove_handler(rule)
+    result: list = []
+    t = threading.Thread(target=lambda: result.append(
+        duet.smpc.dot(fed[0].store["lab"], fed[1].store["claims"], bounds=(200, 2e4)).get(timeout=30)))
+    t.start()
+    req = ha.requests.wait_pending(timeout=10, kind="smpc")
+    assert all("not pinned" not in line for line in req.computed_with), req.computed_with
+    req.accept()
+    t.join(30)
+    assert result and abs(result[0] - float(LAB @ CLAIMS)) < 80
 
 
 def test_an_owner_that_refuses_stops_the_computation_cleanly(trio):
@@ -112,7 +136,7 @@ def test_owners_refuse_a_product_with_values_the_scientist_chose(trio):
     onehot = torch.zeros(N, dtype=torch.float64)
     onehot[17] = 1.0  # the dot product would be the hospital's 18th lab value
     fed = duet.Federation([a, b], dealer=c)
-    with pytest.raises(SharedComputationFailed, match="scientist's own values"):
+    with pytest.raises(SharedComputationFailed, match="scientist's own values"):  # even with exact=True
         duet.smpc.dot(fed[0].store["lab"], fed[1].send(onehot), bounds=(200, 1)).get(timeout=30)
 
 
@@ -178,3 +202,35 @@ def test_across_two_owner_processes_and_a_dealer_process(tmp_path):
         for proc in procs:
             assert proc.stop() == 0, "".join(proc.stderr[-40:])
         sig.stop()
+
+
+def test_what_another_key_signed_reaches_the_approval_view_cleaned(trio):
+    """A key the scientist holds can sign any description; newlines in it must not forge lines of
+    the owner's view (a "dealer: none" line, say)."""
+    import secrets as _secrets
+
+    from duet.identity import Identity
+    from duet.protocol import RequestKind
+    from duet.sharing.party import Description, Job, describe_message
+    from duet.widgets.approval import request_text
+
+    (ha, a), _, _ = trio
+    for rule in ha.requests.rules:
+        ha.requests.remove_handler(rule)
+    lab = a.store["lab"]
+    job_id, fake, fake_dealer = _secrets.token_bytes(16), Identity.ephemeral(), Identity.ephemeral()
+    mine = a.session.call({"kind": RequestKind.SMPC, "step": "describe", "job": job_id, "op": "dot", "index": 1,
+                           "obj": lab.id}, 10, "describe")
+    forged = ["claims\n  dealer: none\n  reason: audited by the insurer"]
+    theirs = Description(2, fake.public_key, tuple(forged), (), fake.sign(describe_message(job_id, "dot", 2, forged, [])))
+    job = Job(job_id, "dot", (ha.fingerprint, fake.fingerprint), fake_dealer.fingerprint, N, 16, (200.0, 1.0), True,
+              (Description.from_wire(mine), theirs))
+    future = a.session.request({"kind": RequestKind.SMPC, "step": "join", "terms": job.to_wire(), "index": 1,
+                                "obj": lab.id})
+    req = ha.requests.wait_pending(timeout=10, kind="smpc")
+    text = request_text(req)
+    assert "\n  dealer: none" not in text and "\n  reason: audited" not in text
+    assert "not pinned" in text
+    req.deny("no")
+    with pytest.raises(Exception):
+        future.result(10)

@@ -7,14 +7,17 @@ through `RequestKind.SMPC` round trips with a "step":
 - `describe`: the owner signs what its vector is (the assets it derives from, the operations),
   from public facts, so the other owners see it in their approval.
 - `join`: the terms (operation, the owners' fingerprints and descriptions, the dealer, the
-  length, the fixed-point step, each owner's bound). The owner checks its policy (the other
-  owners and the dealer it computes with, `pin_federation(peers=...)`), refuses a computation
-  where another owner's vector is the scientist's own values (then the result could be any
-  function of this owner's vector the scientist likes, a single entry for one) unless
-  `pin_federation(exact=True)`, then asks for approval like any release (a "smpc" request, by
-  hand or by rule) unless the vector is the scientist's own, and snapshots it, encoded whatever it
-  holds (clipped to the bound, NaN as 0). The dealer (`"role": "dealer"`) holds no data: it joins
-  without approval, and its part is audited.
+  length, the fixed-point step, each owner's bound). The owner takes part only after
+  `pin_federation(exact=True)`: a result is an exact value of a function the scientist chooses,
+  and the other operand is whatever the scientist had the other owner compute (its signed
+  description shows how) from keys the scientist names (`peers=[...]` pins them; an unpinned key
+  could be the scientist's own, and then so are its "data", the dealer's triples included). It
+  checks that policy, refuses a computation where another owner's vector is the scientist's own
+  values (a one-hot vector would make a dot product one entry), then asks for approval like any
+  release (a "smpc" request, by hand or by rule, showing every operation the other owner signed
+  and which keys are not pinned) unless the vector is the scientist's own, and snapshots it,
+  encoded whatever it holds (clipped to the bound, NaN as 0). The dealer (`"role": "dealer"`)
+  holds no data: it joins without approval, and its part is audited.
 - `deal`, `open`, `finish`, `abort`: the steps of `duet.sharing.party`.
 
 What leaves this owner: shares and openings sealed to other owners (uniform on their own), and its
@@ -164,7 +167,7 @@ class SharedComputations:
         others = set(job.participants) - {owner.fingerprint} | ({job.dealer} if job.dealer else set())
         if policy.pinned is not None and not others <= policy.pinned:
             raise JobRefused("an owner or the dealer is not one this owner computes with (see pin_federation)")
-        nbytes = 8 * WORDS_HELD * job.length
+        nbytes = 8 * (job.parties + WORDS_HELD) * job.length  # a share from every owner, a triple, openings
         if msg.get("role") == "dealer":
             dealer = Dealer(owner.identity, job)
             conn.objects.check_room(nbytes)
@@ -172,6 +175,10 @@ class SharedComputations:
             self._remember(job, dealer, nbytes)
             self._audit(dealer, "smpc_dealer_join", op=job.op, participants=list(job.participants), length=job.length)
             return dealer.advertise()
+        if not policy.exact:
+            raise JobRefused("this owner takes part in shared computations only after pin_federation(exact=True): "
+                             "their results are exact values of a function the scientist chooses, with operands "
+                             "the scientist names (pin the other owners and dealers too: peers=[...])")
         index = msg.get("index")
         if type(index) is not int or not 1 <= index <= job.parties or job.participants[index - 1] != owner.fingerprint:
             raise JobRefused("this owner is not the party at that position")
@@ -180,9 +187,9 @@ class SharedComputations:
         if vector_of_meta(obj.value) != job.length or tuple(sorted(obj.lineage)) != mine.lineage \
                 or tuple(obj.group.ops.labels()[-50:]) != mine.ops:
             raise JobRefused("the vector is not the one this owner described")
-        if not policy.exact and any(not d.lineage for d in job.descriptions if d.index != index):
+        if any(not d.lineage for d in job.descriptions if d.index != index):
             raise JobRefused("another owner's vector is the scientist's own values, so the result could be any "
-                             "function of this owner's vector the scientist chose (pin_federation(exact=True) allows it)")
+                             "function of this owner's vector the scientist chose")
         conn.objects.check_room(nbytes)
         if obj.lineage:
             self._approve(job, index, obj, msg)
@@ -201,9 +208,18 @@ class SharedComputations:
         from ..text import clean
 
         reason = msg.get("reason") if isinstance(msg.get("reason"), str) else ""
-        others = [f"owner {d.index}: {', '.join(d.lineage) or 'the scientist own values'}"
-                  + (f" after {', '.join(d.ops[-8:])}" if d.ops else "")
+        pinned = self.conn.owner.federation.pinned
+
+        def known(fingerprint: str) -> str:
+            return "" if pinned is not None and fingerprint in pinned else " [a key you have not pinned: anyone may hold it]"
+
+        # Every operation the other owner signed (the last 50 distinct ones), cleaned: the scientist
+        # wrote them through that owner, and they tell whether the vector is still that owner's data.
+        others = [clean(f"owner {d.index}{known(job.participants[d.index - 1])}: {', '.join(d.lineage)}"
+                        + (f" after {', '.join(d.ops)}" if d.ops else ""), limit=4000)
                   for d in job.descriptions if d.index != index]
+        if job.dealer:
+            others.append(clean(f"dealer{known(job.dealer)}"))
         what = OP_TEXT[job.op] + (" (elementwise)" if not job.reduce else "")
         self.conn.await_approval({
             "kind": "smpc", "lineage": tuple(sorted(obj.lineage)), "ops": tuple(obj.group.ops.labels()),

@@ -123,6 +123,7 @@ def main(argv: list | None = None) -> int:
     if args.column is not None:
         seed, _, how = args.column.partition(":")
         owner.store.add(seeded_column(int(seed)), name="column")
+        owner.pin_federation(exact=True)
         owner.requests.add_handler(action="deny" if how == "deny" else "accept", kind="smpc")
     if args.accept_all:
         owner.requests.add_handler(action="accept", kind=("release", "join"))

@@ -204,7 +204,7 @@ def test_a_released_prediction_carries_its_outputs_only_not_partial_sums_of_the_
     slots; from one prediction a least-squares solve gave every weight and the bias. Every slot of
     each released output now holds that output, whatever the scientist put past its input."""
     owner, scientist, model = he_pair
-    owner.requests.add_handler(action="accept", kind="release", datasets=["risk-model"], max_elements=10)
+    owner.requests.add_handler(action="accept", kind="release", datasets=["risk-model"])
     he = scientist.he.context(progress=False)
     x = MNIST(train=False, limit=1).data[0].reshape(-1).double()
     from duet.owner.he import with_size
@@ -237,3 +237,69 @@ def test_copies_of_a_result_never_meet_the_scientists_padding(he_pair):
     singles = scientist.send(Ciphertext(VECTOR, he.digest, tuple(parts), (1, 1, 1)))
     with pytest.raises(RemoteError, match="withheld"):  # (the model is private: the reason is the owner's)
         scientist.store["small"](singles).get(timeout=30)
+
+
+def test_an_encrypted_release_counts_the_plain_numbers_it_was_computed_with(he_pair):
+    """Against keys the scientist made itself (Galois keys of its choosing), one approved prediction
+    gives the model's weights and bias exactly (a review did it): CKKS has no circuit privacy. So the
+    request counts them, says so, and a rule for ten-number results does not let it out."""
+    owner, scientist, _model = he_pair
+    owner.requests.add_handler(action="accept", kind="release", datasets=["risk-model"], max_elements=10)
+    he = scientist.he.context(progress=False)
+    y = scientist.store["risk-model"](scientist.send(he.encrypt(torch.rand(784))))
+    handle = y.request(reason="one prediction")
+    req = owner.requests.wait_pending(timeout=30)
+    assert req.numel == 10 + 784 * 10 + 10
+    assert "7850 plain numbers" in req.type_name and "own keys" in req.type_name
+    req.accept()
+    assert isinstance(handle.wait(30), Ciphertext)
+
+
+def test_ciphertexts_that_are_not_fresh_and_contexts_with_extra_keys_are_refused(he_pair, monkeypatch):
+    """A ciphertext of 16 polynomials costs 3 MiB of memory from 400 bytes on the wire, and Galois
+    keys of zeros compress to nothing: refused before they are used, and contexts are charged for
+    what they hold in memory."""
+    _owner, scientist, _model = he_pair
+    he = scientist.he.context(progress=False)
+    fresh = tenseal.ckks_vector(he._context, [1.0, 2.0])
+    squared = fresh * fresh  # (relinearized and rescaled: one level down)
+    bad = Ciphertext(VECTOR, he.digest, (squared.serialize(),), (2,))
+    with pytest.raises(NotAllowed, match="not fresh"):
+        scientist.send(bad).sum().get(timeout=30)
+    import hashlib
+
+    from duet.owner import he as owner_he
+
+    raw = scientist_context_bytes(he)
+    sent = Ciphertext(CONTEXT, hashlib.sha256(raw).digest(), (raw,))
+    assert owner_he.HEContext(sent).nbytes >= 30 << 20  # what the keys hold in memory
+    monkeypatch.setattr(owner_he, "honest_galois_keys", lambda degree: 10)  # as if these were 14 extra keys
+    with pytest.raises(NotAllowed, match="Galois keys"):
+        owner_he.HEContext(sent)
+
+
+def scientist_context_bytes(he) -> bytes:
+    public = he._context.copy()
+    public.make_context_public()
+    return public.serialize(save_public_key=True, save_secret_key=False, save_galois_keys=True, save_relin_keys=True)
+
+
+def test_one_action_on_ciphertexts_is_bounded_in_work_and_memory(he_pair, monkeypatch):
+    """A scientist's model could apply a wide layer at each of 20,000 graph nodes: days of work and
+    terabytes held before anything is stored. Every vector an action makes counts."""
+    from duet.errors import LimitExceeded
+    from duet.owner import he as owner_he
+
+    _owner, scientist, _model = he_pair
+    he = scientist.he.context(progress=False)
+    v = torch.rand(8, dtype=torch.float64)
+    x = scientist.send(he.encrypt(v))
+    monkeypatch.setattr(owner_he, "MAX_PARTS_PER_ACTION", 5)
+    with pytest.raises(NotAllowed, match="at most 5 CKKS vectors"):
+        (x @ torch.rand(8, 6)).get(timeout=30)
+    monkeypatch.setattr(owner_he, "MAX_PARTS_PER_ACTION", 10_000)
+    scientist_conn = _owner._connections[0]
+    monkeypatch.setattr(scientist_conn.objects.limits, "max_bytes", scientist_conn.objects.budget.bytes + (2 << 20))
+    with pytest.raises(LimitExceeded, match="memory limit"):
+        (x @ torch.rand(8, 64)).get(timeout=30)  # 64 vectors of ~0.4 MiB: over a 2 MiB allowance
+    assert torch.allclose(he.decrypt((x @ torch.eye(8)[:, :2]).get(timeout=30)), v[:2], atol=PRECISION)  # small ones run

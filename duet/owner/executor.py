@@ -603,8 +603,8 @@ class Executor:
         label = f"encrypted {name}" if kind != "call" else "encrypted model call"
         flow = flow_of(self.table, input_ids, kind, name, values[0] if kind != "func" else None)
         try:
-            result = he.run(kind, name, values, kw, self.he_context)
-        except NotAllowed:
+            result = he.run(kind, name, values, kw, self.he_context, self.table.check_room)
+        except (NotAllowed, LimitExceeded):
             if flow.private:
                 raise withheld_failure(label) from None  # which check refused may depend on private shapes
             raise

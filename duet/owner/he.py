@@ -28,6 +28,7 @@ weights) is private and leaves only with approval, as a Ciphertext only the scie
 from __future__ import annotations
 
 import hashlib
+import threading
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
@@ -39,6 +40,8 @@ from ..errors import NotAllowed
 MAX_CONTEXT_BYTES = 128 << 20  # a public context with Galois keys at poly modulus 8192 is ~34 MiB
 MAX_POLY_MODULUS = 16384
 MAX_OUTPUTS = 4096  # outputs of one encrypted vector-matrix product (one CKKS vector each)
+MAX_PARTS_PER_ACTION = 8192  # CKKS vectors one action may make in all (each ~0.4 MiB and ~20 ms of work)
+_action = threading.local()  # the current action's count of vectors made, and its memory check
 
 
 def _tenseal() -> Any:
@@ -48,6 +51,11 @@ def _tenseal() -> Any:
         raise NotAllowed("the owner cannot compute on encrypted data: TenSEAL is not installed "
                          "(pip install 'duet-p2p[encrypted]')") from None
     return tenseal
+
+
+def honest_galois_keys(degree: int) -> int:
+    """How many Galois keys TenSEAL makes for a poly modulus: rotations by each power of two, both ways."""
+    return 2 * (degree // 2).bit_length() - 2
 
 
 class HEContext:
@@ -74,10 +82,24 @@ class HEContext:
         degree = ctx.data.seal_context().first_context_data().parms().poly_modulus_degree()
         if degree > MAX_POLY_MODULUS:
             raise NotAllowed(f"poly modulus degree {degree} is above {MAX_POLY_MODULUS}")
+        seal_context = ctx.data.seal_context()
+        moduli = int(seal_context.key_context_data().chain_index()) + 1  # the key level holds every modulus
+        try:
+            galois_keys = int(ctx.data.galois_keys().size())
+        except Exception:
+            galois_keys = 0
+        honest = honest_galois_keys(degree)
+        if galois_keys > honest:
+            raise NotAllowed(f"a public context with {galois_keys} Galois keys (scientist.he.context() makes {honest})")
         self.context = ctx
         self.digest = data.context
-        self.nbytes = len(raw)
+        # What it holds in memory, not on the wire (keys of zeros compress to nothing): each key is
+        # (moduli - 1) pairs of polynomials over all the moduli.
+        key_bytes = (moduli - 1) * 2 * moduli * degree * 8
+        self.nbytes = max(len(raw), (galois_keys + 1) * key_bytes)
         self.slots = degree // 2
+        self.first_parms = list(seal_context.first_parms_id())
+        self.part_bytes = 2 * (moduli - 1) * degree * 8  # a fresh ciphertext: two polynomials
 
     def widen(self, vector: Any) -> Any:
         """The same ciphertext, read as a vector of all the context's slots."""
@@ -137,23 +159,30 @@ def _to_varint(value: int) -> bytes:
 class Encrypted:
     """Encrypted numbers on the owner: CKKS vectors (TenSEAL) read as one vector, in order."""
 
-    __slots__ = ("parts", "context", "sizes", "replicated")
+    __slots__ = ("parts", "context", "sizes", "replicated", "carries")
 
-    def __init__(self, parts: List[Any], context: HEContext, sizes: Sequence[int], replicated: bool = False) -> None:
+    def __init__(self, parts: List[Any], context: HEContext, sizes: Sequence[int], replicated: bool = False,
+                 carries: int = 0) -> None:
         self.parts = parts  # each spans all of the context's slots (see the module's docstring)
         self.context = context
+        _spend(len(parts), context)
         self.sizes = list(sizes)  # how many of each part's slots are its numbers
         # One number per part, in every slot (a sum's or a product's result): plain numbers then
         # go to every slot too, so the other slots stay copies (a bias added to one slot only
         # would show as the difference).
         self.replicated = replicated
+        # How many of the owner's plain numbers (weights, coefficients, operands) went into it. CKKS
+        # hides nothing from the key holder about how a result was computed (no circuit privacy),
+        # and a scientist that made its own keys can read them all from one result (a review did,
+        # with Galois keys of its own making): a release of this counts them (duet.owner.host).
+        self.carries = carries
 
     @property
     def size(self) -> int:
         return sum(self.sizes)
 
     def __sizeof__(self) -> int:
-        return 256 * 1024 * len(self.parts)  # ~ a CKKS vector at poly modulus 8192, serialized
+        return self.context.part_bytes * len(self.parts)
 
     def __repr__(self) -> str:
         return f"<Encrypted: {self.size} numbers in {len(self.parts)} CKKS vector(s)>"
@@ -175,6 +204,11 @@ class Encrypted:
                 raise NotAllowed("a ciphertext TenSEAL cannot read") from None
             if int(v.size()) != size or size > context.slots:
                 raise NotAllowed("a ciphertext's size is not what it says")
+            ct = v.data.ciphertext()
+            if len(ct) != 1 or ct[0].size() != 2 or list(ct[0].parms_id()) != context.first_parms or \
+                    abs(ct[0].scale / context.context.global_scale - 1) > 1e-9:
+                raise NotAllowed("a ciphertext that is not fresh (two polynomials, at the context's first level "
+                                 "and scale): encrypt with scientist.he")
             parts.append(context.widen(v))
         return cls(parts, context, data.sizes)
 
@@ -218,17 +252,17 @@ class Encrypted:
         if isinstance(other, Encrypted):
             self._same(other)
             return Encrypted([a + b for a, b in zip(self.parts, other.parts)], self.context, self.sizes,
-                             self.replicated and other.replicated)
+                             self.replicated and other.replicated, self.carries + other.carries)
         return Encrypted([a + b for a, b in zip(self.parts, self._plain_parts(other))], self.context, self.sizes,
-                         self.replicated)
+                         self.replicated, self.carries + _count(other))
 
     def sub(self, other: Any) -> "Encrypted":
         if isinstance(other, Encrypted):
             self._same(other)
             return Encrypted([a - b for a, b in zip(self.parts, other.parts)], self.context, self.sizes,
-                             self.replicated and other.replicated)
+                             self.replicated and other.replicated, self.carries + other.carries)
         return Encrypted([a - b for a, b in zip(self.parts, self._plain_parts(other))], self.context, self.sizes,
-                         self.replicated)
+                         self.replicated, self.carries + _count(other))
 
     def rsub(self, other: Any) -> "Encrypted":
         return self.neg().add(other)
@@ -237,12 +271,12 @@ class Encrypted:
         if isinstance(other, Encrypted):  # (each such product spends a level of the context)
             self._same(other)
             return Encrypted([a * b for a, b in zip(self.parts, other.parts)], self.context, self.sizes,
-                             self.replicated and other.replicated)
+                             self.replicated and other.replicated, self.carries + other.carries)
         return Encrypted([a * b for a, b in zip(self.parts, self._plain_parts(other))], self.context, self.sizes,
-                         self.replicated)
+                         self.replicated, self.carries + _count(other))
 
     def neg(self) -> "Encrypted":
-        return Encrypted([-a for a in self.parts], self.context, self.sizes, self.replicated)
+        return Encrypted([-a for a in self.parts], self.context, self.sizes, self.replicated, self.carries)
 
     def sum(self) -> "Encrypted":
         """The total, in every slot: a rotation sum over all slots (the padding holds zeros or the
@@ -251,7 +285,7 @@ class Encrypted:
         for p in self.parts:
             s = self.context.widen(p.sum())
             total = s if total is None else total + s
-        return Encrypted([total], self.context, [1], True)
+        return Encrypted([total], self.context, [1], True, self.carries)
 
     def dot(self, other: Any) -> "Encrypted":
         return self.mm(_plain_matrix(other, column=True))
@@ -267,13 +301,34 @@ class Encrypted:
             raise NotAllowed(f"at most {MAX_OUTPUTS} outputs")
         x, pad = self.parts[0], [0.0] * (self.context.slots - self.size)
         outs = [self.context.widen(x.dot(w[:, j].tolist() + pad)) for j in range(w.shape[1])]
-        return Encrypted(outs, self.context, [1] * len(outs), True)
+        return Encrypted(outs, self.context, [1] * len(outs), True, self.carries + int(w.size))
 
     def polyval(self, coefficients: Sequence[float]) -> "Encrypted":
         coeffs = [float(c) for c in coefficients]
         if not 1 <= len(coeffs) <= 9:
             raise NotAllowed("a polynomial of degree 0 to 8")
-        return Encrypted([p.polyval(coeffs) for p in self.parts], self.context, self.sizes, self.replicated)
+        return Encrypted([p.polyval(coeffs) for p in self.parts], self.context, self.sizes, self.replicated,
+                         self.carries + len(coeffs))
+
+
+def _spend(parts: int, context: "HEContext") -> None:
+    """Count vectors made by the current action: a model the scientist sent (an fx graph of up to
+    20,000 nodes) could otherwise ask for days of work and terabytes, all before its result is stored."""
+    budget = getattr(_action, "budget", None)
+    if budget is None:
+        return
+    budget[0] += parts
+    if budget[0] > MAX_PARTS_PER_ACTION:
+        raise NotAllowed(f"an action on encrypted data may make at most {MAX_PARTS_PER_ACTION} CKKS vectors")
+    if budget[1] is not None:
+        budget[1](budget[0] * context.part_bytes)  # everything it made so far counts against the memory budget
+
+
+def _count(value: Any) -> int:
+    """How many plain numbers an operand holds."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return 1
+    return len(_plain_vector(value))
 
 
 def _plain_vector(value: Any) -> List[float]:
@@ -386,7 +441,8 @@ def _linear(x: Encrypted, weight: np.ndarray, bias: Optional[np.ndarray]) -> Enc
         for j in range(1, len(x.parts)):
             acc = acc + x.parts[j] * float(weight[m, j])
         outs.append(acc + float(bias[m]) if bias is not None else acc)
-    return Encrypted(outs, x.context, [1] * len(outs), x.replicated)
+    return Encrypted(outs, x.context, [1] * len(outs), x.replicated,
+                     x.carries + int(weight.size) + (int(bias.size) if bias is not None else 0))
 
 
 # -- the executor's entry ----------------------------------------------------------------------
@@ -423,8 +479,18 @@ def _enc(a: Any, b: Any, op: Callable[..., Encrypted], reflected: Optional[Calla
     return reflected(b, a)
 
 
-def run(kind: str, name: str, values: List[Any], kwargs: Dict[str, Any], context: Optional[HEContext]) -> Encrypted:
-    """One allowlisted action on encrypted data; NotAllowed for anything else."""
+def run(kind: str, name: str, values: List[Any], kwargs: Dict[str, Any], context: Optional[HEContext],
+        room: Optional[Callable[[int], None]] = None) -> Encrypted:
+    """One allowlisted action on encrypted data; NotAllowed for anything else. `room(nbytes)` raises
+    if the scientist's memory budget cannot hold what the action has made so far."""
+    _action.budget = [0, room]
+    try:
+        return _run(kind, name, values, kwargs, context)
+    finally:
+        _action.budget = None
+
+
+def _run(kind: str, name: str, values: List[Any], kwargs: Dict[str, Any], context: Optional[HEContext]) -> Encrypted:
     if kwargs:
         raise NotAllowed("encrypted operations take no keyword arguments")
     values = [Encrypted.from_wire(v, context) if isinstance(v, Ciphertext) else v for v in values]

@@ -604,7 +604,7 @@ class ScientistConnection:
             raise NotAllowed("he_context takes a public context")
         if self.he_context is not None:
             self.objects.hold(-self.he_context.nbytes)
-        self.he_context = None
+        self.he_context = self.executor.he_context = None  # (a replacement that fails leaves none, not the old one)
         self.objects.check_room(data.nbytes)
         ctx = HEContext(data)
         self.objects.hold(ctx.nbytes)
@@ -667,12 +667,19 @@ class ScientistConnection:
             return
         shape = getattr(obj.value, "shape", None)
         dtype = getattr(obj.value, "dtype", None)
+        what = type_name(obj.value)
+        if isinstance(obj.value, Encrypted) and obj.value.carries:
+            # CKKS hides nothing of how a result was computed from the holder of the secret key: a
+            # scientist with keys of its own making reads every plain number that went into it.
+            numel = max(numel, obj.value.size + obj.value.carries)
+            what = (f"Encrypted: {obj.value.size} numbers + the {obj.value.carries} plain numbers it was computed "
+                    "with (a scientist's own keys read them)")
         fields = {
             "kind": "release",
             "requester": self.requester,
             "lineage": tuple(sorted(obj.lineage)),
             "ops": obj.group.ops.labels(),
-            "type_name": type_name(obj.value),
+            "type_name": what,
             "shape": tuple(int(s) for s in shape) if shape is not None else None,
             "dtype": str(dtype).replace("torch.", "") if dtype is not None else None,
             "numel": numel,

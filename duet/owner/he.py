@@ -40,7 +40,7 @@ from ..errors import NotAllowed
 MAX_CONTEXT_BYTES = 128 << 20  # a public context with Galois keys at poly modulus 8192 is ~34 MiB
 MAX_POLY_MODULUS = 16384
 MAX_OUTPUTS = 4096  # outputs of one encrypted vector-matrix product (one CKKS vector each)
-MAX_PARTS_PER_ACTION = 8192  # CKKS vectors one action may make in all (each ~0.4 MiB and ~20 ms of work)
+MAX_PARTS_PER_ACTION = 2048  # CKKS vectors one action may make in all (each ~0.4 MiB and ~25 ms of work)
 _action = threading.local()  # the current action's count of vectors made, and its memory check
 
 

@@ -303,3 +303,19 @@ def test_one_action_on_ciphertexts_is_bounded_in_work_and_memory(he_pair, monkey
     with pytest.raises(LimitExceeded, match="memory limit"):
         (x @ torch.rand(8, 64)).get(timeout=30)  # 64 vectors of ~0.4 MiB: over a 2 MiB allowance
     assert torch.allclose(he.decrypt((x @ torch.eye(8)[:, :2]).get(timeout=30)), v[:2], atol=PRECISION)  # small ones run
+
+
+def test_sums_of_fresh_ciphertexts_count_each_number_once(he_pair):
+    """TenSEAL repeats a short vector's numbers across the slots past it: a sum over every slot
+    counted them thousands of times (8191 for 1 + 2 + 3). Vectors whose padding may not be zeros are
+    masked before a sum."""
+    _owner, scientist, _model = he_pair
+    he = scientist.he.context(progress=False)
+    v = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
+    x = scientist.send(he.encrypt(v))
+    cases = {"x.sum()": (x.sum(), v.sum()), "(x + 1).sum()": ((x + 1).sum(), (v + 1).sum()),
+             "(x * x).sum()": ((x * x).sum(), (v * v).sum()), "(x * 2).sum()": ((x * 2).sum(), (v * 2).sum()),
+             "x.sum().sum()": (x.sum().sum(), v.sum()), "(x.sum() + x.sum()).sum()": ((x.sum() + x.sum()).sum(), 2 * v.sum())}
+    for label, (pointer, expected) in cases.items():
+        got = he.decrypt(pointer.get(timeout=30))
+        assert got.shape == (1,) and abs(float(got[0]) - float(expected)) < PRECISION, (label, float(got[0]))

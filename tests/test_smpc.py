@@ -30,9 +30,11 @@ def trio(tmp_path):
                                            scientist_name="Dr. Lee")
         if data is not None:
             owner.store.add(data.clone(), name="lab" if k == 0 else "claims")
-            owner.pin_federation(exact=True)  # shared computations are opt-in
             owner.requests.add_handler(action="accept", kind="smpc")
         made.append((owner, scientist))
+    (hospital, _), (insurer, _), (dealer, _) = made
+    hospital.pin_federation([insurer.fingerprint, dealer.fingerprint], exact=True)  # opt in, with known keys only
+    insurer.pin_federation([hospital.fingerprint, dealer.fingerprint], exact=True)
     yield made
     for owner, scientist in made:
         scientist.close()
@@ -86,7 +88,7 @@ def test_each_owner_approves_seeing_the_other_owners_signed_description_and_the_
 
     text = request_text(req)
     assert req.dealer == dealer_owner.fingerprint and list(req.participants) == [ha.fingerprint, hb.fingerprint]
-    assert "owner 2 [a key you have not pinned: anyone may hold it]: claims after claims, operator.mul" in text and dealer_owner.fingerprint in text and "dot product" in text
+    assert "owner 2: claims after claims, operator.mul" in text and "not pinned" not in text and dealer_owner.fingerprint in text and "dot product" in text
     assert "Dealer" in request_html(req) and "claims" in request_html(req)
     req.accept()
     t.join(30)
@@ -102,15 +104,14 @@ def test_shared_computations_are_opt_in_and_unpinned_keys_are_marked(trio):
     fed = duet.Federation([a, b], dealer=c)
     with pytest.raises(SharedComputationFailed, match="exact=True"):
         duet.smpc.dot(fed[0].store["lab"], fed[1].store["claims"], bounds=(200, 2e4)).get(timeout=30)
-    ha.pin_federation([hb.fingerprint, dealer_owner.fingerprint], exact=True)
-    for rule in ha.requests.rules:
-        ha.requests.remove_handler(rule)
+    ha.pin_federation(exact=True)  # opted in, but no keys pinned: its accept rule must not decide
     result: list = []
     t = threading.Thread(target=lambda: result.append(
         duet.smpc.dot(fed[0].store["lab"], fed[1].store["claims"], bounds=(200, 2e4)).get(timeout=30)))
     t.start()
     req = ha.requests.wait_pending(timeout=10, kind="smpc")
-    assert all("not pinned" not in line for line in req.computed_with), req.computed_with
+    assert set(req.unpinned) == {hb.fingerprint, dealer_owner.fingerprint} and req.numel == N  # all of it, at worst
+    assert all("not pinned" in line for line in req.computed_with), req.computed_with
     req.accept()
     t.join(30)
     assert result and abs(result[0] - float(LAB @ CLAIMS)) < 80
@@ -178,8 +179,12 @@ def test_across_two_owner_processes_and_a_dealer_process(tmp_path):
     sig, url = start_signaling()
     procs, sessions = [], []
     try:
+        from duet.identity import Identity
+
+        prints = [Identity.load_or_create(tmp_path / f"party-{k + 1}" / "identity.key").fingerprint for k in range(4)]
         for k, extra in enumerate([("--column", "1"), ("--column", "2"), ("--column", "3:deny"), ()]):
-            proc, info = start_owner("--signaling", url, "--name", f"party {k + 1}", *extra,
+            peers = ",".join(p for j, p in enumerate(prints) if j != k)  # each pins the others: keys it knows
+            proc, info = start_owner("--signaling", url, "--name", f"party {k + 1}", *extra, "--pin", peers,
                                      env={"DUET_CONFIG_DIR": str(tmp_path / f"party-{k + 1}")})
             procs.append(proc)
             sessions.append(duet.join(info["code"], name="Dr. Lee", local_only=True))
@@ -215,8 +220,7 @@ def test_what_another_key_signed_reaches_the_approval_view_cleaned(trio):
     from duet.widgets.approval import request_text
 
     (ha, a), _, _ = trio
-    for rule in ha.requests.rules:
-        ha.requests.remove_handler(rule)
+    ha.pin_federation(exact=True)  # any keys (each then marked, and decided by hand)
     lab = a.store["lab"]
     job_id, fake, fake_dealer = _secrets.token_bytes(16), Identity.ephemeral(), Identity.ephemeral()
     mine = a.session.call({"kind": RequestKind.SMPC, "step": "describe", "job": job_id, "op": "dot", "index": 1,
@@ -234,3 +238,31 @@ def test_what_another_key_signed_reaches_the_approval_view_cleaned(trio):
     req.deny("no")
     with pytest.raises(Exception):
         future.result(10)
+
+
+def test_every_operation_the_other_owner_signed_is_shown(trio):
+    """`claims * 0 + 1` then harmless-looking operations makes the other operand a vector of ones:
+    the approval once showed only the last eight operations, so the product hid the multiply."""
+    (ha, a), (_hb, b), (_d, c) = trio
+    for rule in ha.requests.rules:
+        ha.requests.remove_handler(rule)
+    fed = duet.Federation([a, b], dealer=c)
+    ones = fed[1].store["claims"] * 0 + 1
+    for op in ("abs", "sqrt", "exp", "log", "floor", "ceil", "round", "trunc", "relu", "sigmoid"):
+        ones = getattr(ones, op)()
+    result: list = []
+
+    def run() -> None:
+        try:
+            result.append(duet.smpc.dot(fed[0].store["lab"], ones, bounds=(200, 10)).get(timeout=30))
+        except SharedComputationFailed as exc:
+            result.append(exc)
+
+    t = threading.Thread(target=run)
+    t.start()
+    req = ha.requests.wait_pending(timeout=10, kind="smpc")
+    shown = " ".join(req.computed_with)
+    assert "operator.mul" in shown and "operator.add" in shown and "Tensor.sigmoid" in shown
+    req.deny("the other column is not data")
+    t.join(30)
+    assert len(result) == 1 and isinstance(result[0], SharedComputationFailed)

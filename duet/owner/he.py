@@ -159,13 +159,18 @@ def _to_varint(value: int) -> bytes:
 class Encrypted:
     """Encrypted numbers on the owner: CKKS vectors (TenSEAL) read as one vector, in order."""
 
-    __slots__ = ("parts", "context", "sizes", "replicated", "carries")
+    __slots__ = ("parts", "context", "sizes", "replicated", "carries", "clean")
 
     def __init__(self, parts: List[Any], context: HEContext, sizes: Sequence[int], replicated: bool = False,
-                 carries: int = 0) -> None:
+                 carries: int = 0, clean: bool = False, spent: bool = False) -> None:
         self.parts = parts  # each spans all of the context's slots (see the module's docstring)
         self.context = context
-        _spend(len(parts), context)
+        if not spent:
+            _spend(len(parts), context)
+        # Whether the slots past each part's numbers hold zeros. A fresh ciphertext's do not
+        # (TenSEAL repeats the numbers there, and a scientist may put anything): a sum over all
+        # slots would add them in, so an unclean vector is masked first (one level).
+        self.clean = clean
         self.sizes = list(sizes)  # how many of each part's slots are its numbers
         # One number per part, in every slot (a sum's or a product's result): plain numbers then
         # go to every slot too, so the other slots stay copies (a bias added to one slot only
@@ -252,17 +257,19 @@ class Encrypted:
         if isinstance(other, Encrypted):
             self._same(other)
             return Encrypted([a + b for a, b in zip(self.parts, other.parts)], self.context, self.sizes,
-                             self.replicated and other.replicated, self.carries + other.carries)
+                             self.replicated and other.replicated, self.carries + other.carries,
+                             clean=self.clean and other.clean)
         return Encrypted([a + b for a, b in zip(self.parts, self._plain_parts(other))], self.context, self.sizes,
-                         self.replicated, self.carries + _count(other))
+                         self.replicated, self.carries + _count(other), clean=self.clean)
 
     def sub(self, other: Any) -> "Encrypted":
         if isinstance(other, Encrypted):
             self._same(other)
             return Encrypted([a - b for a, b in zip(self.parts, other.parts)], self.context, self.sizes,
-                             self.replicated and other.replicated, self.carries + other.carries)
+                             self.replicated and other.replicated, self.carries + other.carries,
+                             clean=self.clean and other.clean)
         return Encrypted([a - b for a, b in zip(self.parts, self._plain_parts(other))], self.context, self.sizes,
-                         self.replicated, self.carries + _count(other))
+                         self.replicated, self.carries + _count(other), clean=self.clean)
 
     def rsub(self, other: Any) -> "Encrypted":
         return self.neg().add(other)
@@ -271,21 +278,30 @@ class Encrypted:
         if isinstance(other, Encrypted):  # (each such product spends a level of the context)
             self._same(other)
             return Encrypted([a * b for a, b in zip(self.parts, other.parts)], self.context, self.sizes,
-                             self.replicated and other.replicated, self.carries + other.carries)
+                             self.replicated and other.replicated, self.carries + other.carries,
+                             clean=self.clean or other.clean)  # (zero times anything)
         return Encrypted([a * b for a, b in zip(self.parts, self._plain_parts(other))], self.context, self.sizes,
-                         self.replicated, self.carries + _count(other))
+                         self.replicated, self.carries + _count(other), clean=True)  # (padded with zeros)
 
     def neg(self) -> "Encrypted":
-        return Encrypted([-a for a in self.parts], self.context, self.sizes, self.replicated, self.carries)
+        return Encrypted([-a for a in self.parts], self.context, self.sizes, self.replicated, self.carries,
+                         clean=self.clean)
 
     def sum(self) -> "Encrypted":
-        """The total, in every slot: a rotation sum over all slots (the padding holds zeros or the
-        scientist's own numbers, never a partial sum of the owner's)."""
+        """The total, in every slot: a rotation sum over all slots, of a vector whose padding holds
+        zeros (masked first if it may not: one level), so never a partial sum of the owner's."""
+        if self.replicated:  # one number per part already, in every slot
+            total = self.parts[0]
+            for p in self.parts[1:]:
+                total = total + p
+            return Encrypted([total], self.context, [1], True, self.carries, clean=True)
+        parts = self.parts if self.clean else [p * ([1.0] * n + [0.0] * (self.context.slots - n))
+                                                for p, n in zip(self.parts, self.sizes)]
         total = None
-        for p in self.parts:
+        for p in parts:
             s = self.context.widen(p.sum())
             total = s if total is None else total + s
-        return Encrypted([total], self.context, [1], True, self.carries)
+        return Encrypted([total], self.context, [1], True, self.carries, clean=True)
 
     def dot(self, other: Any) -> "Encrypted":
         return self.mm(_plain_matrix(other, column=True))
@@ -300,15 +316,16 @@ class Encrypted:
         if w.shape[1] > MAX_OUTPUTS:
             raise NotAllowed(f"at most {MAX_OUTPUTS} outputs")
         x, pad = self.parts[0], [0.0] * (self.context.slots - self.size)
+        _spend(w.shape[1], self.context)  # before the work
         outs = [self.context.widen(x.dot(w[:, j].tolist() + pad)) for j in range(w.shape[1])]
-        return Encrypted(outs, self.context, [1] * len(outs), True, self.carries + int(w.size))
+        return Encrypted(outs, self.context, [1] * len(outs), True, self.carries + int(w.size), clean=True, spent=True)
 
     def polyval(self, coefficients: Sequence[float]) -> "Encrypted":
         coeffs = [float(c) for c in coefficients]
         if not 1 <= len(coeffs) <= 9:
             raise NotAllowed("a polynomial of degree 0 to 8")
         return Encrypted([p.polyval(coeffs) for p in self.parts], self.context, self.sizes, self.replicated,
-                         self.carries + len(coeffs))
+                         self.carries + len(coeffs), clean=self.clean and coeffs[0] == 0.0)
 
 
 def _spend(parts: int, context: "HEContext") -> None:
@@ -435,6 +452,7 @@ def _linear(x: Encrypted, weight: np.ndarray, bias: Optional[np.ndarray]) -> Enc
         raise NotAllowed("a Linear layer takes one CKKS vector, or the one-number outputs of a Linear layer")
     if weight.shape[0] * weight.shape[1] > 1 << 16:
         raise NotAllowed("a Linear layer after another is limited to 65,536 weights")
+    _spend(weight.shape[0], x.context)  # before the work
     outs = []
     for m in range(weight.shape[0]):  # (each part holds its number in every slot: scalars keep it so)
         acc: Any = x.parts[0] * float(weight[m, 0])
@@ -442,7 +460,7 @@ def _linear(x: Encrypted, weight: np.ndarray, bias: Optional[np.ndarray]) -> Enc
             acc = acc + x.parts[j] * float(weight[m, j])
         outs.append(acc + float(bias[m]) if bias is not None else acc)
     return Encrypted(outs, x.context, [1] * len(outs), x.replicated,
-                     x.carries + int(weight.size) + (int(bias.size) if bias is not None else 0))
+                     x.carries + int(weight.size) + (int(bias.size) if bias is not None else 0), clean=True, spent=True)
 
 
 # -- the executor's entry ----------------------------------------------------------------------

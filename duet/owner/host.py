@@ -607,6 +607,7 @@ class ScientistConnection:
         self.he_context = self.executor.he_context = None  # (a replacement that fails leaves none, not the old one)
         self.objects.check_room(data.nbytes)
         ctx = HEContext(data)
+        self.objects.check_room(ctx.nbytes)  # what its keys hold in memory, not their size on the wire
         self.objects.hold(ctx.nbytes)
         self.he_context = self.executor.he_context = ctx
         self.owner.audit.append("he_context", scientist=self.requester.name if self.requester else "",
@@ -1045,6 +1046,10 @@ class Owner:
         this owner's value alone; allow it only for a scientist you trust with your values' sum
         (without it, only sums where each owner noises its own contribution, dp=epsilon).
         Each contribution still needs approval, by hand or by a rule (`add_handler(secure_sum=True)`).
+
+        Shared computations on secret shares (`duet.smpc`) use the same policy: an owner takes part
+        only with `exact=True`, only with the `peers` given (the other owners and the dealer), and
+        no rule decides a computation with a key that is not pinned (`min_owners` does not apply).
         """
         if isinstance(min_owners, bool) or not isinstance(min_owners, int) or min_owners < 2:
             raise ValueError("min_owners must be an int >= 2")

@@ -65,6 +65,9 @@ class Request:
     # other owner signed its vector is (assets and operations).
     dealer: str = ""
     computed_with: Tuple[str, ...] = ()
+    # Keys of the other parties this owner has not pinned: one may be the scientist's own, which
+    # would then read this owner's vector from its shares. No rule decides such a request.
+    unpinned: Tuple[str, ...] = ()
     decided_rule: Optional["Rule"] = field(default=None, repr=False)  # the rule that decided it, if one did
     value: Any = field(default=None, repr=False)
     _queue: Optional["RequestQueue"] = field(default=None, repr=False)
@@ -150,7 +153,7 @@ class Rule:
     peers: Optional[Tuple[str, ...]] = None  # secure sums: every other owner is one of these fingerprints
 
     def matches(self, req: Request) -> bool:
-        if req.kind not in self.kinds:
+        if req.kind not in self.kinds or req.unpinned:
             return False
         if self.dp is not None and (req.dp_epsilon is not None) != self.dp:
             return False

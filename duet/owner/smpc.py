@@ -46,6 +46,7 @@ log = logging.getLogger("duet.owner")
 MAX_JOBS = 16  # open computations per scientist
 JOB_LIFETIME = 3600.0  # seconds a computation may stay open
 WORDS_HELD = 6  # uint64 words per number a party holds at most (its shares, a triple, openings)
+MAX_DESCRIBED = 200  # assets and distinct operations a description carries (all of them, or refused)
 
 OP_TEXT = {"dot": "a dot product of this vector with another owner's", "sum": "a sum of this vector with other owners'"}
 
@@ -151,7 +152,10 @@ class SharedComputations:
             raise JobRefused("malformed request")
         obj = self._operand(msg)
         length = int(vector_of_meta(obj.value))
-        lineage, ops = sorted(obj.lineage), list(obj.group.ops.labels()[-50:])
+        lineage, ops = sorted(obj.lineage), list(obj.group.ops.labels())
+        if len(lineage) + len(ops) > MAX_DESCRIBED:
+            raise JobRefused(f"a vector of more than {MAX_DESCRIBED} assets and distinct operations cannot be "
+                             "described in full to the other owners")
         identity = self.conn.owner.identity
         return {"index": index, "pub": identity.public_key, "lineage": lineage, "ops": ops, "length": length,
                 "sig": identity.sign(describe_message(job_id, op, index, lineage, ops))}
@@ -185,7 +189,7 @@ class SharedComputations:
         obj = self._operand(msg)
         mine = job.descriptions[[d.index for d in job.descriptions].index(index)]
         if vector_of_meta(obj.value) != job.length or tuple(sorted(obj.lineage)) != mine.lineage \
-                or tuple(obj.group.ops.labels()[-50:]) != mine.ops:
+                or tuple(obj.group.ops.labels()) != mine.ops:
             raise JobRefused("the vector is not the one this owner described")
         if any(not d.lineage for d in job.descriptions if d.index != index):
             raise JobRefused("another owner's vector is the scientist's own values, so the result could be any "
@@ -216,17 +220,20 @@ class SharedComputations:
         # Every operation the other owner signed (the last 50 distinct ones), cleaned: the scientist
         # wrote them through that owner, and they tell whether the vector is still that owner's data.
         others = [clean(f"owner {d.index}{known(job.participants[d.index - 1])}: {', '.join(d.lineage)}"
-                        + (f" after {', '.join(d.ops)}" if d.ops else ""), limit=4000)
+                        + (f" after {', '.join(d.ops)}" if d.ops else ""), limit=8000)
                   for d in job.descriptions if d.index != index]
         if job.dealer:
             others.append(clean(f"dealer{known(job.dealer)}"))
+        parties = [p for p in job.participants if p != self.conn.owner.fingerprint] + ([job.dealer] if job.dealer else [])
+        unpinned = tuple(p for p in parties if pinned is None or p not in pinned)
+        numel = job.length if unpinned or not job.reduce else 1  # (with a key it holds, the scientist reads it all)
         what = OP_TEXT[job.op] + (" (elementwise)" if not job.reduce else "")
         self.conn.await_approval({
             "kind": "smpc", "lineage": tuple(sorted(obj.lineage)), "ops": tuple(obj.group.ops.labels()),
             "type_name": f"{what}: {job.length} numbers, each clipped to ±{job.bounds[index - 1]:g}",
-            "numel": 1 if job.reduce else job.length, "nbytes": 8 * (1 if job.reduce else job.length),
+            "numel": numel, "nbytes": 8 * numel,
             "reason": clean(reason, newlines=True), "participants": job.participants, "dealer": job.dealer,
-            "computed_with": tuple(others),
+            "computed_with": tuple(others), "unpinned": unpinned,
         }, denied="the owner did not take part in this shared computation")
 
     def _remember(self, job: Job, party: Union[Party, Dealer], nbytes: int) -> None:

@@ -53,11 +53,10 @@ def register_dealer(members: Sequence["Scientist"], dealer: "Scientist") -> None
 def _dealer_for(sessions: Sequence["Scientist"], dealer: Optional["Scientist"]) -> "Scientist":
     if dealer is None:
         found = {id(_DEALERS.get(s)): _DEALERS.get(s) for s in sessions}
-        if len(found) != 1 or None in found.values():
+        dealer = next(iter(found.values())) if len(found) == 1 else None
+        if dealer is None:
             raise ValueError("a product of two owners' values needs a dealer: a session with a third owner that "
                              "colludes with neither (dealer=, or duet.Federation([...], dealer=...))")
-        dealer = next(iter(found.values()))
-    assert dealer is not None
     prints = [s.owner_fingerprint for s in sessions]
     if dealer.owner_fingerprint is None or dealer.owner_fingerprint in prints:
         raise ValueError("the dealer must be a third owner, none of those whose values are used")
@@ -178,11 +177,13 @@ def _run(job_spec: SharedResult, reason: str, join_timeout: float) -> np.ndarray
               job_spec.bounds, job_spec.reduce, descriptions)
     job.check()
     joined: List[int] = []
+    asked: List[int] = []
     try:
         futures = {k: _request(s, {"step": "join", "terms": job.to_wire(), "index": k, "reason": reason,
                                    "obj": job_spec.pointers[k - 1].id}) for k, s in enumerate(owners, 1)}
         if job_spec.dealer is not None:
             futures[0] = _request(job_spec.dealer, {"step": "join", "terms": job.to_wire(), "role": "dealer"})
+        asked = list(futures)
         try:
             adverts = _gather(futures, join_timeout, names)
         finally:  # who joined must hear of an abort, whoever failed
@@ -198,23 +199,27 @@ def _run(job_spec: SharedResult, reason: str, join_timeout: float) -> np.ndarray
             inbox = _route(opened)
             opened = _gather({k: _request(owners[k - 1], {"step": "finish", "job": job_id, "sealed": inbox.get(k, [])})
                               for k in range(1, len(owners) + 1)}, STEP_TIMEOUT, names)
-        joined = []
+        joined = asked = []
         shares = [np.asarray(opened[k]).view(np.uint64) for k in sorted(opened)]
         if not all(isinstance(s, np.ndarray) and s.shape == shares[0].shape for s in shares):
             raise SharedComputationFailed("an owner's result share is malformed")
         return ring.decode(ring.combine(shares), job.scale_bits)
     finally:
-        _abort([parties[k] for k in joined], job_id)
+        # Everyone asked hears of it: one still deciding joins later and then reads the abort (a
+        # scientist's requests run in order on the owner). Only those who joined are waited for.
+        _abort([parties[k] for k in joined], [parties[k] for k in asked if k not in joined], job_id)
 
 
-def _abort(sessions: Sequence["Scientist"], job_id: bytes) -> None:
-    """Tell those who joined to forget the computation, and wait (briefly) until they have."""
+def _abort(joined: Sequence["Scientist"], pending: Sequence["Scientist"], job_id: bytes) -> None:
+    """Tell those asked to forget the computation, and wait (briefly) until those who joined have."""
     futures = []
-    for s in sessions:
+    for s in list(joined) + list(pending):
         try:
-            futures.append(_request(s, {"step": "abort", "job": job_id}))
+            fut = _request(s, {"step": "abort", "job": job_id})
         except Exception:  # (a lost session: its computations expire there)
-            pass
+            continue
+        if s in joined:
+            futures.append(fut)
     concurrent.futures.wait(futures, timeout=10.0)
 
 

@@ -139,6 +139,8 @@ class Job:
             raise JobRefused(str(exc)) from None
         if len(self.bounds) != n or not all(isinstance(b, float) and math.isfinite(b) and b > 0 for b in self.bounds):
             raise JobRefused("one bound > 0 per owner")
+        if not all(1 <= ring.encoded_bound(b, self.frac_bits) < 2.0 ** 62 for b in self.bounds):
+            raise JobRefused("each bound must be at least one fixed-point step and encode in 62 bits")
         terms = self.length if self.reduce else 1
         if self.op == "dot":
             ok = ring.fits_product(terms, self.bounds[0], self.bounds[1], self.frac_bits)
@@ -268,6 +270,8 @@ class Dealer(_Base):
     def deal(self, adverts: Sequence[Mapping[str, Any]]) -> List[Dict[str, Any]]:
         with self._step("advertised", "done"):
             self._take_adverts(adverts)
+            if set(self._peers) != {0, 1, 2}:
+                raise JobRefused("every party must advertise a key")
             n = self.job.length
             u, v = ring.uniform(n), ring.uniform(n)
             w = u * v  # (uint64: modulo 2^64)
@@ -368,7 +372,8 @@ class Party(_Base):
             self._held.clear()
             self._triple = ()
             out = _reduced(z, self.job.reduce)
-            assert self._mask is not None
+            if self._mask is None or self._mask.shape != out.shape:
+                raise JobRefused("the first owner's offset never arrived")
             return out + self._mask
 
 

@@ -142,8 +142,9 @@ def open_into(key: bytes, counter: int, header: bytes, sealed: memoryview, out: 
               cipher: str = XCHACHA) -> int:
     """Open `sealed` into `out` (at least len(sealed) - TAG bytes); returns the body length.
 
-    libsodium checks the tag before it writes anything but zeros, so `out` never holds a body that
-    did not open. ProtocolError when it does not.
+    When the tag does not verify, libsodium leaves `out` holding nothing of the body (XChaCha20-
+    Poly1305 checks the tag before it decrypts; its AES-256-GCM decrypts while it checks and then
+    zeroes the output), so `out` never holds a body that did not open. ProtocolError then.
     """
     n = len(sealed) - TAG
     if n < 0 or len(out) < n:

@@ -118,6 +118,9 @@ def _smpc_rows(req: "Request") -> list:
     if req.computed_with:
         rows.append(("Their values", "<br>".join(esc(line) for line in req.computed_with)
                      + "<br><span class='duet-muted'>as each owner signed it</span>"))
+    if req.unpinned:
+        rows.append(("Keys not pinned", f"<b>{len(req.unpinned)}</b>: if one is the scientist's own, it reads your whole "
+                                        "vector from the shares it receives; no rule decides this, only you"))
     if req.dealer:
         rows.append(("Dealer", f"<code>{esc(req.dealer)}</code><br><span class='duet-muted'>makes the random triples; if it "
                                "colluded with another owner, that owner would learn your values</span>"))
@@ -143,6 +146,9 @@ def request_text(req: "Request") -> str:
             lines.append(f"  computed with {len(req.participants)} owners: {', '.join(req.participants)}")
             lines += [f"    {line}" for line in req.computed_with]
             lines.append(f"  dealer: {req.dealer or 'none'} (must not collude with any owner)")
+            if req.unpinned:
+                lines.append(f"  keys not pinned: {len(req.unpinned)} (one of them the scientist's own would read your "
+                             "whole vector; no rule decides this)")
         elif req.participants:
             lines.append(f"  summed with {len(req.participants)} owners (this one included; at least {req.threshold} "
                          f"must stay): {', '.join(req.participants)}")

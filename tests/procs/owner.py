@@ -82,7 +82,7 @@ def main(argv: list | None = None) -> int:
                     help="publish 'values' (8 float32 numbers, all VALUE) and 'count' (int64 VALUE) and take part "
                          "in secure sums by rule")
     ap.add_argument("--min-owners", type=int, default=2, help="with --federated: this owner's min_owners")
-    ap.add_argument("--pin", default=None, help="with --federated: comma-separated fingerprints of the only peers")
+    ap.add_argument("--pin", default=None, help="with --federated or --column: comma-separated fingerprints of the only peers")
     ap.add_argument("--no-fast-path", action="store_true", help="large transfers over the data channel only")
     ap.add_argument("--he-model", action="store_true", help="publish 'risk-model', seeded_he_model() (784 -> 10)")
     ap.add_argument("--column", default=None, metavar="SEED:NAME",
@@ -123,7 +123,7 @@ def main(argv: list | None = None) -> int:
     if args.column is not None:
         seed, _, how = args.column.partition(":")
         owner.store.add(seeded_column(int(seed)), name="column")
-        owner.pin_federation(exact=True)
+        owner.pin_federation(args.pin.split(",") if args.pin else None, exact=True)
         owner.requests.add_handler(action="deny" if how == "deny" else "accept", kind="smpc")
     if args.accept_all:
         owner.requests.add_handler(action="accept", kind=("release", "join"))

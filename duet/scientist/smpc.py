@@ -97,15 +97,17 @@ class SharedResult:
         if not fits(self.frac_bits):
             raise ValueError(f"with frac_bits={self.frac_bits} the result could overflow 64 bits: use fewer")
         self._finish = finish
+        self._error_scale = 1.0  # a mean or a correlation divides the total by the length
         self.seconds: Optional[float] = None
 
     @property
     def error(self) -> float:
-        """How far from the exact result the fixed-point rounding can take it (before any finishing step)."""
+        """How far from the exact result the fixed-point rounding can take it (each number, for a
+        result by row)."""
         terms = self.length if self.reduce else 1
         if self.op == "dot":
-            return ring.product_error(terms, self.bounds[0], self.bounds[1], self.frac_bits)
-        return ring.sum_error(terms * len(self.bounds), self.frac_bits)
+            return self._error_scale * ring.product_error(terms, self.bounds[0], self.bounds[1], self.frac_bits)
+        return self._error_scale * ring.sum_error(terms * len(self.bounds), self.frac_bits)
 
     def __repr__(self) -> str:
         owners = ", ".join(s.owner_name or "?" for s in self.sessions)
@@ -267,6 +269,7 @@ def mean(values: Sequence["Pointer"], bound: Any = None, frac_bits: Optional[int
     """The mean over rows of the owners' values added row by row: a number."""
     result = SharedResult("sum", values, _bounds(bound, len(values)), True, None, frac_bits, None, "mean")
     result._finish = lambda t: float(t[0]) / result.length
+    result._error_scale = 1.0 / result.length
     return result
 
 
@@ -300,6 +303,7 @@ def correlation(a: "Pointer", b: "Pointer", dealer: Optional["Scientist"] = None
     bound = math.sqrt(n)
     result = SharedResult("dot", [za, zb], (bound, bound), True, dealer, None, None, "correlation")
     result._finish = lambda t: float(np.clip(t[0] / n, -1.0, 1.0))
+    result._error_scale = 1.0 / n
     return result
 
 

@@ -104,3 +104,11 @@ def figures(bulk: int, small: int, setup_s: float, bulk_s: float, bulk_cpu: floa
             "bulk_cpu_tx": bulk_cpu, "bulk_cpu_rx": bulk_child_cpu,
             "small_msgps": small / small_s if small_s else float("nan"), "small_s": small_s,
             "small_cpu_tx": small_cpu, "small_cpu_rx": small_child_cpu}
+
+
+def wait_for_fast_path(scientist: Any, timeout: float = 20.0) -> str:
+    """The scientist's fast-path state once it has settled (up or down), or as it is after `timeout`."""
+    settled = getattr(scientist.session.transport, "settled", None)  # (none without a fast path)
+    if settled is not None:
+        settled.wait(timeout)
+    return str(scientist.connection.fast_path)

@@ -88,16 +88,6 @@ def timed_gets(scientist: duet.Scientist, repeat: int, expected: torch.Tensor) -
     return times
 
 
-def wait_for_fast_path(scientist: duet.Scientist, timeout: float = 20.0) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        state = str(scientist.connection.fast_path)
-        if state.startswith("up") or state.startswith("down"):
-            return state
-        time.sleep(0.05)  # polling a status string: no event to wait on from outside the library
-    return str(scientist.connection.fast_path)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--owner", choices=["fast", "slow"], help=argparse.SUPPRESS)
@@ -116,7 +106,7 @@ def main() -> None:
     try:
         hello = _util.read_json(proc.stdout, 120, "the owner's join code")
         scientist = duet.join(hello["code"], name="bench", local_only=True)
-        state = wait_for_fast_path(scientist)
+        state = _util.wait_for_fast_path(scientist)
         if not state.startswith("up"):
             raise SystemExit(f"the fast path did not come up: {state}")
         scientist.store["big"][:4].get(timeout=60)  # warm up the request path

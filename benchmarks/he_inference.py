@@ -69,16 +69,6 @@ def owner_child(seed: int, limit: int, steps: int) -> None:
     owner.close()
 
 
-def wait_for_fast_path(scientist: duet.Scientist, timeout: float = 20.0) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        state = str(scientist.connection.fast_path)
-        if state.startswith("up") or state.startswith("down"):
-            return state
-        time.sleep(0.05)  # polling a status string: no event to wait on from outside the library
-    return str(scientist.connection.fast_path)
-
-
 def keygen_seconds(he: "duet.scientist.he.HEContext") -> float:
     """What scientist.he.context() spends before sending: keys, Galois keys, the public part serialized."""
     import tenseal as ts
@@ -167,7 +157,7 @@ def main() -> int:
 
 
 def run(scientist: duet.Scientist, args: argparse.Namespace) -> None:
-    fast = wait_for_fast_path(scientist)
+    fast = _util.wait_for_fast_path(scientist)
     model = fit_linear(args.seed, args.limit, args.steps)
     model64 = copy.deepcopy(model).double()
     test = MNIST(train=False, limit=args.images)

@@ -112,6 +112,18 @@ def check_prerequisites() -> None:
         sh("ip", "netns", "del", probe, check=False)
 
 
+def require_lab() -> None:
+    """In a test: skip when the lab cannot run here (not root, no namespaces), fail when a tool is missing."""
+    import pytest
+
+    try:
+        check_prerequisites()
+    except LabUnavailable as exc:
+        pytest.skip(str(exc))
+    except RuntimeError as exc:
+        pytest.fail(str(exc))
+
+
 # --------------------------------------------------------------------------
 # commands
 

@@ -29,12 +29,7 @@ MB = 32
 
 @pytest.fixture(scope="module")
 def lab() -> Iterator[tuple]:
-    try:
-        natlab.check_prerequisites()
-    except natlab.LabUnavailable as exc:
-        pytest.skip(str(exc))
-    except RuntimeError as exc:
-        pytest.fail(str(exc))
+    natlab.require_lab()
     with natlab.Internet() as internet:
         _, url = internet.start_signaling(SIGNALING_PORT)
         yield internet, url

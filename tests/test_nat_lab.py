@@ -59,12 +59,7 @@ class Lab(NamedTuple):
 
 @pytest.fixture(scope="module")
 def lab() -> Iterator[Lab]:
-    try:
-        natlab.check_prerequisites()
-    except natlab.LabUnavailable as exc:
-        pytest.skip(str(exc))
-    except RuntimeError as exc:
-        pytest.fail(str(exc))
+    natlab.require_lab()
     with natlab.Internet() as internet:
         internet.start_turn()
         _, stun_url = internet.start_signaling(SIGNALING_STUN_PORT, *internet.ice_args(turn=False))

@@ -309,7 +309,7 @@ def correlation(a: "Pointer", b: "Pointer", dealer: Optional["Scientist"] = None
 
 def _standardized(x: "Pointer") -> "Pointer":
     """(x - mean) / population standard deviation, on the owner's side (a constant column stays 0)."""
-    xd = x.double() if hasattr(x, "double") else x
+    xd = x.double()
     centered = xd - xd.mean()
     spread = centered.pow(2).mean().sqrt()
     return centered / spread.clamp(min=1e-300)

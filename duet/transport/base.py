@@ -7,6 +7,7 @@ frames and applies backpressure on its own loop.
 from __future__ import annotations
 
 import abc
+import logging
 from typing import Callable, Optional, Protocol, Sequence, Union
 
 Buffer = Union[bytes, bytearray, memoryview]
@@ -34,6 +35,9 @@ class Parts(Protocol):
         ...
 
 
+log = logging.getLogger("duet.transport")
+
+
 class Transport(abc.ABC):
     """A message pipe between two peers. Callbacks run on the runtime loop thread."""
 
@@ -46,6 +50,15 @@ class Transport(abc.ABC):
         """Attach the receiver. Messages that arrived before are delivered then, in order."""
         self._on_message = on_message
         self._on_close = on_close
+
+    def report_progress(self, received: int, total: int) -> None:
+        """Tell `on_progress`, if set, how much of a large incoming message has arrived; its errors are logged."""
+        cb = self.on_progress
+        if cb is not None:
+            try:
+                cb(received, total)
+            except Exception:
+                log.exception("on_progress handler raised")
 
     @abc.abstractmethod
     def send(self, data: bytes) -> None:

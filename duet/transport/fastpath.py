@@ -567,7 +567,7 @@ class FastPathTransport(Transport):
     # -- Transport ------------------------------------------------------------------------------
     def set_handlers(self, on_message: MessageHandler, on_close: CloseHandler) -> None:
         super().set_handlers(on_message, on_close)
-        self.inner.on_progress = self._progress
+        self.inner.on_progress = self.report_progress
 
     def send(self, data: bytes) -> None:
         if len(data) < self.threshold or not self._send_fast(_Whole(data)):
@@ -828,7 +828,7 @@ class FastPathTransport(Transport):
         self._pump()
 
     def _tcp_progress(self, received: int, total: int) -> None:
-        self._call_soon(self._progress, received, total)
+        self._call_soon(self.report_progress, received, total)
 
     def _tcp_sent(self, msg_id: int) -> None:
         with self._lock:
@@ -839,14 +839,6 @@ class FastPathTransport(Transport):
 
     def _tcp_failed(self, reason: str) -> None:
         self._call_soon(lambda: self._stop_fast_path(reason, quiet=reason == PEER_CLOSED))
-
-    def _progress(self, received: int, total: int) -> None:
-        cb = self.on_progress
-        if cb is not None:
-            try:
-                cb(received, total)
-            except Exception:
-                log.exception("on_progress handler raised")
 
     # -- faults -----------------------------------------------------------------------------------
     def _watchdog(self) -> None:

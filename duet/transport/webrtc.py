@@ -117,7 +117,7 @@ class WebRtcTransport(Transport):
         # Receiving.
         self._deframer = Deframer(
             max_message_size=max_message_size,
-            on_progress=self._progress,
+            on_progress=self.report_progress,
             on_control=self._control,
         )
         self._inbox: List[Union[bytes, bytearray]] = []
@@ -377,14 +377,6 @@ class WebRtcTransport(Transport):
         if self._bye_received:
             # The peer said goodbye after its last message: close our side.
             self._shutdown(None)
-
-    def _progress(self, received: int, total: int) -> None:
-        cb = self.on_progress
-        if cb is not None:
-            try:
-                cb(received, total)
-            except Exception:
-                log.exception("on_progress handler raised")
 
     def _control(self, code: int) -> None:
         if code == CTRL_BYE:
